@@ -1,0 +1,110 @@
+"""Argument validation shared by every public function.
+
+Each helper raises TypeError (wrong kind of object or dtype) or ValueError
+(wrong value, shape, range) with a message that names the argument, so callers
+learn which of their inputs is wrong and what was expected.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def tensor(value, name: str, *, ndim: int | Sequence[int] | None = None, floating: bool = False) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if value.dim() not in allowed:
+            want = " or ".join(f"{d}-D" for d in allowed)
+            raise ValueError(f"{name} must be {want}, got shape {tuple(value.shape)}")
+    if floating and value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {value.dtype}")
+    return value
+
+
+def same_device_dtype(ref: torch.Tensor, ref_name: str, other: torch.Tensor, name: str, *, dtype: bool = True) -> None:
+    if other.device != ref.device:
+        raise ValueError(f"{name} is on {other.device} but {ref_name} is on {ref.device}; they must be on the same device")
+    if dtype and other.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {other.dtype} but {ref_name} has {ref.dtype}; they must match")
+
+
+def index(value, name: str, size: int, device: torch.device, *, ndim: int = 1, distinct: bool = True) -> torch.Tensor:
+    """Validate an index tensor over `size` entries; returns it as int64 on `device`.
+
+    With ndim=2 every row is a separate index set (rows may overlap).
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer indices, got {type(value).__name__}")
+    if value.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must have an integer dtype, got {value.dtype}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but must be on {device}, the device of the data it indexes")
+    if value.shape[-1] == 0:
+        raise ValueError(f"{name} must not be empty")
+    lo, hi = int(value.min()), int(value.max())
+    if lo < 0:
+        raise ValueError(f"{name} has a negative entry ({lo}); indices must lie in [0, {size})")
+    if hi >= size:
+        raise ValueError(f"{name} has entry {hi}, out of range for size {size}; indices must lie in [0, {size})")
+    value = value.long()
+    if distinct:
+        sorted_rows = value.reshape(-1, value.shape[-1]).sort(dim=1).values
+        if bool((sorted_rows[:, 1:] == sorted_rows[:, :-1]).any()):
+            raise ValueError(f"{name} has duplicate entries; each index must appear at most once" +
+                             (" per row" if ndim == 2 else ""))
+    return value.contiguous()
+
+
+def pair(value, name: str, *, minimum: int) -> tuple[int, int]:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got bool")
+    if isinstance(value, numbers.Integral):
+        value = (int(value), int(value))
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
+        value = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def positive_int(value, name: str, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def ratio(value, name: str = "ratio") -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(value).__name__}")
+    value = float(value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {value}")
+    return value
+
+
+def tensor_list(value, name: str, *, floating: bool = False, min_ndim: int = 0) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of tensors, got {type(value).__name__}")
+    if len(value) == 0:
+        raise ValueError(f"{name} must not be empty")
+    out = []
+    for i, t in enumerate(value):
+        t = tensor(t, f"{name}[{i}]", floating=floating)
+        if t.dim() < min_ndim:
+            raise ValueError(f"{name}[{i}] must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
+        out.append(t)
+    return out

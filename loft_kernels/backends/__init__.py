@@ -1,0 +1,158 @@
+"""Backend registry and dispatch.
+
+Every op has a plain-PyTorch reference (`torch` backend, always present) and
+optional kernel backends: `cpu` (C++/OpenMP extension), `triton` and `cuda`.
+A backend module registers its implementations with `register(op, backend)`
+when imported and exposes `unavailable_reason() -> str | None`. Backend
+modules are imported lazily, on first dispatch or `available_backends()`, so
+`import loft_kernels` stays cheap and never compiles anything.
+
+Selection for each call: an explicit choice (`use_backend(name)` or the
+LOFT_KERNELS_BACKEND environment variable) is obeyed or fails loudly; the
+automatic choice takes the fastest backend that is available for the tensors'
+device and dtype, falling back to `torch` (with one warning when a kernel
+backend that should be there is missing).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+ENV_VAR = "LOFT_KERNELS_BACKEND"
+
+# Automatic preference per device type: first available wins.
+_PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+_MODULES = {"torch": "reference", "cpu": "cpu", "triton": "triton", "cuda": "cuda"}
+
+
+@dataclass(frozen=True)
+class Impl:
+    fn: Callable
+    dtypes: frozenset | None  # None: any dtype
+
+    def accepts(self, dtype: torch.dtype) -> bool:
+        return self.dtypes is None or dtype in self.dtypes
+
+
+_impls: dict[tuple[str, str], Impl] = {}
+_reasons: dict[str, str | None] = {}  # backend -> None (available) or why not
+_warned: set[str] = set()
+_requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("loft_kernels_backend", default=None)
+
+_ALL_FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+
+
+def register(op: str, backend: str, dtypes: Iterable[torch.dtype] | None = _ALL_FLOATS):
+    """Decorator: `fn` implements `op` on `backend` for the given input dtypes (None: any)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    def deco(fn):
+        _impls[(op, backend)] = Impl(fn, None if dtypes is None else frozenset(dtypes))
+        return fn
+    return deco
+
+
+def unavailable_reason(backend: str) -> str | None:
+    """None if `backend` works in this process, else a sentence saying why not."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in _reasons:
+        try:
+            module = importlib.import_module(f"{__name__}.{_MODULES[backend]}")
+            reason = module.unavailable_reason()
+        except Exception as exc:  # a broken optional backend must not break the package
+            reason = f"importing its module failed: {type(exc).__name__}: {exc}"
+        _reasons[backend] = reason
+    return _reasons[backend]
+
+
+def available_backends() -> list[str]:
+    """Backends that work in this process (`triton` on CPU only under TRITON_INTERPRET=1)."""
+    return [b for b in BACKENDS if unavailable_reason(b) is None]
+
+
+def _device_ok(backend: str, device: torch.device) -> bool:
+    if backend == "torch":
+        return True
+    if backend == "cpu":
+        return device.type == "cpu"
+    if backend == "cuda":
+        return device.type == "cuda"
+    # triton: GPUs, or CPU tensors under the numpy interpreter
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def requested_backend() -> str | None:
+    """The explicitly requested backend (context manager first, then env var), or None for automatic."""
+    name = _requested.get()
+    if name is None:
+        name = os.environ.get(ENV_VAR, "").strip() or None
+        if name == "auto":
+            name = None
+        if name is not None and name not in BACKENDS:
+            raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS + ('auto',)}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops inside the block on backend `name` ("auto" restores automatic choice)."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a backend name string, got {type(name).__name__}")
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"name must be one of {BACKENDS + ('auto',)}, got {name!r}")
+    if name != "auto":
+        reason = unavailable_reason(name)
+        if reason is not None:
+            raise RuntimeError(f"backend {name!r} was requested but is unavailable: {reason}")
+    token = _requested.set(None if name == "auto" else name)
+    try:
+        yield
+    finally:
+        _requested.reset(token)
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype) -> tuple[str, Callable]:
+    """Pick the implementation of `op` for inputs on `device` with `dtype`."""
+    name = requested_backend()
+    if name is not None:
+        reason = unavailable_reason(name)
+        if reason is not None:
+            raise RuntimeError(f"backend {name!r} was requested but is unavailable: {reason}")
+        if not _device_ok(name, device):
+            raise RuntimeError(f"backend {name!r} cannot run on {device.type} tensors")
+        impl = _impls.get((op, name))
+        if impl is None:
+            have = [b for b in BACKENDS if (op, b) in _impls]
+            raise RuntimeError(f"backend {name!r} does not implement {op}; backends that do: {have}")
+        if not impl.accepts(dtype):
+            raise TypeError(f"backend {name!r} runs {op} for dtypes {sorted(map(str, impl.dtypes))}, not {dtype}")
+        return name, impl.fn
+    for name in _PREFERENCE.get(device.type, ("torch",)):
+        reason = unavailable_reason(name)
+        if reason is not None:
+            if name not in _warned:
+                _warned.add(name)
+                warnings.warn(f"loft_kernels: the {name!r} backend is unavailable ({reason}); "
+                              f"falling back to the slower plain-PyTorch reference", RuntimeWarning, stacklevel=3)
+            continue
+        impl = _impls.get((op, name))
+        if impl is not None and impl.accepts(dtype):
+            return name, impl.fn
+    unavailable_reason("torch")
+    return "torch", _impls[(op, "torch")].fn
+
+
+def dispatch(op: str, ref: torch.Tensor, *args):
+    """Run `op` on the backend chosen for the device and dtype of `ref`."""
+    _, fn = select(op, ref.device, ref.dtype)
+    return fn(*args)

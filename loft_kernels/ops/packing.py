@@ -1,0 +1,86 @@
+"""Gather selected rows of many tensors into one flat buffer and scatter them back.
+
+The LoFT sync moves each worker's owned filters with these: one buffer, one
+collective, instead of one collective per tensor.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _checks as C
+from ..backends import dispatch
+
+
+def _packed_numel(tensors, indices, dims) -> int:
+    total = 0
+    for t, i, d in zip(tensors, indices, dims):
+        total += t.numel() // t.shape[d] * i.shape[0]
+    return total
+
+
+@torch.library.custom_op("loft_kernels::pack_rows", mutates_args=())
+def _pack_op(tensors: list[Tensor], indices: list[Tensor], dims: list[int]) -> Tensor:
+    return dispatch("pack_rows", tensors[0], tensors, indices, dims)
+
+
+@_pack_op.register_fake
+def _(tensors, indices, dims):
+    return tensors[0].new_empty(_packed_numel(tensors, indices, dims))
+
+
+@torch.library.custom_op("loft_kernels::unpack_rows", mutates_args=("tensors",))
+def _unpack_op(flat: Tensor, tensors: list[Tensor], indices: list[Tensor], dims: list[int]) -> None:
+    dispatch("unpack_rows", tensors[0], flat, tensors, indices, dims)
+
+
+@_unpack_op.register_fake
+def _(flat, tensors, indices, dims):
+    return None
+
+
+def _check(tensors, indices, dims):
+    tensors = C.tensor_list(tensors, "tensors", min_ndim=1)
+    for i, t in enumerate(tensors[1:], 1):
+        C.same_device_dtype(tensors[0], "tensors[0]", t, f"tensors[{i}]")
+    if isinstance(indices, torch.Tensor) or not isinstance(indices, (list, tuple)):
+        raise TypeError(f"indices must be a list of 1-D index tensors, got {type(indices).__name__}")
+    if len(indices) != len(tensors):
+        raise ValueError(f"indices must have one entry per tensor ({len(tensors)}), got {len(indices)}")
+    if dims is None:
+        dims = [0] * len(tensors)
+    elif isinstance(dims, (list, tuple)):
+        if len(dims) != len(tensors):
+            raise ValueError(f"dims must have one entry per tensor ({len(tensors)}), got {len(dims)}")
+    else:
+        raise TypeError(f"dims must be None or a list of ints, got {type(dims).__name__}")
+    norm_dims, norm_indices = [], []
+    for k, (t, d) in enumerate(zip(tensors, dims)):
+        if isinstance(d, bool) or not isinstance(d, int):
+            raise TypeError(f"dims[{k}] must be an int, got {type(d).__name__}")
+        if not -t.dim() <= d < t.dim():
+            raise ValueError(f"dims[{k}] = {d} is out of range for tensors[{k}] with {t.dim()} dimension(s)")
+        d %= t.dim()
+        norm_dims.append(d)
+        norm_indices.append(C.index(indices[k], f"indices[{k}]", t.shape[d], t.device))
+    return tensors, norm_indices, norm_dims
+
+
+def pack_rows(tensors: list[Tensor], indices: list[Tensor], dims: Optional[list[int]] = None) -> Tensor:
+    """Concatenate `t_i.index_select(d_i, r_i).flatten()` over all i into one contiguous buffer."""
+    tensors, indices, dims = _check(tensors, indices, dims)
+    return _pack_op([t.detach() for t in tensors], indices, dims)
+
+
+def unpack_rows(flat: Tensor, tensors: list[Tensor], indices: list[Tensor], dims: Optional[list[int]] = None) -> None:
+    """Write a `pack_rows` buffer back into the tensors in place (outside autograd)."""
+    tensors, indices, dims = _check(tensors, indices, dims)
+    C.tensor(flat, "flat", ndim=1)
+    C.same_device_dtype(tensors[0], "tensors[0]", flat, "flat")
+    want = _packed_numel(tensors, indices, dims)
+    if flat.numel() != want:
+        raise ValueError(f"flat must have {want} elements (the packed size of the selected rows), got {flat.numel()}")
+    with torch.no_grad():
+        _unpack_op(flat.contiguous(), [t.detach() for t in tensors], indices, dims)

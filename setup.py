@@ -1,0 +1,32 @@
+"""Installable package `loft_kernels`.
+
+The C++ (OpenMP) and CUDA kernels in csrc/ are compiled with ninja through
+torch.utils.cpp_extension on first use and cached (see loft_kernels/_ext.py),
+so installing needs no compiler run and no torch at build time.
+"""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+
+setup(
+    name="loft_kernels",
+    version="0.1.0",
+    description="LoFT (filter-wise training for lottery tickets) for PyTorch, with fused kernels",
+    long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["loft_kernels", "loft_kernels.*"]),
+    # The C++/CUDA sources travel inside the package so the JIT build finds them.
+    package_data={"loft_kernels": ["csrc/**/*"]},
+    include_package_data=True,
+    # A range, not a pin: a user's existing (CUDA) torch is kept. The README's
+    # commands pin torch==2.13.0 so a fresh CPU machine gets the CPU wheel.
+    install_requires=["torch>=2.4", "numpy", "ninja", "pybind11", "tqdm", "matplotlib", "scikit-learn"],
+    extras_require={
+        "triton": ["triton"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+    },
+    entry_points={"console_scripts": ["loft = loft_kernels.cli:main"]},
+)
