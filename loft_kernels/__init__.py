@@ -15,6 +15,14 @@ __all__ = [
     "mask_distance_matrix", "pruned_count", "pack_rows", "unpack_rows",
 ]
 
-# LoFT training (nn layers, filter groups, optimizer, simulator): loft_kernels.training
-# Lottery tickets (tracker, emergence, pruning, data, CLI): loft_kernels.tickets
-# Communication model and benchmarks: loft_kernels.comm
+from .io import atomic_save, load_checkpoint
+
+__all__ += ["atomic_save", "load_checkpoint"]
+
+# --- LoFT training: nn layers, filter groups, model zoo (loft_kernels.training, loft_kernels.models) ---
+
+# --- LoFT training: optimizer, simulator, comm accounting (loft_kernels.training) ---
+
+# --- Lottery tickets: tracker, emergence, pruning, data (loft_kernels.tickets, loft_kernels.data) ---
+
+# --- Communication model (loft_kernels.comm_model) ---
