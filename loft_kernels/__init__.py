@@ -20,6 +20,9 @@ from .io import atomic_save, load_checkpoint
 __all__ += ["atomic_save", "load_checkpoint"]
 
 # --- LoFT training: nn layers, filter groups, model zoo (loft_kernels.training, loft_kernels.models) ---
+from .training import LoftBatchNorm2d, LoftConv2d, activate, dense
+
+__all__ += ["LoftConv2d", "LoftBatchNorm2d", "activate", "dense"]
 
 # --- LoFT training: optimizer, simulator, comm accounting (loft_kernels.training) ---
 

@@ -50,6 +50,10 @@ def index(value, name: str, size: int, device: torch.device, *, ndim: int = 1, d
         raise ValueError(f"{name} is on {value.device} but must be on {device}, the device of the data it indexes")
     if value.shape[-1] == 0:
         raise ValueError(f"{name} must not be empty")
+    if torch.compiler.is_compiling():
+        # Range and duplicate checks read the values (a host sync and a graph break);
+        # inside a compiled graph only the static checks above apply.
+        return value.long()
     lo, hi = int(value.min()), int(value.max())
     if lo < 0:
         raise ValueError(f"{name} has a negative entry ({lo}); indices must lie in [0, {size})")

@@ -1,0 +1,56 @@
+"""The `loft` command line (also `python -m loft_kernels`).
+
+Subcommands: pretrain, prune, finetune, distance, run (the main job), bench.
+`loft <subcommand> --help` documents each. User errors (bad values, missing
+files, unknown names) print one `loft <subcommand>: error: ...` line and exit
+with status 2 before anything is written to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ._common import CLIError
+
+_COMMANDS = ("pretrain", "prune", "finetune", "distance", "run", "bench")
+
+
+def _module(name: str):
+    # Import on demand: `loft bench` should not pay for the training stack and vice versa.
+    import importlib
+    return importlib.import_module(f"{__name__}.{'run_job' if name == 'run' else name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="loft", description="LoFT: find lottery tickets through filter-wise training.",
+        epilog="Start with `loft run` (the main job on the embedded digits dataset); `loft run --quick` is a "
+               "two-minute version.")
+    sub = p.add_subparsers(dest="command", metavar="{" + ",".join(_COMMANDS) + "}")
+    sub.required = True
+    for name in _COMMANDS:
+        _module(name).add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        # Everything after `bench` (--help included) belongs to the benchmark runner.
+        command, run = "bench", (lambda: _module("bench").run(argparse.Namespace(argv=argv[1:])))
+    else:
+        parser = build_parser()
+        args = parser.parse_args(argv)  # argparse exits 2 on unknown options / bad types
+        command, run = args.command, (lambda: _module(args.command).run(args))
+    try:
+        return int(run() or 0)
+    except CLIError as e:
+        print(f"loft {command}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        # The library's argument checks name the offending argument; show them as user errors.
+        print(f"loft {command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"loft {command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,270 @@
+"""The `loft run` report: report.json (fixed schema), report.md (a table shaped like the paper's) and plots.
+
+report.json is exactly
+    {"dataset": str, "seeds": [int], "methods": {name: M}}
+    M = {"no_prune": float, "ticket": {"<ratio>": float}, "per_seed": {"<seed>": {...}},
+         "comm_bytes": int, "emerged_epoch": {"footrule": int | None, "mask": int | None}}
+with accuracies in percent and means over seeds. `emerged_epoch` over seeds is
+the median of the seeds' epochs when the criterion fired for every seed, else
+None (per_seed says which seeds it fired for). Everything the table needs
+beyond that (GPipe bytes, wall times) comes in a separate `details` dict.
+
+Plots use matplotlib's Agg backend: files only, no display needed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+from .io import atomic_write_text  # noqa: E402
+
+CRITERIA = ("footrule", "mask")
+SEED_KEYS = ("no_prune", "ticket", "comm_bytes", "emerged_epoch")
+
+
+def ratio_key(ratio: float) -> str:
+    """The JSON key of a pruning ratio: 0.5 -> "0.5", 0.8 -> "0.8"."""
+    return f"{float(ratio):g}"
+
+
+def _percent(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number (accuracy in percent), got {value!r}")
+    if not 0.0 <= value <= 100.0:
+        raise ValueError(f"{name} must be an accuracy in percent in [0, 100], got {value}")
+    return float(value)
+
+
+def _epoch_or_none(value, name: str):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
+    return int(value)
+
+
+def _check_seed_result(res, name: str, ratios: Sequence[str]) -> None:
+    if not isinstance(res, Mapping):
+        raise TypeError(f"{name} must be a dict, got {type(res).__name__}")
+    missing = [k for k in SEED_KEYS if k not in res]
+    if missing:
+        raise ValueError(f"{name} is missing {missing}")
+    _percent(res["no_prune"], f"{name}['no_prune']")
+    if not isinstance(res["ticket"], Mapping) or sorted(res["ticket"]) != sorted(ratios):
+        raise ValueError(f"{name}['ticket'] must map the ratios {list(ratios)} to accuracies, got {res['ticket']!r}")
+    for r in ratios:
+        _percent(res["ticket"][r], f"{name}['ticket'][{r!r}]")
+    cb = res["comm_bytes"]
+    if isinstance(cb, bool) or not isinstance(cb, numbers.Integral) or cb < 0:
+        raise ValueError(f"{name}['comm_bytes'] must be a non-negative int, got {cb!r}")
+    if not isinstance(res["emerged_epoch"], Mapping) or set(res["emerged_epoch"]) != set(CRITERIA):
+        raise ValueError(f"{name}['emerged_epoch'] must have exactly the keys {list(CRITERIA)}")
+    for c in CRITERIA:
+        _epoch_or_none(res["emerged_epoch"][c], f"{name}['emerged_epoch'][{c!r}]")
+
+
+def summarize_method(per_seed: Mapping[int, Mapping]) -> dict:
+    """One method's M from its per-seed results (each with the SEED_KEYS)."""
+    if not isinstance(per_seed, Mapping) or not per_seed:
+        raise ValueError("per_seed must be a non-empty dict seed -> result")
+    first = next(iter(per_seed.values()))
+    ratios = sorted(first["ticket"]) if isinstance(first, Mapping) and isinstance(first.get("ticket"), Mapping) else []
+    for seed, res in per_seed.items():
+        _check_seed_result(res, f"per_seed[{seed!r}]", ratios)
+    results = list(per_seed.values())
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    emerged = {}
+    for c in CRITERIA:
+        epochs = [r["emerged_epoch"][c] for r in results]
+        emerged[c] = None if any(e is None for e in epochs) else int(sorted(epochs)[len(epochs) // 2])
+    return {
+        "no_prune": mean([float(r["no_prune"]) for r in results]),
+        "ticket": {k: mean([float(r["ticket"][k]) for r in results]) for k in ratios},
+        "per_seed": {str(s): {k: r[k] for k in SEED_KEYS} | {k: v for k, v in r.items() if k not in SEED_KEYS}
+                     for s, r in per_seed.items()},
+        "comm_bytes": int(round(mean([int(r["comm_bytes"]) for r in results]))),
+        "emerged_epoch": emerged,
+    }
+
+
+def build_report(dataset: str, seeds: Sequence[int], results: Mapping[str, Mapping[int, Mapping]]) -> dict:
+    """report.json's dict from results[method][seed] = per-seed result."""
+    if not isinstance(dataset, str) or not dataset:
+        raise ValueError(f"dataset must be a non-empty str, got {dataset!r}")
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must not be empty")
+    if not isinstance(results, Mapping) or not results:
+        raise ValueError("results must be a non-empty dict method -> {seed: result}")
+    methods = {}
+    for method, per_seed in results.items():
+        if sorted(per_seed) != sorted(seeds):
+            raise ValueError(f"results[{method!r}] has seeds {sorted(per_seed)}, expected {sorted(seeds)}")
+        methods[method] = summarize_method({s: per_seed[s] for s in seeds})
+    report = {"dataset": dataset, "seeds": seeds, "methods": methods}
+    validate_report(report)
+    return report
+
+
+def validate_report(report) -> None:
+    """Raise ValueError/TypeError unless `report` has exactly report.json's schema."""
+    if not isinstance(report, Mapping) or set(report) != {"dataset", "seeds", "methods"}:
+        raise ValueError("report must be a dict with exactly the keys dataset, seeds, methods")
+    if not isinstance(report["dataset"], str):
+        raise TypeError("report['dataset'] must be a str")
+    if not isinstance(report["seeds"], list) or not report["seeds"] or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in report["seeds"]):
+        raise ValueError("report['seeds'] must be a non-empty list of ints")
+    if not isinstance(report["methods"], Mapping) or not report["methods"]:
+        raise ValueError("report['methods'] must be a non-empty dict")
+    for name, m in report["methods"].items():
+        where = f"report['methods'][{name!r}]"
+        if not isinstance(m, Mapping) or set(m) != {"no_prune", "ticket", "per_seed", "comm_bytes", "emerged_epoch"}:
+            raise ValueError(f"{where} must have exactly the keys no_prune, ticket, per_seed, comm_bytes, emerged_epoch")
+        ratios = sorted(m["ticket"]) if isinstance(m["ticket"], Mapping) else []
+        _check_seed_result(m, where, ratios)
+        if sorted(m["per_seed"]) != sorted(str(s) for s in report["seeds"]):
+            raise ValueError(f"{where}['per_seed'] must have one entry per seed {report['seeds']}")
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "n/a"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def method_workers(method: str) -> int:
+    """'dense' -> 1, 'loft-4' -> 4."""
+    m = re.fullmatch(r"loft-(\d+)", method)
+    return int(m.group(1)) if m else 1
+
+
+def format_table(report: Mapping, gpipe_bytes: Mapping[str, int | None] | None = None) -> str:
+    """The paper-shaped markdown table. gpipe_bytes[method]: GPipe's bytes with that method's workers."""
+    validate_report(report)
+    gpipe_bytes = gpipe_bytes or {}
+    any_m = next(iter(report["methods"].values()))
+    ratios = sorted(any_m["ticket"], key=float, reverse=True)  # the paper lists 80 % before 50 %
+    head = (["method", "no-prune acc. (%)"] + [f"ticket {float(r) * 100:g} % (%)" for r in ratios]
+            + ["comm", "GPipe comm (same workers)", "improv.", "emerged (footrule)", "emerged (mask)"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in report["methods"].items():
+        g = gpipe_bytes.get(name)
+        ours = m["comm_bytes"]
+        improv = f"{g / ours:.2f}x" if g and ours else "n/a"
+        emerged = [("epoch " + str(m["emerged_epoch"][c])) if m["emerged_epoch"][c] is not None else "not fired"
+                   for c in CRITERIA]
+        row = ([name, f"{m['no_prune']:.2f}"] + [f"{m['ticket'][r]:.2f}" for r in ratios]
+               + [_fmt_bytes(ours), _fmt_bytes(g) if g else "n/a", improv] + emerged)
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: str | Path, report: Mapping, details: Mapping | None = None) -> None:
+    """report.json, report.md (table + per-seed numbers) and, if given, details.json."""
+    validate_report(report)
+    out = Path(out)
+    details = dict(details or {})
+    table = format_table(report, details.get("gpipe_bytes"))
+    md = [f"# LoFT tickets on {report['dataset']} (seeds {report['seeds']})", "",
+          "Accuracies are test accuracy in percent, means over seeds. comm: bytes one LoFT rank sends "
+          "and receives over the whole pretraining (`comm_stats`); GPipe comm: the communication model "
+          "(`lk.comm_cost`) with the same workers, batch size and samples; improv. = GPipe / LoFT.", "",
+          table]
+    md.append("## Per seed\n")
+    for name, m in report["methods"].items():
+        for seed, r in m["per_seed"].items():
+            tickets = ", ".join(f"{float(k) * 100:g} %: {v:.2f}" for k, v in sorted(r["ticket"].items()))
+            md.append(f"- {name}, seed {seed}: no-prune {r['no_prune']:.2f}; tickets {tickets}; "
+                      f"emerged footrule {r['emerged_epoch']['footrule']}, mask {r['emerged_epoch']['mask']}")
+    if details.get("notes"):
+        md += ["", "## Notes", ""] + [f"- {n}" for n in details["notes"]]
+    atomic_write_text(json.dumps(report, indent=2) + "\n", out / "report.json")
+    atomic_write_text("\n".join(md) + "\n", out / "report.md")
+    if details:
+        atomic_write_text(json.dumps(details, indent=2, default=str) + "\n", out / "details.json")
+
+
+def _save(fig, path: Path) -> Path:
+    # Write beside the target and rename, like every other file the library writes.
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_lines(series: Mapping[str, Sequence[float]], path, *, title: str, xlabel: str, ylabel: str,
+               x: Mapping[str, Sequence[float]] | None = None, logy: bool = False) -> Path:
+    """One line per key of `series` (x defaults to 1..len)."""
+    if not series:
+        raise ValueError("series must not be empty")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, ys in series.items():
+        xs = list(x[name]) if x is not None else list(range(1, len(ys) + 1))
+        if len(xs) != len(ys):
+            raise ValueError(f"series {name!r} has {len(ys)} values but {len(xs)} x positions")
+        ax.plot(xs, list(ys), marker="o", markersize=3, label=name)
+    if logy:
+        ax.set_yscale("symlog", linthresh=1e-2)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, Path(path))
+
+
+def plot_curves(histories: Mapping[str, Mapping[str, Sequence[float]]], path) -> Path:
+    """Training loss and test accuracy per epoch, one line per method (histories[m]['train_loss'/'test_acc'])."""
+    if not histories:
+        raise ValueError("histories must not be empty")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, h in histories.items():
+        a1.plot(range(1, len(h["train_loss"]) + 1), h["train_loss"], label=name)
+        a2.plot(range(1, len(h["test_acc"]) + 1), h["test_acc"], label=name)
+    a1.set(title="pretraining: training loss", xlabel="epoch", ylabel="loss")
+    a2.set(title="pretraining: test accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend()
+    return _save(fig, Path(path))
+
+
+def safe_name(name: str) -> str:
+    """A group name as a file-name part: 'layer2.1.conv1' -> 'layer2.1.conv1', odd characters -> '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def plot_heatmaps(matrices: Mapping[str, "object"], group_names: Sequence[str], out_dir) -> list[Path]:
+    """footrule_heatmap_<group>.png: the T x T footrule matrix of each group, one panel per method.
+
+    matrices[method] is a [groups, T, T] array-like (torch tensor or numpy).
+    """
+    if not matrices:
+        raise ValueError("matrices must not be empty")
+    paths = []
+    for g, gname in enumerate(group_names):
+        fig, axes = plt.subplots(1, len(matrices), figsize=(4 * len(matrices), 3.6), squeeze=False)
+        for ax, (method, mat) in zip(axes[0], matrices.items()):
+            m = mat[g]
+            m = m.cpu().numpy() if hasattr(m, "cpu") else m
+            im = ax.imshow(m, origin="lower", cmap="viridis",
+                           extent=(0.5, m.shape[1] + 0.5, 0.5, m.shape[0] + 0.5))
+            ax.set(title=method, xlabel="epoch b", ylabel="epoch a")
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.suptitle(f"footrule F(epoch a, epoch b): {gname}")
+        paths.append(_save(fig, Path(out_dir) / f"footrule_heatmap_{safe_name(gname)}.png"))
+    return paths

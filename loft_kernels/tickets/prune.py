@@ -1,0 +1,182 @@
+"""Physical filter pruning: draw the ticket and cut the removed filters out of the model."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from .. import _checks as C
+from ..ops import filter_norms, pruned_count
+from . import _groups
+
+_NORM_KEYS = ("weight", "bias", "running_mean", "running_var")
+
+
+def group_scores(model: nn.Module, groups) -> dict[str, Tensor]:
+    """Group name -> [n] float32 L2 norms of the conv_a rows (one `lk.filter_norms` call)."""
+    resolved = _groups.resolve(model, groups)
+    norms = filter_norms([model.get_submodule(g.conv_a).weight for g in resolved])
+    return {g.name: s.detach().to("cpu", torch.float32) for g, s in zip(resolved, norms)}
+
+
+def select_filters(scores, groups, ratio: float) -> dict[str, Tensor]:
+    """Group name -> sorted int64 indices of the top `n - lk.pruned_count(n, ratio)` filters by score.
+
+    `scores`: group name -> [n] importance (higher = keep), e.g. from
+    `group_scores` or `FilterTracker.scores(tag)`. Ties go to the lower index.
+    """
+    ratio = C.ratio(ratio)
+    if not isinstance(scores, dict):
+        raise TypeError(f"scores must be a dict mapping group name to a 1-D tensor, got {type(scores).__name__}")
+    kept = {}
+    for g in groups:
+        if g.name not in scores:
+            raise ValueError(f"scores has no entry for group {g.name!r}")
+        s = C.tensor(scores[g.name], f"scores[{g.name!r}]", ndim=1, floating=True)
+        if s.shape[0] != g.n:
+            raise ValueError(f"scores[{g.name!r}] has {s.shape[0]} entries, group has n={g.n}")
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError(f"scores[{g.name!r}] contains NaN or infinite values")
+        keep = g.n - pruned_count(g.n, ratio)
+        order = torch.sort(s.detach().cpu(), descending=True, stable=True).indices
+        kept[g.name] = order[:keep].sort().values.long()
+    return kept
+
+
+def _check_kept(kept, resolved) -> dict[str, Tensor]:
+    if not isinstance(kept, dict):
+        raise TypeError(f"kept must be a dict mapping group name to kept indices, got {type(kept).__name__}")
+    out = {}
+    for g in resolved:
+        if g.name not in kept:
+            raise ValueError(f"kept has no entry for group {g.name!r}")
+        idx = C.index(kept[g.name], f"kept[{g.name!r}]", g.n, torch.device("cpu")
+                      if not isinstance(kept[g.name], Tensor) else kept[g.name].device)
+        out[g.name] = idx.cpu().sort().values
+    extra = set(kept) - {g.name for g in resolved}
+    if extra:
+        raise ValueError(f"kept has entries for unknown group(s) {sorted(extra)}")
+    return out
+
+
+def _slices(resolved, kept) -> dict[str, list[tuple[int, Tensor]]]:
+    """state_dict key -> [(dim, kept indices)] for every tensor the pruning shrinks."""
+    plan: dict[str, list[tuple[int, Tensor]]] = {}
+    for g in resolved:
+        idx = kept[g.name]
+        plan.setdefault(f"{g.conv_a}.weight", []).append((0, idx))
+        plan.setdefault(f"{g.conv_a}.bias", []).append((0, idx))
+        for norm in g.norms:
+            for key in _NORM_KEYS:
+                plan.setdefault(f"{norm}.{key}", []).append((0, idx))
+        for name in g.conv_b:
+            plan.setdefault(f"{name}.weight", []).append((1, idx))
+    return plan
+
+
+def slice_state_dict(state_dict, groups, kept) -> dict[str, Tensor]:
+    """A full-size state dict (keys as in the model `groups` describe) cut down to the `kept` filters.
+
+    conv_a rows and bias, each norm's weight/bias/running stats and conv_b
+    input channels are sliced; every other entry is passed through. This is
+    the one place that maps full-size tensors to the pruned structure:
+    `prune` and `rewind` both use it.
+    """
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+    sizes = {g.name: g.n for g in groups}
+    out = {}
+    plan = _slices(groups, kept)
+    for key, value in state_dict.items():
+        for dim, idx in plan.get(key, ()):
+            group = next(g.name for g in groups if kept[g.name] is idx)
+            if not isinstance(value, Tensor) or value.dim() <= dim or value.shape[dim] != sizes[group]:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"state_dict[{key!r}] has shape {shape}; group {group!r} expects size "
+                                 f"{sizes[group]} along dim {dim}")
+            value = value.index_select(dim, idx.to(value.device))
+        out[key] = value
+    return out
+
+
+def _is_loft_layer(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("loft_kernels.") and isinstance(m, (nn.Conv2d, nn.BatchNorm2d))
+
+
+def _plain(m: nn.Module, out_size: int | None, in_size: int | None) -> nn.Module:
+    """A plain nn.Conv2d / nn.BatchNorm2d with m's configuration and the given channel counts."""
+    if isinstance(m, nn.Conv2d):
+        new = nn.Conv2d(in_size or m.in_channels, out_size or m.out_channels, m.kernel_size, m.stride, m.padding,
+                        m.dilation, m.groups, m.bias is not None, m.padding_mode,
+                        device=m.weight.device, dtype=m.weight.dtype)
+    else:
+        ref = next((t for t in (m.weight, m.running_mean) if t is not None), None)
+        factory = {} if ref is None else {"device": ref.device, "dtype": ref.dtype}
+        new = nn.BatchNorm2d(out_size or m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
+                             **factory)
+    for name, p in new.named_parameters(recurse=False):
+        p.requires_grad_(getattr(m, name).requires_grad)
+    return new.train(m.training)
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def rebuild(model: nn.Module, groups, kept) -> nn.Module:
+    """Deep copy of `model` with the pruned (or plain) modules swapped in and `kept` weights loaded.
+
+    Loft layers anywhere in the model become their plain nn equivalents.
+    """
+    resolved = _groups.resolve(model, groups)
+    kept = _check_kept(kept, resolved)
+    out_size, in_size = {}, {}
+    for g in resolved:
+        for name in (g.conv_a, *g.norms):
+            out_size[name] = len(kept[g.name])
+        for name in g.conv_b:
+            in_size[name] = len(kept[g.name])
+    new = copy.deepcopy(model)
+    for name, m in model.named_modules():
+        touched = name in out_size or name in in_size
+        if not (touched or _is_loft_layer(m)):
+            continue
+        if type(m) not in (nn.Conv2d, nn.BatchNorm2d) and not _is_loft_layer(m):
+            raise TypeError(f"module {name!r} is a {type(m).__name__}; pruning rebuilds only nn.Conv2d, "
+                            "nn.BatchNorm2d and loft_kernels' Loft layers, so its behaviour would be lost")
+        _set_module(new, name, _plain(m, out_size.get(name), in_size.get(name)))
+    new.load_state_dict(slice_state_dict(model.state_dict(), resolved, kept))
+    return new
+
+
+def prune(model: nn.Module, groups, ratio: float, criterion="l2") -> tuple[nn.Module, dict[str, Tensor]]:
+    """Draw the ticket: keep the top `n - lk.pruned_count(n, ratio)` filters of each group, cut out the rest.
+
+    criterion "l2" ranks filters by the L2 norm of their conv_a row (the
+    LoFT paper); a dict group name -> [n] scores (e.g. `tracker.scores(tag)`)
+    ranks by those instead. Ties keep the lower index. Note: the official LoFT
+    prune script keeps the *smallest*-norm filters, an apparent slip; we keep
+    the largest, as the paper describes.
+
+    Returns (pruned, kept): `pruned` is a deep copy with conv_a rows and bias,
+    the norms' channels (weight, bias, running_mean, running_var) and conv_b
+    input channels physically removed, made of plain nn.Conv2d/nn.BatchNorm2d
+    (Loft layers replaced); `model` is left untouched. `kept` maps group name
+    -> sorted int64 kept indices. With zero-preserving per-channel ops between
+    conv_a and conv_b (BN, ReLU), `pruned` computes exactly what `model` does
+    with the removed filters' conv_a rows, bias and BN affine parameters zeroed.
+    """
+    resolved = _groups.resolve(model, groups)
+    ratio = C.ratio(ratio)
+    if isinstance(criterion, str):
+        if criterion != "l2":
+            raise ValueError(f"criterion must be 'l2' or a dict of per-group scores, got {criterion!r}")
+        scores = group_scores(model, groups)
+    elif isinstance(criterion, dict):
+        scores = criterion
+    else:
+        raise TypeError(f"criterion must be 'l2' or a dict of per-group scores, got {type(criterion).__name__}")
+    kept = select_filters(scores, resolved, ratio)
+    return rebuild(model, groups, kept), kept

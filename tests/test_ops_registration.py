@@ -1,0 +1,123 @@
+"""The ops as torch.library custom ops: opcheck, torch.compile, backend selection."""
+import warnings
+
+import pytest
+import torch
+
+import loft_kernels as lk
+from loft_kernels import backends
+
+ops = torch.ops.loft_kernels
+
+
+def _opcheck_cases(device):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    idx = lambda *v: torch.tensor(v, device=device)  # noqa: E731
+    x, w, b = r(2, 3, 6, 6), r(5, 4, 3, 3), r(5)
+    xg = r(2, 2, 3, 5, 5)
+    return [
+        (ops.partial_conv2d.default, (x, w, b, idx(4, 1), idx(0, 2, 3), [1, 1], [1, 1], [1, 1], 1)),
+        (ops.partial_conv2d_backward.default,
+         (r(2, 2, 6, 6), x, w, idx(4, 1), idx(0, 2, 3), True, [1, 1], [1, 1], [1, 1], 1, True, True)),
+        (ops.grouped_partial_conv2d.default,
+         (xg, w, b, idx(0, 1, 2, 3).view(2, 2), idx(0, 1, 2, 1, 2, 3).view(2, 3), [2, 2], [1, 1], [1, 1])),
+        (ops.grouped_partial_conv2d_backward.default,
+         (r(2, 2, 2, 3, 3), xg, w, idx(0, 1, 2, 3).view(2, 2), idx(0, 1, 2, 1, 2, 3).view(2, 3), True,
+          [2, 2], [1, 1], [1, 1], True, True)),
+        (ops.filter_norms.default, ([r(4, 3, 3, 3), r(7)],)),
+        (ops.filter_stats.default, ([r(4, 3, 3, 3), r(7)], [r(4, 3, 3, 3), r(7)])),
+        (ops.footrule_matrix.default, ([r(3, 5), r(3, 2)],)),
+        (ops.mask_distance_matrix.default, ([r(3, 5), r(3, 2)], [3, 1])),
+        (ops.pack_rows.default, ([r(4, 3), r(6)], [idx(1, 3), idx(5)], [0, 0])),
+        (ops.unpack_rows.default, (r(7), [r(4, 3), r(6)], [idx(1, 3), idx(5)], [0, 0])),
+    ]
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_opcheck(backend, device, case):
+    op, args = _opcheck_cases(device)[case]
+    torch.library.opcheck(op, args)
+
+
+def test_partial_conv2d_requires_grad_through_opcheck(backend, device):
+    x = torch.randn(2, 3, 6, 6, device=device, requires_grad=True)
+    w = torch.randn(5, 4, 3, 3, device=device, requires_grad=True)
+    torch.library.opcheck(ops.partial_conv2d.default,
+                          (x, w, None, torch.tensor([4, 1], device=device), torch.tensor([0, 2, 3], device=device),
+                           [1, 1], [1, 1], [1, 1], 1))
+
+
+def test_torch_compile_fullgraph():
+    """The ops trace into one graph (no graph breaks) and give the eager result."""
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    oi, ii = torch.tensor([5, 0, 2]), torch.tensor([1, 3])
+
+    def step(x, w):
+        y = lk.partial_conv2d(x[:, :2], w, None, 1, 1, out_index=oi, in_index=ii).relu()
+        norms = lk.filter_norms([w])[0]
+        return y.square().mean() + norms.sum() * 0
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, w)
+    (gw,) = torch.autograd.grad(loss, [w])
+    loss_ref = step(x, w)
+    (gw_ref,) = torch.autograd.grad(loss_ref, [w])
+    torch.testing.assert_close(loss, loss_ref)
+    torch.testing.assert_close(gw, gw_ref)
+
+
+def test_available_backends_lists_torch_first():
+    names = lk.available_backends()
+    assert names[0] == "torch"
+    assert set(names) <= set(backends.BACKENDS)
+
+
+def test_use_backend_rejects_unknown_and_unavailable():
+    with pytest.raises(ValueError, match="name must be one of"):
+        with lk.use_backend("fortran"):
+            pass
+    missing = [b for b in backends.BACKENDS if backends.unavailable_reason(b) is not None]
+    if not missing:
+        pytest.skip("every backend is available here")
+    with pytest.raises(RuntimeError, match=f"backend '{missing[0]}' was requested but is unavailable"):
+        with lk.use_backend(missing[0]):
+            pass
+
+
+def test_use_backend_selects_and_restores():
+    x = torch.randn(3, 4)
+    with lk.use_backend("torch"):
+        assert backends.select("filter_norms", x.device, x.dtype)[0] == "torch"
+        with lk.use_backend("auto"):
+            assert backends.requested_backend() is None
+        assert backends.requested_backend() == "torch"
+    assert backends.requested_backend() is None
+
+
+def test_env_var_selects_backend(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    assert backends.select("filter_norms", torch.device("cpu"), torch.float32)[0] == "torch"
+    monkeypatch.setenv(backends.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match=backends.ENV_VAR):
+        backends.select("filter_norms", torch.device("cpu"), torch.float32)
+
+
+def test_automatic_fallback_warns_once(monkeypatch):
+    monkeypatch.setitem(backends._reasons, "cpu", "pretend the extension failed to build")
+    monkeypatch.setattr(backends, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lk.filter_norms([torch.randn(3, 3)])
+        lk.filter_norms([torch.randn(3, 3)])
+    msgs = [str(w.message) for w in caught if "pretend the extension" in str(w.message)]
+    assert len(msgs) == 1 and "falling back" in msgs[0]
+
+
+def test_explicit_backend_without_dtype_support_is_clear(monkeypatch):
+    monkeypatch.setitem(backends._impls, ("filter_norms", "torch"),
+                        backends.Impl(backends._impls[("filter_norms", "torch")].fn, frozenset({torch.float64})))
+    with lk.use_backend("torch"):
+        with pytest.raises(TypeError, match="backend 'torch' runs filter_norms for dtypes"):
+            lk.filter_norms([torch.randn(3, 3)])
