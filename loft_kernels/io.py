@@ -13,16 +13,21 @@ from pathlib import Path
 import torch
 
 
-def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """torch.save `obj` to `path` atomically (temp file + fsync + rename)."""
+def atomic_write(path: str | os.PathLike, write, mode: str = "wb") -> Path:
+    """Call `write(file)` on a temp file beside `path`, fsync it and rename it over `path`.
+
+    The one implementation of atomic writing; the helpers below are thin uses of it.
+    """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if mode not in ("wb", "w"):
+        raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -31,24 +36,18 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """torch.save `obj` to `path` atomically (temp file + fsync + rename)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     """Write a text file atomically (reports, configs, metrics)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    return atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location=None):

@@ -34,12 +34,12 @@ from .tracker import FilterTracker
 CRITERIA = ("footrule", "mask")
 
 
-def _number(value, name: str, *, positive: bool = False) -> float:
+def _number(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
-    if value != value or value < 0 or (positive and value == 0) or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return value
 
 
@@ -59,7 +59,7 @@ def _matrix(source, criterion: str, ratio) -> Tensor:
         raise ValueError(f"source must be a square [T, T] model-level distance matrix, got shape {tuple(m.shape)}")
     if not bool(torch.isfinite(m).all()):
         raise ValueError("source contains NaN or infinite values")
-    return m.detach().to("cpu", torch.float64)
+    return m.detach().cpu()
 
 
 def detect_emergence(source, criterion: str = "footrule", *, threshold: float = 0.1, window: int = 3,
@@ -86,19 +86,18 @@ def detect_emergence(source, criterion: str = "footrule", *, threshold: float = 
     lookback = C.positive_int(lookback, "lookback")
     m = _matrix(source, criterion, ratio)
     T = m.shape[0]
-    fired = None
+
+    def within(values, limit: float) -> bool:
+        # Compare in the matrix's dtype: a float32 mask distance of exactly 1/10 must pass a 0.1 threshold.
+        return bool((values <= torch.tensor(limit, dtype=m.dtype)).all())
+
     if criterion == "footrule":
-        d = [float(m[t, t - 1]) for t in range(1, T)]     # d[t-1] = F(t, t-1)
-        limit = threshold * d[0] if (relative and d) else threshold
-        for t in range(window, T):
-            if all(x <= limit for x in d[t - window:t]):
-                fired = t
-                break
+        d = torch.diagonal(m, offset=-1)                  # d[t-1] = M[t, t-1] = F(snapshot t, snapshot t-1)
+        limit = threshold * float(d[0]) if (relative and T > 1) else threshold
+        fired = next((t for t in range(window, T) if within(d[t - window:t], limit)), None)
     else:
-        for t in range(lookback, T):
-            if all(float(m[t, t - k]) <= mask_threshold for k in range(1, lookback + 1)):
-                fired = t
-                break
+        back = torch.arange(1, lookback + 1)
+        fired = next((t for t in range(lookback, T) if within(m[t, t - back], mask_threshold)), None)
     if fired is None or not isinstance(source, FilterTracker):
         return fired
     return source.tags[fired]

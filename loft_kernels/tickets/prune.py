@@ -26,6 +26,7 @@ def select_filters(scores, groups, ratio: float) -> dict[str, Tensor]:
     `scores`: group name -> [n] importance (higher = keep), e.g. from
     `group_scores` or `FilterTracker.scores(tag)`. Ties go to the lower index.
     """
+    groups = _groups.records(groups)
     ratio = C.ratio(ratio)
     if not isinstance(scores, dict):
         raise TypeError(f"scores must be a dict mapping group name to a 1-D tensor, got {type(scores).__name__}")
@@ -39,40 +40,27 @@ def select_filters(scores, groups, ratio: float) -> dict[str, Tensor]:
         if not bool(torch.isfinite(s).all()):
             raise ValueError(f"scores[{g.name!r}] contains NaN or infinite values")
         keep = g.n - pruned_count(g.n, ratio)
+        if keep < 1:
+            raise ValueError(f"ratio {ratio} would remove all {g.n} filters of group {g.name!r}")
         order = torch.sort(s.detach().cpu(), descending=True, stable=True).indices
         kept[g.name] = order[:keep].sort().values.long()
     return kept
 
 
-def _check_kept(kept, resolved) -> dict[str, Tensor]:
+def _check_kept(kept, groups) -> dict[str, Tensor]:
     if not isinstance(kept, dict):
         raise TypeError(f"kept must be a dict mapping group name to kept indices, got {type(kept).__name__}")
-    out = {}
-    for g in resolved:
-        if g.name not in kept:
-            raise ValueError(f"kept has no entry for group {g.name!r}")
-        idx = C.index(kept[g.name], f"kept[{g.name!r}]", g.n, torch.device("cpu")
-                      if not isinstance(kept[g.name], Tensor) else kept[g.name].device)
-        out[g.name] = idx.cpu().sort().values
-    extra = set(kept) - {g.name for g in resolved}
+    extra = set(kept) - {g.name for g in groups}
     if extra:
         raise ValueError(f"kept has entries for unknown group(s) {sorted(extra)}")
-    return out
-
-
-def _slices(resolved, kept) -> dict[str, list[tuple[int, Tensor]]]:
-    """state_dict key -> [(dim, kept indices)] for every tensor the pruning shrinks."""
-    plan: dict[str, list[tuple[int, Tensor]]] = {}
-    for g in resolved:
+    out = {}
+    for g in groups:
+        if g.name not in kept:
+            raise ValueError(f"kept has no entry for group {g.name!r}")
         idx = kept[g.name]
-        plan.setdefault(f"{g.conv_a}.weight", []).append((0, idx))
-        plan.setdefault(f"{g.conv_a}.bias", []).append((0, idx))
-        for norm in g.norms:
-            for key in _NORM_KEYS:
-                plan.setdefault(f"{norm}.{key}", []).append((0, idx))
-        for name in g.conv_b:
-            plan.setdefault(f"{name}.weight", []).append((1, idx))
-    return plan
+        device = idx.device if isinstance(idx, Tensor) else torch.device("cpu")
+        out[g.name] = C.index(idx, f"kept[{g.name!r}]", g.n, device).cpu().sort().values
+    return out
 
 
 def slice_state_dict(state_dict, groups, kept) -> dict[str, Tensor]:
@@ -83,18 +71,32 @@ def slice_state_dict(state_dict, groups, kept) -> dict[str, Tensor]:
     the one place that maps full-size tensors to the pruned structure:
     `prune` and `rewind` both use it.
     """
+    return _slice(state_dict, groups, kept, "state_dict")
+
+
+def _slice(state_dict, groups, kept, what: str) -> dict[str, Tensor]:
     if not isinstance(state_dict, dict):
-        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
-    sizes = {g.name: g.n for g in groups}
+        raise TypeError(f"{what} must be a dict of tensors, got {type(state_dict).__name__}")
+    groups = _groups.records(groups)
+    kept = _check_kept(kept, groups)
+    plan: dict[str, list[tuple[int, Tensor, str, int]]] = {}  # key -> [(dim, kept, group, n)]
+    for g in groups:
+        keys = [(f"{g.conv_a}.weight", 0), (f"{g.conv_a}.bias", 0)]
+        keys += [(f"{norm}.{k}", 0) for norm in g.norms for k in _NORM_KEYS]
+        keys += [(f"{name}.weight", 1) for name in g.conv_b]
+        for key, dim in keys:
+            plan.setdefault(key, []).append((dim, kept[g.name], g.name, g.n))
+    required = {f"{g.conv_a}.weight" for g in groups} | {f"{b}.weight" for g in groups for b in g.conv_b}
+    missing = sorted(required - state_dict.keys())
+    if missing:
+        raise ValueError(f"{what} lacks {missing}; it must come from the model the groups describe")
     out = {}
-    plan = _slices(groups, kept)
     for key, value in state_dict.items():
-        for dim, idx in plan.get(key, ()):
-            group = next(g.name for g in groups if kept[g.name] is idx)
-            if not isinstance(value, Tensor) or value.dim() <= dim or value.shape[dim] != sizes[group]:
+        for dim, idx, group, n in plan.get(key, ()):
+            if not isinstance(value, Tensor) or value.dim() <= dim or value.shape[dim] != n:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise ValueError(f"state_dict[{key!r}] has shape {shape}; group {group!r} expects size "
-                                 f"{sizes[group]} along dim {dim}")
+                raise ValueError(f"{what}[{key!r}] has shape {shape}; group {group!r} expects size "
+                                 f"{n} along dim {dim}")
             value = value.index_select(dim, idx.to(value.device))
         out[key] = value
     return out
@@ -125,7 +127,7 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def rebuild(model: nn.Module, groups, kept) -> nn.Module:
+def _build_pruned(model: nn.Module, groups, kept) -> nn.Module:
     """Deep copy of `model` with the pruned (or plain) modules swapped in and `kept` weights loaded.
 
     Loft layers anywhere in the model become their plain nn equivalents.
@@ -179,4 +181,4 @@ def prune(model: nn.Module, groups, ratio: float, criterion="l2") -> tuple[nn.Mo
     else:
         raise TypeError(f"criterion must be 'l2' or a dict of per-group scores, got {type(criterion).__name__}")
     kept = select_filters(scores, resolved, ratio)
-    return rebuild(model, groups, kept), kept
+    return _build_pruned(model, groups, kept), kept

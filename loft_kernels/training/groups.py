@@ -24,7 +24,6 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .layers import LoftBatchNorm2d, LoftConv2d, dense
 
@@ -104,7 +103,22 @@ def _example_args(example_input) -> tuple:
                     f"arguments), got {type(example_input).__name__}")
 
 
-def _trace(model: nn.Module, args: tuple) -> fx.GraphModule:
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the traced graph and records each tensor-valued node's shape."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.extra_traceback = False  # the model's own error message is the useful one
+        self.shapes: dict[fx.Node, tuple] = {}
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if isinstance(result, Tensor):
+            self.shapes[n] = tuple(result.shape)
+        return result
+
+
+def _trace(model: nn.Module, args: tuple) -> tuple[fx.GraphModule, dict]:
     try:
         graph = _Tracer().trace(model)
     except Exception as e:  # fx raises many kinds (TraceError, TypeError on proxy iteration, ...)
@@ -112,22 +126,22 @@ def _trace(model: nn.Module, args: tuple) -> fx.GraphModule:
                          f"found on the fx graph, so the forward must be free of data-dependent Python control "
                          f"flow") from e
     gm = fx.GraphModule(model, graph)
+    recorder = _ShapeRecorder(gm)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()  # no running-statistic update, no dropout
     try:
         with torch.no_grad(), dense(model):
-            ShapeProp(gm).propagate(*args)
+            recorder.run(*args)
     except Exception as e:
         raise ValueError(f"example_input: the model failed to run on it ({type(e).__name__}: {e})") from e
     finally:
         for m, mode in modes:
             m.training = mode
-    return gm
+    return gm, recorder.shapes
 
 
-def _channels(node: fx.Node) -> Optional[int]:
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
+def _channels(node: fx.Node, shapes: dict) -> Optional[int]:
+    shape = shapes.get(node)
     return shape[1] if shape is not None and len(shape) == 4 else None
 
 
@@ -141,11 +155,11 @@ def _is_per_channel(node: fx.Node, modules: dict) -> bool:
     return False
 
 
-def _follow(conv_a: fx.Node, n: int, modules: dict) -> Optional[tuple[tuple, str]]:
+def _follow(conv_a: fx.Node, n: int, modules: dict, shapes: dict) -> Optional[tuple[tuple, str]]:
     """Walk conv_a's output forward; (norm names, conv_b name) if it is a group, else None."""
     norms, node = [], conv_a
     while True:
-        if _channels(node) != n or len(node.users) != 1:
+        if _channels(node, shapes) != n or len(node.users) != 1:
             return None  # channel count changed, or a second consumer (add, cat, size(), ...)
         user = next(iter(node.users))
         if user.all_input_nodes != [node]:
@@ -171,7 +185,7 @@ def find_filter_groups(model: nn.Module, example_input) -> list[FilterGroup]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     args = _example_args(example_input)
-    gm = _trace(model, args)
+    gm, shapes = _trace(model, args)
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -195,7 +209,7 @@ def find_filter_groups(model: nn.Module, example_input) -> list[FilterGroup]:
         conv = modules[node.target]
         if conv.groups != 1:
             continue  # depthwise/grouped convs are not partitionable
-        path = _follow(node, conv.out_channels, modules)
+        path = _follow(node, conv.out_channels, modules, shapes)
         if path is None:
             continue
         norms, conv_b = path

@@ -177,9 +177,12 @@ def activate(model: nn.Module, groups, assignment: Optional[Mapping[str, Tensor]
     norms: dict[str, Tensor] = {}
     for g in groups:
         conv_a = _module(model, g.conv_a, LoftConv2d, g.name)
-        _module(model, g.conv_b, LoftConv2d, g.name)
-        for nm in g.norms:
-            _module(model, nm, LoftBatchNorm2d, g.name)
+        sizes = {g.conv_a: conv_a.out_channels, g.conv_b: _module(model, g.conv_b, LoftConv2d, g.name).in_channels}
+        sizes.update({nm: _module(model, nm, LoftBatchNorm2d, g.name).num_features for nm in g.norms})
+        for nm, size in sizes.items():
+            if size != g.n:
+                raise ValueError(f"groups: group {g.name!r} has n={g.n} filters but module {nm!r} has {size} "
+                                 f"channels there; were the groups found on another model?")
         idx = C.index(assignment[g.name], f"assignment[{g.name!r}]", g.n, conv_a.weight.device)
         outs[g.conv_a] = idx
         ins[g.conv_b] = idx

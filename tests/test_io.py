@@ -1,0 +1,49 @@
+"""Atomic checkpoint writing: a failed write never replaces or truncates a good file."""
+import pytest
+import torch
+
+import loft_kernels as lk
+from loft_kernels.io import atomic_write, atomic_write_text
+
+
+def test_atomic_save_roundtrip(tmp_path):
+    path = lk.atomic_save({"w": torch.arange(5.0), "step": 3}, tmp_path / "sub" / "ckpt.pt")
+    loaded = lk.load_checkpoint(path)
+    assert loaded["step"] == 3 and torch.equal(loaded["w"], torch.arange(5.0))
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    lk.atomic_save({"v": 1}, path)
+
+    def crash(f):
+        f.write(b"partial")
+        raise KeyboardInterrupt  # as if the process were interrupted mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, crash)
+    assert lk.load_checkpoint(path) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_text_and_bad_input(tmp_path):
+    atomic_write_text("hello", tmp_path / "a.txt")
+    assert (tmp_path / "a.txt").read_text() == "hello"
+    with pytest.raises(TypeError, match="text must be a str"):
+        atomic_write_text(b"x", tmp_path / "b.txt")
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+        lk.atomic_save({}, 3)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        lk.load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="mode must be"):
+        atomic_write(tmp_path / "c", lambda f: None, mode="a")
+
+
+class Evil:
+    pass
+
+
+def test_load_checkpoint_refuses_arbitrary_objects(tmp_path):
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="Weights only load failed|weights_only"):
+        lk.load_checkpoint(tmp_path / "evil.pt")
