@@ -187,6 +187,17 @@ def partial_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, str
     x has `len(in_index)` channels when `in_index` is given. The gradient of
     `weight` (and `bias`) is full-size and zero outside the selected entries.
     """
+    return _partial_conv2d(x, weight, bias, stride, padding, dilation, groups, out_index, in_index,
+                           check_index_values=True)
+
+
+def _partial_conv2d(x, weight, bias, stride, padding, dilation, groups, out_index, in_index, *,
+                    check_index_values: bool) -> Tensor:
+    """partial_conv2d; `check_index_values=False` skips the range/duplicate scan of the indices.
+
+    Loft layers validate their index sets once in `set_active` and call this on every
+    forward without the scan (on a GPU it would cost a host sync per layer per step).
+    """
     C.tensor(x, "x", ndim=(3, 4), floating=True)
     unbatched = x.dim() == 3
     if unbatched:
@@ -197,9 +208,13 @@ def partial_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, str
         raise ValueError("groups > 1 together with out_index/in_index is not supported; use groups=1")
     if weight.shape[0] % groups:
         raise ValueError(f"weight.shape[0] ({weight.shape[0]}) must be divisible by groups ({groups})")
-    if out_index is not None:
+    for name, idx in (("out_index", out_index), ("in_index", in_index)):
+        if isinstance(idx, Tensor) and idx.device != x.device:  # cheap, so checked on every path
+            raise ValueError(f"{name} is on {idx.device} but must be on {x.device}, the device of x "
+                             f"(after moving a model, call set_active/lk.activate again)")
+    if out_index is not None and check_index_values:
         out_index = C.index(out_index, "out_index", weight.shape[0], x.device)
-    if in_index is not None:
+    if in_index is not None and check_index_values:
         in_index = C.index(in_index, "in_index", weight.shape[1], x.device)
     want = in_index.numel() if in_index is not None else weight.shape[1] * groups
     if x.shape[1] != want:

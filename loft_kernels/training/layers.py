@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _checks as C
-from ..ops import partial_conv2d
+from ..ops.partial_conv import _partial_conv2d
 
 
 class LoftConv2d(nn.Conv2d):
@@ -60,8 +60,9 @@ class LoftConv2d(nn.Conv2d):
         if self.padding_mode != "zeros":  # as nn.Conv2d._conv_forward does
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return partial_conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
-                              out_index=self._active_out, in_index=self._active_in)
+        # indices were validated by set_active
+        return _partial_conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
+                               self._active_out, self._active_in, check_index_values=False)
 
 
 class LoftBatchNorm2d(nn.BatchNorm2d):
