@@ -8,7 +8,7 @@ import loft_kernels as lk
 import naive
 from conftest import backend_accepts
 
-SHAPES = [(13, 7, 3, 3), (1, 1, 1, 1), (64, 3, 5, 5), (17,), (5, 11), (3, 2, 1, 4)]
+SHAPES = [(13, 7, 3, 3), (1, 1, 1, 1), (64, 3, 5, 5), (17,), (5, 11), (3, 2, 1, 4), (0, 4), (2, 0)]
 
 
 def _tensors(device, dtype, g):

@@ -7,6 +7,8 @@ stride/padding/dilation as pairs, mask-distance keep counts precomputed).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -94,7 +96,8 @@ def _acc_dtype(t):
 
 
 def _rows(t):
-    return t.reshape(t.shape[0], -1).to(_acc_dtype(t))
+    # explicit row length: reshape(0, -1) is ambiguous for a tensor with no rows
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])).to(_acc_dtype(t))
 
 
 @register("filter_norms", "torch")
