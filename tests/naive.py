@@ -59,7 +59,8 @@ def mask_distance_matrix(scores, ratio):
 def filter_stats(a, b):
     out = []
     for ta, tb in zip(a, b):
-        ra, rb = ta.double().reshape(ta.shape[0], -1), tb.double().reshape(tb.shape[0], -1)
+        width = math.prod(ta.shape[1:])
+        ra, rb = ta.double().reshape(ta.shape[0], width), tb.double().reshape(tb.shape[0], width)
         rows = [[float((ra[j] ** 2).sum()), float((rb[j] ** 2).sum()), float((ra[j] * rb[j]).sum()),
                  float(((ra[j] - rb[j]) ** 2).sum())] for j in range(ta.shape[0])]
         out.append(torch.tensor(rows, dtype=torch.float64).reshape(ta.shape[0], 4))
