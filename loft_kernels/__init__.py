@@ -20,12 +20,32 @@ from .io import atomic_save, load_checkpoint
 __all__ += ["atomic_save", "load_checkpoint"]
 
 # --- LoFT training: nn layers, filter groups, model zoo (loft_kernels.training, loft_kernels.models) ---
-from .training import LoftBatchNorm2d, LoftConv2d, activate, dense
+from .models import (available_models, get_model, preact_resnet, preact_resnet18, preact_resnet34, resnet,
+                     resnet18, resnet34, resnet50, vgg, vgg11, vgg16, wide_resnet)
+from .training import (FilterGroup, LoftBatchNorm2d, LoftConv2d, activate, convert, dense, find_filter_groups,
+                       select_groups)
 
-__all__ += ["LoftConv2d", "LoftBatchNorm2d", "activate", "dense"]
+__all__ += ["LoftConv2d", "LoftBatchNorm2d", "activate", "dense", "FilterGroup", "find_filter_groups",
+            "select_groups", "convert",
+            "get_model", "available_models", "preact_resnet", "preact_resnet18", "preact_resnet34", "resnet",
+            "resnet18", "resnet34", "resnet50", "vgg", "vgg11", "vgg16", "wide_resnet"]
 
 # --- LoFT training: optimizer, simulator, comm accounting (loft_kernels.training) ---
+from .training import (LoftOptimizer, LoftSimulator, loft_sync_bytes, partition, ring_all_gather_bytes,
+                       ring_all_reduce_bytes)
+
+__all__ += ["LoftOptimizer", "LoftSimulator", "partition", "loft_sync_bytes", "ring_all_reduce_bytes",
+            "ring_all_gather_bytes"]
 
 # --- Lottery tickets: tracker, emergence, pruning, data (loft_kernels.tickets, loft_kernels.data) ---
+from .data import BatchLoader, Dataset, get_dataset, write_fake_cifar
+from .tickets import (FilterTracker, count_params_flops, detect_emergence, inference_speedup, prune, rewind,
+                      select_filters)
+
+__all__ += ["FilterTracker", "detect_emergence", "prune", "rewind", "select_filters", "count_params_flops",
+            "inference_speedup", "get_dataset", "Dataset", "BatchLoader", "write_fake_cifar"]
 
 # --- Communication model (loft_kernels.comm_model) ---
+from .comm_model import CommCost, comm_cost
+
+__all__ += ["comm_cost", "CommCost"]

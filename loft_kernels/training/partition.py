@@ -1,0 +1,68 @@
+"""The LoFT partition: which worker owns which filters of each group in a round.
+
+Every rank (and every simulated worker) computes the same partition from
+(seed, round) alone, so agreeing on it costs no communication (DESIGN.md
+section 1, step 1). For each group a random permutation of its n filters is
+dealt round-robin: worker s gets perm[s::S], i.e. n//S or n//S + 1 filters
+(workers s < n % S get the extra one), returned sorted ascending.
+
+The permutation of a group is seeded by (seed, round, group name) through a
+stable hash, so it does not depend on the order of the groups list nor on
+Python's per-process hash salt.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _checks as C
+from .groups import FilterGroup
+
+
+def _group_seed(seed: int, round: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{round}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def check_groups(groups, workers: int) -> list[FilterGroup]:
+    """Validate a list of FilterGroup for S workers: unique names, n >= S (else some worker owns nothing)."""
+    if isinstance(groups, FilterGroup) or not isinstance(groups, (list, tuple)):
+        raise TypeError(f"groups must be a list of FilterGroup, got {type(groups).__name__}")
+    if not groups:
+        raise ValueError("groups must not be empty: LoFT needs at least one filter group to partition "
+                         "(see lk.convert)")
+    for i, g in enumerate(groups):
+        if not isinstance(g, FilterGroup):
+            raise TypeError(f"groups[{i}] must be a FilterGroup, got {type(g).__name__}")
+    names = [g.name for g in groups]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"groups has duplicate group names {dup}")
+    small = [f"{g.name!r} (n={g.n})" for g in groups if g.n < workers]
+    if small:
+        raise ValueError(f"groups: {', '.join(small)} have fewer filters than workers={workers}; every worker "
+                         f"must own at least one filter of every group (exclude those groups or use fewer workers)")
+    return list(groups)
+
+
+def owned_count(n: int, workers: int, rank: int) -> int:
+    """How many of a group's n filters worker `rank` owns: len(range(rank, n, workers))."""
+    return (n - rank + workers - 1) // workers
+
+
+def partition(groups: Sequence[FilterGroup], workers: int, seed: int, round: int) -> dict[str, list[Tensor]]:
+    """Group name -> list of `workers` sorted int64 index tensors (CPU), disjoint and covering range(n)."""
+    workers = C.positive_int(workers, "workers")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    round = C.positive_int(round, "round", minimum=0)
+    groups = check_groups(groups, workers)
+    out = {}
+    for g in groups:
+        gen = torch.Generator().manual_seed(_group_seed(seed, round, g.name))
+        perm = torch.randperm(g.n, generator=gen)
+        out[g.name] = [perm[s::workers].sort().values for s in range(workers)]
+    return out

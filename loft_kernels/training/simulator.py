@@ -1,0 +1,162 @@
+"""LoftSimulator: S LoFT workers in one process, for one device.
+
+Each worker is a deep copy of the model with its own `LoftOptimizer` (same
+partition rule, same compact-view stepping as a distributed rank r), so
+simulated worker r owns exactly the filters of distributed rank r. The workers
+run one after another. Batching them through `grouped_partial_conv2d` was
+measured first (bench/measure_training.py, "layer"): on the 2-core CPU the
+grouped op's forward + backward for 4 workers took 0.84-1.08x the time of a loop
+of 4 `partial_conv2d` per PreActResNet-18 layer shape (noisy medians), i.e. no
+clear gain on the convolutions, while a batched step would also need every
+worker's own copy of the shared layers in the same launch; so the loop stays.
+A sync packs
+every worker's buffers as a rank would, combines them in process (sum / S,
+max, stack) and writes the result back into every worker; `comm_stats()`
+reports what one rank of the distributed run would have sent.
+
+Memory: S + 1 copies of the model (the workers and `model`, the last synced
+full model), gradients for one worker at a time.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import _checks as C
+from .comm import STATES
+from .groups import FilterGroup
+from .layers import activate
+from .optimizer import LoftOptimizer
+from .partition import check_groups
+from .sync import LocalGroup, simulate_exchange
+
+
+class LoftSimulator:
+    """S LoFT workers simulated in one process.
+
+    Args:
+        model: the converted model (`lk.convert`); it becomes `sim.model`, the full
+            model as of the last sync (dense: no active filter set).
+        groups: the filter groups to partition; each needs n >= workers.
+        optimizer_factory: called with a worker model's parameter list, returns an
+            elementwise torch optimizer, e.g. `functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)`.
+        workers, sync_every, seed, state: as for `LoftOptimizer`.
+
+    `step(batches, loss_fn)` runs one local step on every worker (worker s on
+    batches[s]) and syncs after every `sync_every`-th step; the workers follow
+    `model.training` (call `sim.model.train()` / `.eval()`).
+    """
+
+    def __init__(self, model: nn.Module, groups: Sequence[FilterGroup], optimizer_factory: Callable,
+                 workers: int = 4, sync_every: int = 15, seed: int = 0, state: str = "reset"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(optimizer_factory):
+            raise TypeError(f"optimizer_factory must be callable (params -> torch.optim.Optimizer), "
+                            f"got {type(optimizer_factory).__name__}")
+        workers = C.positive_int(workers, "workers")
+        C.positive_int(sync_every, "sync_every")
+        if not isinstance(state, str) or state not in STATES:
+            raise ValueError(f"state must be one of {STATES}, got {state!r}")
+        groups = check_groups(groups, workers)
+        activate(model, groups, None)
+        self.model = model
+        self.worker_models: list[nn.Module] = []
+        self.optimizers: list[LoftOptimizer] = []
+        for s in range(workers):
+            m = copy.deepcopy(model)
+            base = optimizer_factory(list(m.parameters()))
+            if not isinstance(base, torch.optim.Optimizer):
+                raise TypeError(f"optimizer_factory must return a torch.optim.Optimizer, got {type(base).__name__}")
+            opt = LoftOptimizer(base, m, groups, sync_every, seed, state, process_group=LocalGroup(s, workers))
+            opt._auto_sync = False
+            self.worker_models.append(m)
+            self.optimizers.append(opt)
+
+    @property
+    def workers(self) -> int:
+        return len(self.optimizers)
+
+    @property
+    def round(self) -> int:
+        return self.optimizers[0].round
+
+    @property
+    def step_in_round(self) -> int:
+        return self.optimizers[0].step_in_round
+
+    def partition(self, round: int) -> dict[str, list[Tensor]]:
+        """Who owns which filters in `round` (equal to every distributed rank's `LoftOptimizer.partition`)."""
+        return self.optimizers[0].partition(round)
+
+    def step(self, batches: Sequence, loss_fn: Callable) -> list[float]:
+        """One step of every worker: worker s trains on batches[s] = (inputs, targets); returns the S losses."""
+        if isinstance(batches, (Tensor, str)) or not isinstance(batches, (list, tuple)):
+            raise TypeError(f"batches must be a list of {self.workers} (inputs, targets) tuples, "
+                            f"got {type(batches).__name__}")
+        if len(batches) != self.workers:
+            raise ValueError(f"batches must hold one (inputs, targets) per worker ({self.workers}), "
+                             f"got {len(batches)}")
+        for s, b in enumerate(batches):
+            if not isinstance(b, (list, tuple)) or len(b) != 2:
+                raise TypeError(f"batches[{s}] must be an (inputs, targets) tuple, got {type(b).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (outputs, targets) -> loss, got {type(loss_fn).__name__}")
+        losses = []
+        for s, (inputs, targets) in enumerate(batches):
+            m, opt = self.worker_models[s], self.optimizers[s]
+            m.train(self.model.training)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(m(inputs), targets)
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError(f"loss_fn must return a scalar tensor, got "
+                                 f"{type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}")
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)  # only one worker's gradients alive at a time
+            losses.append(float(loss.detach()))
+        if self.step_in_round >= self.optimizers[0].sync_every:
+            self._sync()
+        return losses
+
+    def finalize(self) -> None:
+        """Sync now if the round has unsynced steps; `model` is then the full LoFT model."""
+        if self.step_in_round > 0:
+            self._sync()
+
+    def comm_stats(self) -> dict:
+        """What one rank of the equivalent distributed run sends and receives (see LoftOptimizer.comm_stats)."""
+        return self.optimizers[0].comm_stats()
+
+    def state_dict(self) -> dict:
+        """The synced model, every worker's model and optimizer (mid-round they differ)."""
+        return {"model": self.model.state_dict(),
+                "worker_models": [m.state_dict() for m in self.worker_models],
+                "optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or not {"model", "worker_models", "optimizers"} <= set(state_dict):
+            raise ValueError("state_dict must be a dict from LoftSimulator.state_dict() with keys "
+                             "'model', 'worker_models', 'optimizers'")
+        if len(state_dict["optimizers"]) != self.workers or len(state_dict["worker_models"]) != self.workers:
+            raise ValueError(f"state_dict holds {len(state_dict['optimizers'])} workers, this simulator has "
+                             f"{self.workers}")
+        self.model.load_state_dict(state_dict["model"])
+        for m, opt, msd, osd in zip(self.worker_models, self.optimizers, state_dict["worker_models"],
+                                    state_dict["optimizers"]):
+            m.load_state_dict(msd)
+            opt.load_state_dict(osd)
+
+    def _sync(self) -> None:
+        if self.workers == 1:  # nothing to exchange: the one worker is the model
+            self.optimizers[0]._sync()
+            self.model.load_state_dict(self.worker_models[0].state_dict())
+            return
+        payloads = [opt._pack() for opt in self.optimizers]
+        result = simulate_exchange(payloads)
+        for opt, payload in zip(self.optimizers, payloads):
+            opt._finish_sync(payload, result)
+        self.model.load_state_dict(self.worker_models[0].state_dict())

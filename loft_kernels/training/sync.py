@@ -1,0 +1,284 @@
+"""The LoFT sync: which tensors are shared or partitioned, how they are bucketed and exchanged.
+
+`SyncPlan` sorts a model's state once:
+- shared: trainable parameters outside every filter group, and floating buffers
+  outside them (e.g. block-input BatchNorm statistics) -> mean over workers
+  (one all_reduce per dtype);
+- counters: integer buffers (`num_batches_tracked`) -> max (one all_reduce);
+- slots: tensors holding filters (conv_a rows and bias, the norms' channels and
+  running statistics, conv_b input columns) -> each worker contributes the
+  rows it owns (one all_gather per dtype of `lk.pack_rows` buffers, padded to
+  the largest rank's size, written back with `lk.unpack_rows`).
+A conv that is conv_b of one group and conv_a of the next (a VGG chain) is
+one slot with both a row group and a column group: a worker trains only the
+block (its rows) x (its columns), so only that block is sent.
+
+Frozen parameters (requires_grad=False) never change and are not sent.
+The same plan sizes the buffers that the optimizer sends and the bytes that
+`loft_sync_bytes` reports, so the accounting and the traffic agree.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..ops import pack_rows, unpack_rows
+from .groups import FilterGroup
+from .partition import owned_count
+
+KINDS = ("all_reduce", "all_gather")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A parameter or buffer holding filters: rows of `row_group` (dim 0) and/or columns of `col_group` (dim 1)."""
+    name: str
+    is_param: bool
+    row_group: Optional[str]
+    col_group: Optional[str]
+
+    def index(self, owned: dict) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(rows, cols) of this slot for a worker owning `owned` (group name -> index tensor)."""
+        return (None if self.row_group is None else owned[self.row_group],
+                None if self.col_group is None else owned[self.col_group])
+
+
+def gather(t: Tensor, rows: Optional[Tensor], cols: Optional[Tensor]) -> Tensor:
+    """t[rows][:, cols] (None = all) as a new contiguous tensor."""
+    if rows is not None:
+        t = t.index_select(0, rows)
+    if cols is not None:
+        t = t.index_select(1, cols)
+    return t
+
+
+def scatter_(t: Tensor, rows: Optional[Tensor], cols: Optional[Tensor], value: Tensor) -> None:
+    """t[rows][:, cols] = value in place (inverse of `gather`)."""
+    with torch.no_grad():
+        if cols is None:
+            t.index_copy_(0, rows, value)
+        elif rows is None:
+            t.index_copy_(1, cols, value)
+        else:
+            t.index_put_((rows[:, None], cols[None, :]), value)
+
+
+def owned_numel(shape: Sequence[int], slot: Slot, sizes: dict, workers: int, rank: int) -> int:
+    """Number of elements of a slot-shaped tensor that `rank` owns (its block)."""
+    numel = 1
+    for d, s in enumerate(shape):
+        group = slot.row_group if d == 0 else slot.col_group if d == 1 else None
+        numel *= s if group is None else owned_count(sizes[group], workers, rank)
+    return numel
+
+
+class SyncPlan:
+    """The classification of one model's tensors for the sync (see module docstring); names only."""
+
+    def __init__(self, model: nn.Module, groups: Sequence[FilterGroup], workers: int):
+        self.workers = workers
+        self.sizes = {g.name: g.n for g in groups}
+        params = dict(model.named_parameters())
+        buffers = dict(model.named_buffers())
+        rows: dict[str, str] = {}
+        cols: dict[str, str] = {}
+        for g in groups:
+            for name, _, dim in g.filter_tensors(model):
+                target = rows if dim == 0 else cols
+                if name in target:
+                    raise ValueError(f"groups: {name!r} belongs to groups {target[name]!r} and {g.name!r} along the "
+                                     f"same dimension; filter groups must be disjoint")
+                target[name] = g.name
+        slots = []
+        for name, t in list(params.items()) + list(buffers.items()):
+            if name not in rows and name not in cols:
+                continue
+            is_param = name in params
+            if is_param and not t.requires_grad:
+                continue
+            slots.append(Slot(name, is_param, rows.get(name), cols.get(name)))
+        self.slots: list[Slot] = slots
+        partitioned = set(rows) | set(cols)
+        self.shared_params = [n for n, p in params.items() if p.requires_grad and n not in partitioned]
+        self.shared_buffers = [n for n, b in buffers.items() if b.is_floating_point() and n not in partitioned]
+        self.counters = [n for n, b in buffers.items()
+                         if not b.is_floating_point() and not b.is_complex() and b.dtype != torch.bool]
+        self.slot_params = [s for s in slots if s.is_param]
+
+    def tensors(self, model: nn.Module) -> dict[str, Tensor]:
+        """Name -> current parameter/buffer tensor of `model` (a model of the same architecture)."""
+        out = dict(model.named_parameters())
+        out.update(model.named_buffers())
+        return out
+
+    def bucket_numels(self, model: nn.Module, state_keys: dict) -> dict[tuple[str, torch.dtype], int]:
+        """Elements per (bucket, dtype) for one sync: 'mean' and 'max' all_reduce, 'gather' per-rank padded size.
+
+        state_keys: parameter name -> list of (key, dtype) of the parameter-shaped optimizer
+        state tensors sent with it (state="keep"; empty for "reset").
+        """
+        t = self.tensors(model)
+        out: dict[tuple[str, torch.dtype], int] = OrderedDict()
+
+        def add(key, n):
+            out[key] = out.get(key, 0) + n
+        for n in self.shared_params:
+            add(("mean", t[n].dtype), t[n].numel())
+            for _, dt in state_keys.get(n, ()):
+                add(("mean", dt), t[n].numel())
+        for n in self.shared_buffers:
+            add(("mean", t[n].dtype), t[n].numel())
+        for n in self.counters:
+            add(("max", t[n].dtype), t[n].numel())
+        per_rank: dict[torch.dtype, list[int]] = OrderedDict()
+        for s in self.slots:
+            entries = [t[s.name].dtype] + [dt for _, dt in state_keys.get(s.name, ())]
+            for dt in entries:
+                sizes = per_rank.setdefault(dt, [0] * self.workers)
+                for r in range(self.workers):
+                    sizes[r] += owned_numel(t[s.name].shape, s, self.sizes, self.workers, r)
+        for dt, sizes in per_rank.items():
+            out[("gather", dt)] = max(sizes)
+        return out
+
+
+# ------------------------------------------------------------ buffers ----
+def flatten(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def unflatten_(flat: Tensor, tensors: Sequence[Tensor]) -> None:
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+@dataclass
+class PackEntry:
+    """One tensor's owned block in a gather buffer: `tensor` (full size) with the slot's rows/cols."""
+    tensor: Tensor
+    slot: Slot
+
+
+def pack_owned(entries: Sequence[PackEntry], owned: dict, compact: Sequence[Tensor] = ()) -> Tensor:
+    """One flat buffer: each entry's block for `owned`, then the `compact` tensors (already in block layout)."""
+    tensors, indices, dims = [], [], []
+    for e in entries:
+        rows, cols = e.slot.index(owned)
+        if rows is not None and cols is not None:
+            tensors.append(e.tensor.index_select(1, cols))  # block: pack its rows
+            indices.append(rows)
+            dims.append(0)
+        else:
+            tensors.append(e.tensor)
+            indices.append(rows if rows is not None else cols)
+            dims.append(0 if rows is not None else 1)
+    for c in compact:
+        tensors.append(c)
+        indices.append(torch.arange(c.shape[0], device=c.device))
+        dims.append(0)
+    return pack_rows(tensors, indices, dims)
+
+
+def unpack_owned(flat: Tensor, entries: Sequence[PackEntry], owned: dict) -> None:
+    """Write a `pack_owned` buffer (without compact tail: its entries are given full-size here) back."""
+    tensors, indices, dims, blocks = [], [], [], []
+    for e in entries:
+        rows, cols = e.slot.index(owned)
+        if rows is not None and cols is not None:
+            tmp = e.tensor.index_select(1, cols)
+            blocks.append((e.tensor, cols, tmp))
+            tensors.append(tmp)
+            indices.append(rows)
+            dims.append(0)
+        else:
+            tensors.append(e.tensor)
+            indices.append(rows if rows is not None else cols)
+            dims.append(0 if rows is not None else 1)
+    unpack_rows(flat, tensors, indices, dims)
+    with torch.no_grad():
+        for t, cols, tmp in blocks:
+            t.index_copy_(1, cols, tmp)
+
+
+@dataclass
+class Payload:
+    """What one rank contributes to a sync, one flat buffer per (bucket, dtype)."""
+    mean: dict = field(default_factory=OrderedDict)    # dtype -> buffer, summed then divided by S
+    max: dict = field(default_factory=OrderedDict)     # dtype -> buffer, elementwise max
+    gather: dict = field(default_factory=OrderedDict)  # dtype -> padded buffer; result [S, P]
+
+    def collectives(self, workers: int) -> list[tuple[str, int]]:
+        """(kind, buffer bytes) of each collective this payload needs; all_gather bytes = the gathered total."""
+        out = [("all_reduce", b.numel() * b.element_size()) for b in (*self.mean.values(), *self.max.values())]
+        out += [("all_gather", workers * b.numel() * b.element_size()) for b in self.gather.values()]
+        return out
+
+
+# --------------------------------------------------------- communicators ----
+class LocalGroup:
+    """Worker `rank` of `size` simulated in one process; `LoftSimulator` performs its exchanges."""
+
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size = rank, size
+
+
+def simulate_exchange(payloads: Sequence[Payload]) -> Payload:
+    """What every rank receives when all S payloads are exchanged (same result for every rank)."""
+    s = len(payloads)
+    out = Payload()
+    for dt in payloads[0].mean:
+        total = payloads[0].mean[dt].clone()
+        for p in payloads[1:]:
+            total += p.mean[dt]
+        out.mean[dt] = total.div_(s)
+    for dt in payloads[0].max:
+        out.max[dt] = torch.stack([p.max[dt] for p in payloads]).amax(0)
+    for dt in payloads[0].gather:
+        out.gather[dt] = torch.stack([p.gather[dt] for p in payloads])
+    return out
+
+
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def distributed_exchange(payload: Payload, group, rank: int, size: int, what: str,
+                         buffers: Optional[dict] = None) -> Payload:
+    """Run the payload's collectives on a torch.distributed group (all launched, then awaited).
+
+    `buffers` (dtype -> tensor) keeps the all_gather outputs between syncs, so each
+    sync does not page in a fresh model-sized buffer. A peer that died or stalled
+    makes the backend raise (gloo: connection closed, or the process group's
+    timeout); that becomes a RuntimeError saying so.
+    """
+    buffers = {} if buffers is None else buffers
+    works, out = [], Payload()
+    try:
+        for dt, buf in payload.mean.items():
+            works.append(dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group, async_op=True))
+            out.mean[dt] = buf
+        for dt, buf in payload.max.items():
+            works.append(dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group, async_op=True))
+            out.max[dt] = buf
+        for dt, buf in payload.gather.items():
+            flat = buffers.get(dt)
+            if flat is None or flat.numel() != size * buf.numel() or flat.device != buf.device:
+                flat = buffers[dt] = buf.new_empty(size * buf.numel())  # gloo takes the concatenated form only
+            works.append(_all_gather_single(flat, buf, group=group, async_op=True))
+            out.gather[dt] = flat.view(size, buf.numel())
+        for w in works:
+            w.wait()
+    except RuntimeError as exc:  # DistBackendError/DistNetworkError are RuntimeErrors
+        raise RuntimeError(f"LoFT sync failed on rank {rank} of {size} during {what}: a peer process died, "
+                           f"was killed or stalled past the process group's timeout ({exc})") from exc
+    for buf in out.mean.values():
+        buf.div_(size)
+    return out
+

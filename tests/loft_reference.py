@@ -1,0 +1,316 @@
+"""Test helpers: a plainly written LoFT reference, shared fixtures, and the distributed worker entry point.
+
+The reference implements DESIGN.md section 1 the obvious way and shares no
+code with loft_kernels.training beyond the partition rule: every round each
+worker gets a deep copy of the full model *physically sliced* to its filters
+(smaller nn.Conv2d / nn.BatchNorm2d modules), its own optimizer, and trains K
+steps; the sync averages shared tensors (max for integer buffers) and writes
+each worker's slices back by index.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import loft_kernels as lk
+from loft_kernels.training.partition import partition
+
+
+# ------------------------------------------------------------ fixtures ----
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and a shared 2-core machine is not oversubscribed."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_preact(seed: int = 0):
+    """PreActResNet with one block per stage; width 0.1 gives groups of 6, 13, 26, 51 filters (uneven splits)."""
+    torch.manual_seed(seed)
+    model = lk.preact_resnet((1, 1, 1, 1), num_classes=5, width=0.1)
+    return lk.convert(model, torch.randn(2, 3, 8, 8))
+
+
+def tiny_vgg(seed: int = 0):
+    """VGG-BN whose middle conv is conv_b of one group and conv_a of the next (a chain); groups of 6 and 13."""
+    torch.manual_seed(seed)
+    model = lk.vgg(width=0.1, num_classes=5)
+    return lk.convert(model, torch.randn(2, 3, 8, 8))
+
+
+MODELS = {"preact": tiny_preact, "vgg": tiny_vgg}
+OPTIMIZERS = {
+    "sgd": functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4),
+    "adam": functools.partial(torch.optim.Adam, lr=1e-2),
+}
+
+
+def batch(worker: int, step: int, seed: int = 0, n: int = 4):
+    """The (inputs, targets) of `worker` at global step `step`: reproducible in any process."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + worker * 10_007 + step)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+loss_fn = F.cross_entropy
+
+
+# ----------------------------------------------------------- reference ----
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def _indices(groups, owned):
+    """module name -> index sets: conv out rows, conv in columns, norm channels."""
+    rows, cols, chans = {}, {}, {}
+    for g in groups:
+        rows[g.conv_a] = owned[g.name]
+        cols[g.conv_b] = owned[g.name]
+        for nm in g.norms:
+            chans[nm] = owned[g.name]
+    return rows, cols, chans
+
+
+def tensor_index(name: str, groups, owned):
+    """(rows, cols) of a full-model tensor that is sliced for a worker, or None if it is shared."""
+    rows, cols, chans = _indices(groups, owned)
+    module, _, attr = name.rpartition(".")
+    if module in chans and attr in ("weight", "bias", "running_mean", "running_var"):
+        return chans[module], None
+    if module in rows or module in cols:
+        if attr == "weight":
+            return rows.get(module), cols.get(module)
+        if attr == "bias" and module in rows:
+            return rows[module], None
+    return None
+
+
+def _take(t, rows, cols):
+    if rows is not None:
+        t = t[rows]
+    if cols is not None:
+        t = t[:, cols]
+    return t.clone()
+
+
+def _put(t, rows, cols, value):
+    r = rows if rows is not None else torch.arange(t.shape[0])
+    if cols is None:
+        t[r] = value
+    else:
+        t[r[:, None], cols[None, :]] = value
+
+
+def sub_model(full: nn.Module, groups, owned) -> nn.Module:
+    """A deep copy of `full` with every group physically sliced to the worker's `owned` filters."""
+    sub = copy.deepcopy(full)
+    rows, cols, chans = _indices(groups, owned)
+    for name in set(rows) | set(cols):
+        old = sub.get_submodule(name)
+        r = rows.get(name, torch.arange(old.out_channels))
+        c = cols.get(name, torch.arange(old.in_channels))
+        new = nn.Conv2d(len(c), len(r), old.kernel_size, old.stride, old.padding, old.dilation,
+                        bias=old.bias is not None, padding_mode=old.padding_mode)
+        with torch.no_grad():
+            new.weight.copy_(old.weight[r][:, c])
+            if old.bias is not None:
+                new.bias.copy_(old.bias[r])
+        _set_module(sub, name, new)
+    for name, idx in chans.items():
+        old = sub.get_submodule(name)
+        new = nn.BatchNorm2d(len(idx), old.eps, old.momentum, old.affine, old.track_running_stats)
+        with torch.no_grad():
+            for attr in ("weight", "bias", "running_mean", "running_var"):
+                if getattr(old, attr) is not None:
+                    getattr(new, attr).copy_(getattr(old, attr)[idx])
+            if old.num_batches_tracked is not None:
+                new.num_batches_tracked.copy_(old.num_batches_tracked)
+        _set_module(sub, name, new)
+    return sub
+
+
+def run_reference(model, groups, factory, workers, sync_every, seed, state, steps, data_seed=0):
+    """Train `steps` steps of LoFT; returns the full model's state_dict after every sync (the last: finalize)."""
+    full = copy.deepcopy(model)
+    lk.activate(full, groups, None)
+    full.train()
+    full_state, scalars = {}, {}  # state="keep": param name -> {key: full-size tensor} / {key: scalar state}
+    snapshots, t, rnd = [], 0, 0
+    while t < steps:
+        k = min(sync_every, steps - t)
+        parts = partition(groups, workers, seed, rnd)
+        owned = [{g: parts[g][s] for g in parts} for s in range(workers)]
+        subs, opts = [], []
+        for s in range(workers):
+            sub = sub_model(full, groups, owned[s])
+            opt = factory(list(sub.parameters()))
+            if state == "keep":
+                for name, p in sub.named_parameters():
+                    st = {key: (v.clone() if torch.is_tensor(v) else v) for key, v in scalars.get(name, {}).items()}
+                    idx = tensor_index(name, groups, owned[s])
+                    for key, v in full_state.get(name, {}).items():
+                        st[key] = v.clone() if idx is None else _take(v, *idx)
+                    if st:
+                        opt.state[p] = st
+            subs.append(sub)
+            opts.append(opt)
+        for i in range(k):
+            for s in range(workers):
+                x, y = batch(s, t + i, data_seed)
+                opts[s].zero_grad()
+                loss_fn(subs[s](x), y).backward()
+                opts[s].step()
+        # sync: shared -> mean (integers: max); sliced -> from each owner
+        sub_tensors = [dict(list(sub.named_parameters()) + list(sub.named_buffers())) for sub in subs]
+        with torch.no_grad():
+            for name, value in list(full.named_parameters()) + list(full.named_buffers()):
+                idx0 = tensor_index(name, groups, owned[0])
+                if idx0 is not None:
+                    for s in range(workers):
+                        _put(value, *tensor_index(name, groups, owned[s]), sub_tensors[s][name])
+                elif value.is_floating_point():
+                    value.copy_(torch.stack([st[name] for st in sub_tensors]).mean(0))
+                else:
+                    value.copy_(torch.stack([st[name] for st in sub_tensors]).amax(0))
+            if state == "keep":
+                sub_params = [dict(sub.named_parameters()) for sub in subs]
+                for name, p in full.named_parameters():
+                    states = [opts[s].state.get(sub_params[s][name], {}) for s in range(workers)]
+                    keys = [k_ for k_, v in states[0].items()
+                            if torch.is_tensor(v) and v.is_floating_point() and v.shape == sub_params[0][name].shape]
+                    scalars[name] = {k_: v for k_, v in states[0].items() if k_ not in keys}
+                    idx0 = tensor_index(name, groups, owned[0])
+                    for key in keys:
+                        if idx0 is None:
+                            full_state.setdefault(name, {})[key] = torch.stack([st[key] for st in states]).mean(0)
+                        else:
+                            target = full_state.setdefault(name, {}).setdefault(key, torch.zeros_like(p))
+                            for s in range(workers):
+                                _put(target, *tensor_index(name, groups, owned[s]), states[s][key])
+        snapshots.append({n: v.clone() for n, v in full.state_dict().items()})
+        t += k
+        rnd += 1
+    return snapshots
+
+
+def run_simulator(model, groups, factory, workers, sync_every, seed, state, steps, data_seed=0):
+    """The same run through lk.LoftSimulator; returns (snapshots after every sync, simulator)."""
+    sim = lk.LoftSimulator(copy.deepcopy(model), groups, factory, workers, sync_every, seed, state)
+    sim.model.train()
+    snapshots = []
+    for t in range(steps):
+        before = sim.round
+        sim.step([batch(s, t, data_seed) for s in range(workers)], loss_fn)
+        if sim.round != before:
+            snapshots.append({n: v.clone() for n, v in sim.model.state_dict().items()})
+    if sim.step_in_round:
+        sim.finalize()
+        snapshots.append({n: v.clone() for n, v in sim.model.state_dict().items()})
+    return snapshots, sim
+
+
+def max_diff(a: dict, b: dict) -> tuple[float, str]:
+    """Largest abs difference over the state_dict entries (and where), keys must match."""
+    assert a.keys() == b.keys()
+    worst, where = 0.0, ""
+    for k in a:
+        d = (a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0
+        if d > worst:
+            worst, where = d, k
+    return worst, where
+
+
+# ------------------------------------------------------ kill and resume ----
+def train_with_checkpoints(config: dict, ckpt: str, crash_at=None) -> lk.LoftSimulator:
+    """Simulated LoFT run that checkpoints (atomically) before every step and resumes from `ckpt` if present.
+
+    crash_at: at that step the process dies (os._exit) halfway through the step, after the
+    forward/backward of one worker, as a killed job would.
+    """
+    model, groups = MODELS[config["model"]]()
+    sim = lk.LoftSimulator(model, groups, OPTIMIZERS[config["optimizer"]], config["workers"],
+                           config["sync_every"], config["seed"], config["state"])
+    sim.model.train()
+    start = 0
+    if os.path.exists(ckpt):
+        saved = lk.load_checkpoint(ckpt)  # weights_only=True
+        sim.load_state_dict(saved["sim"])
+        start = saved["step"]
+    for t in range(start, config["steps"]):
+        lk.atomic_save({"sim": sim.state_dict(), "step": t}, ckpt)
+        batches = [batch(s, t) for s in range(config["workers"])]
+        if t == crash_at:
+            loss_fn(sim.worker_models[0](batches[0][0]), batches[0][1]).backward()
+            os._exit(1)
+        sim.step(batches, loss_fn)
+    sim.finalize()
+    return sim
+
+
+# ------------------------------------------------- distributed worker ----
+def dist_worker(rank: int, world: int, init_file: str, out_file: str, config: dict) -> None:
+    """One gloo rank of LoftOptimizer training (run in a subprocess); saves its per-sync snapshots to out_file.
+
+    config: model, optimizer, sync_every, seed, state, steps; optional: die_at / stall_at (the step at
+    which rank `die_rank` calls os._exit / goes silent, to test the others' error) and timeout (seconds).
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=config.get("timeout", 30)))
+    model, groups = MODELS[config["model"]]()
+    model.train()
+    opt = lk.LoftOptimizer(OPTIMIZERS[config["optimizer"]](model.parameters()), model, groups,
+                           sync_every=config["sync_every"], seed=config["seed"], state=config["state"])
+    result = {"rank": rank, "snapshots": [], "owned": [], "error": None, "elapsed": None}
+    result["owned"].append({k: v.clone() for k, v in opt.owned().items()})
+    start = time.monotonic()
+    try:
+        for t in range(config["steps"]):
+            if config.get("die_at") == t and rank == config.get("die_rank", world - 1):
+                os._exit(3)  # a crash: no cleanup, no goodbye to the peers
+            if config.get("stall_at") == t and rank == config.get("die_rank", world - 1):
+                time.sleep(600)  # alive but silent: the others must time out (the test kills this one)
+            x, y = batch(rank, t)
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            before = opt.round
+            start = time.monotonic()
+            opt.step()
+            if opt.round != before:
+                result["snapshots"].append({n: v.clone() for n, v in model.state_dict().items()})
+                result["owned"].append({k: v.clone() for k, v in opt.owned().items()})
+        if opt.step_in_round:
+            start = time.monotonic()
+            opt.finalize()
+            result["snapshots"].append({n: v.clone() for n, v in model.state_dict().items()})
+        result["comm"] = opt.comm_stats()
+    except RuntimeError as exc:
+        result["error"] = str(exc)
+        result["elapsed"] = time.monotonic() - start
+        lk.atomic_save(result, out_file)
+        os._exit(0)  # the group is broken: skip destroy_process_group
+    lk.atomic_save(result, out_file)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import ast
+    if sys.argv[1] == "crash":  # python loft_reference.py crash CKPT STEP 'CONFIG_DICT'
+        torch.set_num_threads(1)
+        train_with_checkpoints(ast.literal_eval(sys.argv[4]), sys.argv[2], crash_at=int(sys.argv[3]))
+    else:  # python loft_reference.py RANK WORLD INIT_FILE OUT_FILE 'CONFIG_DICT'
+        dist_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], ast.literal_eval(sys.argv[5]))

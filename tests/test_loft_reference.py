@@ -1,0 +1,65 @@
+"""LoftSimulator against the plainly written reference (tests/loft_reference.py): same full model after every sync.
+
+The reference slices physical sub-models and keeps one optimizer per worker;
+the simulator runs LoftOptimizer's compact views on Loft layers. Same partition,
+same data, same arithmetic per filter, so they agree to float rounding (in
+practice bit for bit in one process).
+"""
+import pytest
+import torch
+
+import loft_kernels as lk
+from loft_reference import (MODELS, OPTIMIZERS, batch, loss_fn, max_diff, one_thread,  # noqa: F401 (fixture)
+                            run_reference, run_simulator)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CASES = [  # model, optimizer, workers, state: uneven splits (groups of 6, 13, 26, 51), a VGG chain, both states
+    ("preact", "sgd", 4, "reset"),
+    ("preact", "adam", 2, "keep"),
+    ("vgg", "sgd", 3, "keep"),
+    ("vgg", "sgd", 4, "reset"),
+]
+
+
+@pytest.mark.parametrize("model_name,opt_name,workers,state", CASES)
+def test_simulator_matches_reference(model_name, opt_name, workers, state):
+    model, groups = MODELS[model_name]()
+    steps, k, seed = 8, 3, 7  # rounds of 3, 3 and a partial 2 closed by finalize()
+    ref = run_reference(model, groups, OPTIMIZERS[opt_name], workers, k, seed, state, steps)
+    sim_snaps, sim = run_simulator(model, groups, OPTIMIZERS[opt_name], workers, k, seed, state, steps)
+    assert len(ref) == len(sim_snaps) == 3
+    for i, (a, b) in enumerate(zip(ref, sim_snaps)):
+        diff, where = max_diff(a, b)
+        assert diff <= 1e-5, f"sync {i}: {where} differs by {diff}"
+    # the training moved the model: the comparison is not between two untouched copies
+    assert max_diff(ref[-1], model.state_dict())[0] > 1e-3
+    # after the final sync every worker holds the full synced model (non-owned rows included)
+    for m in sim.worker_models:
+        assert max_diff(m.state_dict(), sim.model.state_dict())[0] == 0.0
+    # simulated worker r owns partition[...][r] of the current round
+    parts = sim.partition(sim.round)
+    for r, opt in enumerate(sim.optimizers):
+        assert opt.rank == r and opt.workers == workers
+        for name, idx in opt.owned().items():
+            assert torch.equal(idx, parts[name][r])
+
+
+def test_simulator_model_is_dense_and_evaluates_as_full_model():
+    model, groups = MODELS["preact"]()
+    sim = lk.LoftSimulator(model, groups, OPTIMIZERS["sgd"], workers=2, sync_every=2)
+    assert sim.model is model
+    for t in range(2):
+        sim.step([batch(s, t) for s in range(2)], loss_fn)
+    conv = sim.model.get_submodule(groups[0].conv_a)
+    assert conv.active_out is None and conv.active_in is None
+    sim.model.eval()
+    x = batch(0, 99)[0]
+    with torch.no_grad():
+        out = sim.model(x)
+    assert out.shape == (4, 5)
+    # a worker model evaluated dense equals the synced model right after the sync
+    w = sim.worker_models[1]
+    w.eval()
+    with torch.no_grad(), lk.dense(w):
+        assert torch.equal(w(x), out)
