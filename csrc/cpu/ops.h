@@ -2,7 +2,9 @@
 // Each function's arguments and results match loft_kernels/backends/reference.py.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+
+#include "loft_kernels/pack.h"
 
 #include <optional>
 #include <tuple>
@@ -47,18 +49,12 @@ struct PackPlan {
   std::vector<int64_t> starts;  // segment start of each tensor in the flat buffer
   std::vector<at::Tensor> data;  // tensors the kernel reads/writes (a contiguous copy where needed)
   std::vector<at::Tensor> index;  // int64 contiguous row indices
-  std::vector<int64_t> view;  // 6 int64 per tensor: outer, k, inner, so, sd, si (layout of PackView)
-  int64_t total = 0;
+  std::vector<PackView> views;  // each tensor as [outer, size_d, inner] with strides
+  int64_t total = 0;             // elements in the flat buffer
 };
-// for_write: a tensor that cannot be viewed as [outer, size_d, inner] gets a
-// contiguous copy in `data`; the caller copies it back after the kernel.
+// A tensor whose layout cannot be viewed as [outer, size_d, inner] gets a
+// contiguous copy in `data` (an unpack copies it back after the kernel).
 PackPlan make_pack_plan(const std::vector<at::Tensor>& tensors, const std::vector<at::Tensor>& indices,
                         const std::vector<int64_t>& dims);
-
-#ifdef LK_WITH_CUDA
-namespace cuda {
-void bind(pybind11::module& m);
-}
-#endif
 
 }  // namespace loft_kernels

@@ -11,8 +11,10 @@ namespace loft_kernels {
 namespace cpu {
 
 // Split [0, n) into one contiguous chunk per thread and call f(begin, end) on each.
-// Uses torch's thread count (torch.set_num_threads) and runs serially for small n
-// or when already inside a parallel region. f must not throw.
+// Uses torch's thread count (torch.set_num_threads) and at most one thread per
+// `grain` items: a parallel region costs microseconds (far more on a loaded
+// machine), so small inputs run serially, as they do inside a parallel region.
+// f must not throw.
 template <typename F>
 inline void parallel_chunks(int64_t n, int64_t grain, const F& f) {
   if (n <= 0) return;
@@ -31,11 +33,12 @@ inline void parallel_chunks(int64_t n, int64_t grain, const F& f) {
 }
 
 // Call f(i) for every i in [0, n), dynamically scheduled: for tasks of uneven size.
+// `work` estimates the total elements touched; below `grain` it runs serially.
 template <typename F>
-inline void parallel_tasks(int64_t n, const F& f) {
+inline void parallel_tasks(int64_t n, int64_t work, int64_t grain, const F& f) {
   if (n <= 0) return;
   const int want = static_cast<int>(std::min<int64_t>(at::get_num_threads(), n));
-  if (want <= 1 || omp_in_parallel()) {
+  if (want <= 1 || work < grain || omp_in_parallel()) {
     for (int64_t i = 0; i < n; ++i) f(i);
     return;
   }

@@ -3,7 +3,17 @@
 // The arithmetic goes through ATen (oneDNN on CPU); what this file adds is the
 // one-pass gather of the weight slice weight[out_index][:, in_index] and the
 // one-pass scatter of its gradient into the full-size weight gradient.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/flatten.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/unflatten.h>
+#include <ATen/ops/zeros.h>
+
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include "ops.h"
@@ -13,7 +23,10 @@ namespace loft_kernels {
 namespace cpu {
 namespace {
 
-constexpr int64_t kGrainBlocks = 256;  // kernel-sized blocks per thread before going parallel
+constexpr int64_t kGrainElems = 1 << 16;  // elements per thread before going parallel
+
+// Grain in kernel-sized blocks of k elements.
+inline int64_t grain_blocks(int64_t k) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(k, 1)); }
 
 struct Selection {
   const int64_t* rows;  // nullptr: all rows
@@ -28,18 +41,23 @@ Selection selection(const at::Tensor& weight, const OptTensor& out_index, const 
           out_index ? out_index->numel() : weight.size(0), in_index ? in_index->numel() : weight.size(1)};
 }
 
-void check_index(const OptTensor& index, const char* name) {
-  if (index) {
-    TORCH_CHECK(index->scalar_type() == at::kLong && index->dim() == 1 && index->is_contiguous(), name,
-                " must be a contiguous 1-D int64 tensor");
+// The ops layer validates indices, but not inside torch.compile graphs: the
+// kernels index raw memory with them, so the range is checked here too (k values).
+void check_index(const OptTensor& index, const char* name, int64_t size) {
+  if (!index) return;
+  TORCH_CHECK(index->scalar_type() == at::kLong && index->dim() == 1 && index->is_contiguous(), name,
+              " must be a contiguous 1-D int64 tensor");
+  const int64_t* p = index->const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < index->numel(); ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] < size, name, " has entry ", p[i], ", out of range for size ", size);
   }
 }
 
 // weight[out_index][:, in_index] as a new contiguous tensor, rows and columns in one pass.
 at::Tensor gather_weight(const at::Tensor& weight, const OptTensor& out_index, const OptTensor& in_index) {
   if (!out_index && !in_index) return weight;
-  check_index(out_index, "out_index");
-  check_index(in_index, "in_index");
+  check_index(out_index, "out_index", weight.size(0));
+  check_index(in_index, "in_index", weight.size(1));
   const at::Tensor w = weight.contiguous();
   const Selection sel = selection(w, out_index, in_index);
   const int64_t k = w.size(2) * w.size(3), c_in = w.size(1);
@@ -47,7 +65,7 @@ at::Tensor gather_weight(const at::Tensor& weight, const OptTensor& out_index, c
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "gather_weight", [&] {
     const scalar_t* src = w.const_data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
-    parallel_chunks(sel.n_rows * sel.n_cols, kGrainBlocks, [&](int64_t begin, int64_t end) {
+    parallel_chunks(sel.n_rows * sel.n_cols, grain_blocks(k), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const int64_t r = p / sel.n_cols, c = p % sel.n_cols;
         std::copy_n(src + (sel.row(r) * c_in + sel.col(c)) * k, k, dst + p * k);
@@ -59,9 +77,13 @@ at::Tensor gather_weight(const at::Tensor& weight, const OptTensor& out_index, c
 
 // Position of each full row in the selection, -1 where not selected.
 std::vector<int64_t> positions(const int64_t* index, int64_t n_sel, int64_t n_full) {
-  std::vector<int64_t> pos(n_full, index ? -1 : 0);
-  for (int64_t i = 0; i < n_full && !index; ++i) pos[i] = i;
-  for (int64_t i = 0; index && i < n_sel; ++i) pos[index[i]] = i;
+  std::vector<int64_t> pos(n_full);
+  if (!index) {
+    std::iota(pos.begin(), pos.end(), int64_t{0});
+    return pos;
+  }
+  std::fill(pos.begin(), pos.end(), int64_t{-1});
+  for (int64_t i = 0; i < n_sel; ++i) pos[index[i]] = i;
   return pos;
 }
 
@@ -79,7 +101,7 @@ at::Tensor scatter_weight_grad(const at::Tensor& grad_sel, const at::Tensor& wei
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "scatter_weight_grad", [&] {
     const scalar_t* src = g.const_data_ptr<scalar_t>();
     scalar_t* dst = full.data_ptr<scalar_t>();
-    parallel_chunks(n_out * c_in, kGrainBlocks, [&](int64_t begin, int64_t end) {
+    parallel_chunks(n_out * c_in, grain_blocks(k), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const int64_t r = row_pos[p / c_in], c = col_pos[p % c_in];
         if (r >= 0 && c >= 0) {
@@ -102,7 +124,7 @@ void accumulate_weight_grad(at::Tensor& full, const at::Tensor& grad_sel, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "accumulate_weight_grad", [&] {
     const scalar_t* src = g.const_data_ptr<scalar_t>();
     scalar_t* dst = full.data_ptr<scalar_t>();
-    parallel_chunks(sel.n_rows * sel.n_cols, kGrainBlocks, [&](int64_t begin, int64_t end) {
+    parallel_chunks(sel.n_rows * sel.n_cols, grain_blocks(k), [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const int64_t r = p / sel.n_cols, c = p % sel.n_cols;
         scalar_t* d = dst + (sel.row(r) * c_in + sel.col(c)) * k;
@@ -143,10 +165,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward(
 }
 
 // A loop of single partial convolutions: measured faster on CPU than one
-// oneDNN grouped convolution over the gathered weights (issue 2).
+// oneDNN grouped convolution over the gathered weights (issue 2). Without
+// indices every group uses the whole weight, so the groups fold into the batch.
 at::Tensor grouped_partial_conv2d(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
                                   const OptTensor& out_index, const OptTensor& in_index, Ints stride,
                                   Ints padding, Ints dilation) {
+  if (!out_index && !in_index) {  // one weight for all groups: a single convolution over the folded batch
+    const at::Tensor y = at::convolution(x.flatten(0, 1), weight, bias, stride, padding, dilation, false, {0, 0}, 1);
+    return y.unflatten(0, {x.size(0), x.size(1)});
+  }
   std::vector<at::Tensor> ys;
   ys.reserve(x.size(0));
   for (int64_t g = 0; g < x.size(0); ++g) {
@@ -160,6 +187,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_partial_conv2d_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const OptTensor& out_index,
     const OptTensor& in_index, bool has_bias, Ints stride, Ints padding, Ints dilation, bool need_input,
     bool need_weight) {
+  if (!out_index && !in_index) {  // as in the forward: one convolution over the folded batch
+    const std::vector<int64_t> bias_size{weight.size(0)};
+    auto [gx, gw, gb] = at::convolution_backward(
+        grad.flatten(0, 1), x.flatten(0, 1), weight,
+        has_bias ? at::OptionalIntArrayRef(bias_size) : at::OptionalIntArrayRef(), stride, padding, dilation, false,
+        {0, 0}, 1, {need_input, need_weight, has_bias});
+    if (need_input) gx = gx.unflatten(0, {x.size(0), x.size(1)});
+    return {gx, gw, gb};
+  }
   at::Tensor gx, gw, gb;
   if (need_input) gx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (has_bias) gb = at::zeros({weight.size(0)}, weight.options());
@@ -174,8 +210,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_partial_conv2d_backward(
     if (need_input) gx.select(0, g).copy_(gx_g);
     if (need_weight) {
       if (g == 0) {
-        gw = scatter_weight_grad(gw_g, weight, rows, cols);
-        if (!rows && !cols) gw = gw.contiguous().clone();  // owned, so later groups can add into it
+        // A fresh contiguous tensor in every case, so later groups can add into it.
+        gw = scatter_weight_grad(gw_g, weight, rows, cols).contiguous();
       } else {
         accumulate_weight_grad(gw, gw_g, rows, cols);
       }

@@ -1,0 +1,164 @@
+"""Build and load the C++/OpenMP (and CUDA) extension from csrc/.
+
+The extension is compiled with ninja through `torch.utils.cpp_extension.load`
+on first use and cached (TORCH_EXTENSIONS_DIR, else torch's default cache
+directory) under a name that hashes everything the binary depends on: the
+sources, the flags, torch and Python versions, and the CPU model (the build
+uses -march=native, so a cache shared between machines must not mix them).
+
+Guarded like torchao's extension: importing this module never compiles and
+never fails. `load()` builds on first call and raises `ExtensionUnavailable`
+with the reason; `unavailable_reason()` returns that reason (None if it loads).
+Set LOFT_KERNELS_NO_EXT=1 to disable the extension (the registry then falls
+back to the `torch` backend). Prebuild once, e.g. in CI: `python -m loft_kernels._ext`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+ENV_DISABLE = "LOFT_KERNELS_NO_EXT"
+
+_PKG = Path(__file__).resolve().parent
+# A non-editable install ships csrc/ inside the package (setup.py's build_py);
+# an editable checkout has it beside the package.
+_SOURCE_ROOTS = (_PKG.parent / "csrc", _PKG / "csrc")
+_MARKER = Path("cpu") / "module.cpp"
+
+_CFLAGS = ["-O3", "-fopenmp", "-march=native"]
+_LDFLAGS = ["-fopenmp"]
+_CUDA_FLAGS = ["-O3", "-DLK_WITH_CUDA"]
+_REASON_CHARS = 3000  # keep the tail of a compiler error, where the error is
+
+
+class ExtensionUnavailable(RuntimeError):
+    """The extension cannot be used in this process; the message says why."""
+
+
+_lock = threading.Lock()
+_module = None
+_failure: str | None = None
+
+
+def source_root() -> Path | None:
+    """The csrc/ directory the extension is built from (checkout first, then the installed copy)."""
+    for root in _SOURCE_ROOTS:
+        if (root / _MARKER).is_file():
+            return root
+    return None
+
+
+def cuda_skip_reason() -> str | None:
+    """Why the CUDA kernels are left out of the build (None: they are built in)."""
+    if torch.version.cuda is None:
+        return "torch was built without CUDA (torch.version.cuda is None)"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    from torch.utils.cpp_extension import CUDA_HOME
+    if CUDA_HOME is None:
+        return "no CUDA toolkit was found (set CUDA_HOME)"
+    return None
+
+
+def _sources(root: Path, with_cuda: bool) -> list[Path]:
+    files = sorted((root / "cpu").glob("*.cpp"))
+    if with_cuda:
+        files += sorted((root / "cuda").glob("*.cu")) + sorted((root / "cuda").glob("*.cpp"))
+    return files
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def build_name(root: Path, with_cuda: bool) -> str:
+    """Extension name: a hash of sources, headers, flags, torch, Python and the CPU."""
+    h = hashlib.sha256()
+    files = _sources(root, True) + sorted((root / "include").rglob("*.h")) + sorted((root / "cpu").glob("*.h")) \
+        + sorted((root / "cuda").glob("*.h"))
+    for path in files:
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    for part in (_CFLAGS, _LDFLAGS, _CUDA_FLAGS if with_cuda else [], [torch.__version__, str(torch.version.cuda),
+                 sys.version, _cpu_identity()]):
+        h.update(repr(part).encode())
+    return f"loft_kernels_{'cuda' if with_cuda else 'cpu'}_{h.hexdigest()[:16]}"
+
+
+def _build(verbose: bool):
+    root = source_root()
+    if root is None:
+        raise ExtensionUnavailable("the C++ sources were not found (looked for "
+                                   + " and ".join(str(r / _MARKER) for r in _SOURCE_ROOTS) + ")")
+    from torch.utils.cpp_extension import load as cpp_load
+    with_cuda = cuda_skip_reason() is None
+    cflags = list(_CFLAGS) + (["-DLK_WITH_CUDA"] if with_cuda else [])
+    return cpp_load(name=build_name(root, with_cuda), sources=[str(p) for p in _sources(root, with_cuda)],
+                    extra_include_paths=[str(root / "include")], extra_cflags=cflags,
+                    extra_cuda_cflags=list(_CUDA_FLAGS) if with_cuda else None, extra_ldflags=list(_LDFLAGS),
+                    with_cuda=with_cuda, verbose=verbose)
+
+
+def load(verbose: bool = False):
+    """The compiled extension module, built on first call; raises ExtensionUnavailable."""
+    global _module, _failure
+    if os.environ.get(ENV_DISABLE, "").strip() not in ("", "0"):
+        raise ExtensionUnavailable(f"the C++ extension is disabled by the environment variable {ENV_DISABLE}")
+    if _module is not None:
+        return _module
+    with _lock:
+        if _module is None and _failure is None:
+            try:
+                _module = _build(verbose)
+            except ExtensionUnavailable as exc:
+                _failure = str(exc)
+            except Exception as exc:  # compiler missing, compile error, ...: report, never crash the import
+                text = f"{type(exc).__name__}: {exc}".strip()
+                if len(text) > _REASON_CHARS:
+                    text = "... " + text[-_REASON_CHARS:]
+                _failure = f"building the C++ extension failed ({text})"
+        if _module is None:
+            raise ExtensionUnavailable(_failure)
+    return _module
+
+
+def unavailable_reason() -> str | None:
+    """None if the extension loads (building it if needed), else why not."""
+    try:
+        load()
+    except ExtensionUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def build(verbose: bool = True):
+    """Build (or find in the cache) the extension now; raises ExtensionUnavailable on failure."""
+    return load(verbose=verbose)
+
+
+def _main() -> int:
+    try:
+        module = build()
+    except ExtensionUnavailable as exc:
+        print(f"loft_kernels extension unavailable: {exc}", file=sys.stderr)
+        return 1
+    cuda = cuda_skip_reason()
+    print(f"loft_kernels extension ready: {module.__file__}")
+    print("CUDA kernels: " + ("built in" if cuda is None else f"not built ({cuda})"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
