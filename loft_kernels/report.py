@@ -129,7 +129,8 @@ def validate_report(report) -> None:
     for name, m in report["methods"].items():
         where = f"report['methods'][{name!r}]"
         if not isinstance(m, Mapping) or set(m) != {"no_prune", "ticket", "per_seed", "comm_bytes", "emerged_epoch"}:
-            raise ValueError(f"{where} must have exactly the keys no_prune, ticket, per_seed, comm_bytes, emerged_epoch")
+            raise ValueError(f"{where} must have exactly the keys no_prune, ticket, per_seed, comm_bytes, "
+                             f"emerged_epoch")
         ratios = sorted(m["ticket"]) if isinstance(m["ticket"], Mapping) else []
         _check_seed_result(m, where, ratios)
         if sorted(m["per_seed"]) != sorted(str(s) for s in report["seeds"]):
@@ -151,13 +152,19 @@ def method_workers(method: str) -> int:
     return int(m.group(1)) if m else 1
 
 
-def format_table(report: Mapping, gpipe_bytes: Mapping[str, int | None] | None = None) -> str:
-    """The paper-shaped markdown table. gpipe_bytes[method]: GPipe's bytes with that method's workers."""
+def format_table(report: Mapping, gpipe_bytes: Mapping[str, int | None] | None = None,
+                 bn_recalibrated: Mapping[str, float] | None = None) -> str:
+    """The paper-shaped markdown table.
+
+    gpipe_bytes[method]: GPipe's bytes with that method's workers (improv. = GPipe / LoFT).
+    bn_recalibrated[method]: no-prune accuracy with BatchNorm statistics re-estimated (an extra column).
+    """
     validate_report(report)
     gpipe_bytes = gpipe_bytes or {}
     any_m = next(iter(report["methods"].values()))
     ratios = sorted(any_m["ticket"], key=float, reverse=True)  # the paper lists 80 % before 50 %
-    head = (["method", "no-prune acc. (%)"] + [f"ticket {float(r) * 100:g} % (%)" for r in ratios]
+    head = (["method", "no-prune acc. (%)"] + (["no-prune, BN re-estimated (%)"] if bn_recalibrated else [])
+            + [f"ticket {float(r) * 100:g} % (%)" for r in ratios]
             + ["comm", "GPipe comm (same workers)", "improv.", "emerged (footrule)", "emerged (mask)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in report["methods"].items():
@@ -166,7 +173,8 @@ def format_table(report: Mapping, gpipe_bytes: Mapping[str, int | None] | None =
         improv = f"{g / ours:.2f}x" if g and ours else "n/a"
         emerged = [("epoch " + str(m["emerged_epoch"][c])) if m["emerged_epoch"][c] is not None else "not fired"
                    for c in CRITERIA]
-        row = ([name, f"{m['no_prune']:.2f}"] + [f"{m['ticket'][r]:.2f}" for r in ratios]
+        recal = [f"{bn_recalibrated[name]:.2f}" if name in bn_recalibrated else "n/a"] if bn_recalibrated else []
+        row = ([name, f"{m['no_prune']:.2f}"] + recal + [f"{m['ticket'][r]:.2f}" for r in ratios]
                + [_fmt_bytes(ours), _fmt_bytes(g) if g else "n/a", improv] + emerged)
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
@@ -177,11 +185,15 @@ def write_report(out: str | Path, report: Mapping, details: Mapping | None = Non
     validate_report(report)
     out = Path(out)
     details = dict(details or {})
-    table = format_table(report, details.get("gpipe_bytes"))
+    table = format_table(report, details.get("gpipe_bytes"), details.get("no_prune_bn_recalibrated"))
     md = [f"# LoFT tickets on {report['dataset']} (seeds {report['seeds']})", "",
-          "Accuracies are test accuracy in percent, means over seeds. comm: bytes one LoFT rank sends "
-          "and receives over the whole pretraining (`comm_stats`); GPipe comm: the communication model "
-          "(`lk.comm_cost`) with the same workers, batch size and samples; improv. = GPipe / LoFT.", "",
+          "Accuracies are test accuracy in percent, means over seeds. no-prune: the pretrained full model as "
+          "trained; BN re-estimated: the same weights with BatchNorm running statistics re-measured on the "
+          "training data (a LoFT worker's statistics describe its sub-model, whose partial sums over 1/S of "
+          "the channels are not rescaled). comm: bytes all LoFT ranks send over the whole pretraining "
+          "(`comm_stats`; each rank receives as much); GPipe comm: the communication model (`lk.comm_cost`) "
+          "for the same workers and samples; improv. = GPipe / LoFT. emerged: the epoch each criterion "
+          "declared the ticket (median over seeds; 'not fired' if it did not fire for every seed).", "",
           table]
     md.append("## Per seed\n")
     for name, m in report["methods"].items():
@@ -236,7 +248,7 @@ def plot_curves(histories: Mapping[str, Mapping[str, Sequence[float]]], path) ->
         a1.plot(range(1, len(h["train_loss"]) + 1), h["train_loss"], label=name)
         a2.plot(range(1, len(h["test_acc"]) + 1), h["test_acc"], label=name)
     a1.set(title="pretraining: training loss", xlabel="epoch", ylabel="loss")
-    a2.set(title="pretraining: test accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    a2.set(title="pretraining: test accuracy of the full model", xlabel="epoch", ylabel="accuracy (%)")
     for a in (a1, a2):
         a.grid(alpha=0.3)
         a.legend()
@@ -248,23 +260,27 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
-def plot_heatmaps(matrices: Mapping[str, "object"], group_names: Sequence[str], out_dir) -> list[Path]:
+def plot_heatmaps(matrices: Mapping[str, "object"], group_names: Sequence[str], out_dir,
+                  first_epoch: int = 0) -> list[Path]:
     """footrule_heatmap_<group>.png: the T x T footrule matrix of each group, one panel per method.
 
-    matrices[method] is a [groups, T, T] array-like (torch tensor or numpy).
+    matrices[method] is a [groups, T, T] array-like (torch tensor or numpy) over
+    consecutive epochs starting at `first_epoch` (0: the initial weights).
     """
     if not matrices:
         raise ValueError("matrices must not be empty")
     paths = []
     for g, gname in enumerate(group_names):
-        fig, axes = plt.subplots(1, len(matrices), figsize=(4 * len(matrices), 3.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(matrices), figsize=(4.4 * len(matrices), 3.8), squeeze=False,
+                                 layout="constrained")
         for ax, (method, mat) in zip(axes[0], matrices.items()):
             m = mat[g]
             m = m.cpu().numpy() if hasattr(m, "cpu") else m
+            lo = first_epoch - 0.5
             im = ax.imshow(m, origin="lower", cmap="viridis",
-                           extent=(0.5, m.shape[1] + 0.5, 0.5, m.shape[0] + 0.5))
+                           extent=(lo, lo + m.shape[1], lo, lo + m.shape[0]))
             ax.set(title=method, xlabel="epoch b", ylabel="epoch a")
-            fig.colorbar(im, ax=ax, fraction=0.046)
+            fig.colorbar(im, ax=ax, shrink=0.85)
         fig.suptitle(f"footrule F(epoch a, epoch b): {gname}")
         paths.append(_save(fig, Path(out_dir) / f"footrule_heatmap_{safe_name(gname)}.png"))
     return paths

@@ -7,8 +7,6 @@ directory that already holds a run is refused unless --resume is given.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import platform
 import sys
@@ -77,15 +75,8 @@ def default_out(command: str) -> str:
 
 def prepare_out(out: str, *, resume: bool = False, marker: str = "config.json") -> Path:
     """Create --out (after all validation). An existing run there needs --resume."""
+    check_out_free(out, resume=resume, marker=marker)
     path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise CLIError(f"--out {out!r} exists and is not a directory")
-    if resume:
-        if not (path / marker).is_file():
-            raise CLIError(f"--resume: {out!r} holds no run to resume (no {marker})")
-    elif (path / marker).exists():
-        raise CLIError(f"--out {out!r} already holds a run ({marker}); pass --resume to continue it "
-                       f"or choose another --out")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -102,6 +93,15 @@ def check_out_free(out: str | None, *, resume: bool = False, marker: str = "conf
     if not resume and (path / marker).exists():
         raise CLIError(f"--out {out!r} already holds a run ({marker}); pass --resume to continue it "
                        f"or choose another --out")
+
+
+def check_same_config(out: str, config: dict, keys) -> None:
+    """--resume: the settings `keys` of `config` must equal those the run in `out` was started with."""
+    old = read_json(Path(out) / "config.json", "--resume")
+    diff = [k for k in keys if old.get(k) != json.loads(json.dumps(config[k], default=str))]
+    if diff:
+        raise CLIError(f"--resume: these settings differ from the run in {out!r}: {', '.join(diff)}; "
+                       f"resume with the original arguments")
 
 
 def environment() -> dict:
@@ -124,20 +124,6 @@ def read_json(path: Path, what: str) -> dict:
         raise CLIError(f"{what}: {str(path)!r} is not valid JSON ({e})") from None
 
 
-def write_metrics(out: Path, rows: list[dict], stem: str = "metrics") -> None:
-    """<stem>.json (list of per-epoch dicts) and <stem>.csv (one row per epoch), both rewritten atomically."""
-    atomic_write_text(json.dumps(rows, indent=2) + "\n", out / f"{stem}.json")
-    fields: list[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
-    atomic_write_text(buf.getvalue(), out / f"{stem}.csv")
-
-
 def show_progress(quiet: bool) -> bool:
     """tqdm bars only on a terminal, never with --quiet."""
     return not quiet and sys.stderr.isatty()
@@ -146,3 +132,52 @@ def show_progress(quiet: bool) -> bool:
 def say(quiet: bool, msg: str) -> None:
     if not quiet:
         print(msg, flush=True)
+
+
+# ------------------------------------------------------ data and model args ----
+def add_data_model(p: argparse.ArgumentParser, *, model: bool = True) -> None:
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", default="digits",
+                   help="digits (embedded, default), cifar10, cifar100 (from --data-dir) or synthetic")
+    g.add_argument("--data-dir", default=None, help="CIFAR directory in the python-pickle layout")
+    if model:
+        g.add_argument("--model", default="preact_resnet18", help="zoo model name (default: %(default)s)")
+        g.add_argument("--width", type=float, default=0.25,
+                       help="width multiplier on all channels (default: %(default)s)")
+        g.add_argument("--policy", default="all", choices=("all", "paper"),
+                       help="filter groups to partition/prune: all, or paper (official ResNet rule)")
+        g.add_argument("--include", default=None, help="comma-separated fnmatch patterns of groups to keep")
+        g.add_argument("--exclude", default=None, help="comma-separated fnmatch patterns of groups to drop")
+
+
+def load_dataset(args):
+    """The dataset of --dataset/--data-dir, or a CLIError naming the option."""
+    from ..data import DATASETS, get_dataset
+    if args.dataset not in DATASETS:
+        raise CLIError(f"--dataset: unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
+    if args.dataset.startswith("cifar") and args.data_dir is None:
+        raise CLIError(f"--dataset {args.dataset} needs --data-dir (a directory in the CIFAR python-pickle "
+                       f"layout; datasets are never downloaded)")
+    try:
+        return get_dataset(args.dataset, args.data_dir, seed=args.seed)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(f"--data-dir: {e}") from None
+
+
+def make_spec(args, dataset) -> dict:
+    """The model spec of --model/--width/--policy/--include/--exclude, checked by building it once."""
+    from .. import engine
+    from ..models import available_models
+    if args.model not in available_models():
+        raise CLIError(f"--model: unknown model {args.model!r}; available: {', '.join(available_models())}")
+    if not args.width > 0:
+        raise CLIError(f"--width must be > 0, got {args.width:g}")
+    include = parse_list(args.include, str, "--include") if args.include else None
+    exclude = parse_list(args.exclude, str, "--exclude") if args.exclude else None
+    spec = engine.model_spec(args.model, dataset, width=args.width, policy=args.policy, include=include,
+                             exclude=exclude)
+    try:
+        engine.build_model(spec)
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"--model {args.model} with --policy {args.policy}: {e}") from None
+    return spec

@@ -1,0 +1,50 @@
+"""partial_conv2d and grouped_partial_conv2d, forward + backward, per PreActResNet-18 stage shape.
+
+Group "conv <C>@<H>": the op on each backend with 1/4 of the output filters
+(a LoFT-4 worker's conv_a) and of the input channels (its conv_b), beside the
+dense conv (FLOP limit x 4) and the `weight * mask` conv. Group "grouped
+<C>@<H>": 4 workers' subsets in one grouped op against a loop of 4 partial convs.
+"""
+import pytest
+
+from loft_kernels.benchmarks import workloads as W
+from loft_kernels.benchmarks.shapes import block_convs
+
+SHAPES = block_convs()
+IDS = [f"{s.c_out}@{s.size}" for s in SHAPES]
+
+
+def fwd_bwd_flops(shape, fraction=1.0):
+    return int(3 * shape.flops() * fraction)  # forward, input gradient, weight gradient
+
+
+@pytest.mark.parametrize("side", ["out", "in"])
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_partial_conv2d(backend, device, run, shape, side):
+    run(W.partial_setup([shape], device, side), f"conv {shape.c_out}@{shape.size}", backend=backend,
+        subset=f"1/{W.WORKERS} {side}", flops=fwd_bwd_flops(shape, 1 / W.WORKERS))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_dense_conv_baseline(run, device, shape):
+    run(W.dense_setup([shape], device), f"conv {shape.c_out}@{shape.size}", baseline="dense conv",
+        flops=fwd_bwd_flops(shape))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_masked_conv_baseline(run, device, shape):
+    run(W.masked_setup([shape], device), f"conv {shape.c_out}@{shape.size}", baseline="weight * mask conv",
+        flops=fwd_bwd_flops(shape))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_grouped_partial_conv2d(backend, device, run, shape):
+    run(W.grouped_setup([shape], device), f"grouped {shape.c_out}@{shape.size}", rounds=3, backend=backend,
+        groups=W.WORKERS, flops=fwd_bwd_flops(shape))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_grouped_loop_baseline(backend, device, run, shape):
+    run(W.grouped_setup([shape], device, loop=True), f"grouped {shape.c_out}@{shape.size}", rounds=3,
+        backend=backend,
+        baseline=f"loop of {W.WORKERS} partial_conv2d", flops=fwd_bwd_flops(shape))

@@ -1,0 +1,147 @@
+"""P5: a LoFT sync of PreActResNet-18 between 2 gloo processes, against two ways of moving its bytes.
+
+Two processes are spawned (one CPU thread each) and join a gloo group. Each
+repetition, after an untimed local step on fresh random gradients, both ranks
+time (rank 0's times are reported), interleaved:
+- candidate: `LoftOptimizer.finalize()`, the real sync (pack, one bucketed
+  collective per kind and dtype, unpack, repartition);
+- bucketed: one all_reduce and one all_gather of exactly the sync's buffer
+  sizes (from `loft_sync_bytes`), nothing else: the floor for these bytes;
+- per-tensor: the official code's style, one collective per tensor: an
+  all_reduce of every shared parameter and buffer, and a broadcast from each
+  owner of its rows of every partitioned tensor. (The official code also
+  creates a new process group for each broadcast; that cost is not charged here.)
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ..models import preact_resnet18
+from ..training.comm import loft_sync_bytes, make_plan
+from ..training.groups import convert
+from ..training.optimizer import LoftOptimizer
+from ..training.sync import gather, scatter_
+from .result import Config, Result, Spec, timed
+from .shapes import RESOLUTION
+from .timing import Timings, interleaved
+
+WORKERS = 2
+NEVER = 1 << 30  # sync_every: the benchmark triggers each sync itself (finalize)
+
+P5 = (
+    Spec("P5a", "LoFT sync, PreActResNet-18, 2 gloo processes", "one all_reduce + one all_gather of the same bytes",
+         1.3, "ratio <= 1.3"),
+    Spec("P5b", "LoFT sync, PreActResNet-18, 2 gloo processes", "per-tensor collectives (official code's style)",
+         0.05, "ratio <= 0.05 (>= 20x faster)"),
+)
+
+
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _loft_setup(model, opt):
+    def setup():
+        for p in model.parameters():  # a local step on fresh random gradients, then the timed sync
+            p.grad = torch.randn_like(p)
+        opt.step()
+        dist.barrier()
+        return opt.finalize
+    return setup
+
+
+def _bucketed_setup(reduce_bytes: int, gather_bytes: int):
+    def setup():
+        flat = torch.randn(reduce_bytes // 4)
+        mine = torch.randn(gather_bytes // 4 // WORKERS)
+        out = torch.empty(WORKERS * mine.numel())
+        dist.barrier()
+
+        def run():
+            dist.all_reduce(flat)
+            _all_gather(out, mine)
+        return run
+    return setup
+
+
+def _per_tensor_setup(model, groups, opt):
+    plan = make_plan(model, groups, WORKERS)
+
+    def setup():
+        tensors = plan.tensors(model)
+        with torch.no_grad():
+            for t in tensors.values():
+                if t.is_floating_point():
+                    t.copy_(torch.randn_like(t))
+        part = opt.partition(opt.round)
+        dist.barrier()
+
+        def run():
+            for name in plan.shared_params + plan.shared_buffers:
+                dist.all_reduce(tensors[name].data)
+                tensors[name].data.div_(WORKERS)
+            for name in plan.counters:
+                dist.all_reduce(tensors[name], op=dist.ReduceOp.MAX)
+            for slot in plan.slots:
+                t = tensors[slot.name].data
+                for r in range(WORKERS):
+                    rows, cols = slot.index({g: idx[r] for g, idx in part.items()})
+                    block = gather(t, rows, cols)
+                    dist.broadcast(block, src=r)
+                    scatter_(t, rows, cols, block)
+        return run
+    return setup
+
+
+def _worker(rank: int, port: int, repeats: int, warmup: int, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORKERS)
+    try:
+        torch.manual_seed(0)  # same initial model on both ranks
+        model = preact_resnet18(num_classes=10)
+        example = torch.randn(2, 3, RESOLUTION, RESOLUTION)
+        model, groups = convert(model, example, policy="all")
+        opt = LoftOptimizer(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), model, groups,
+                            sync_every=NEVER)
+        sizes = loft_sync_bytes(model, groups, WORKERS)
+        shadow = copy.deepcopy(model)  # the per-tensor baseline works on its own copy
+        t = interleaved({"loft": _loft_setup(model, opt),
+                         "bucketed": _bucketed_setup(sizes["all_reduce"]["buffer_bytes"],
+                                                     sizes["all_gather"]["buffer_bytes"]),
+                         "per_tensor": _per_tensor_setup(shadow, groups, opt)}, repeats, warmup=warmup)
+        if rank == 0:
+            Path(out_path).write_text(json.dumps({"samples": t.samples, "bytes": sizes["bytes_sent"],
+                                                  "collectives": sizes["collectives"]}))
+    finally:
+        dist.destroy_process_group()
+
+
+def p5(cfg: Config) -> list[Result]:
+    reps = cfg.reps(full=20, quick=5)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "p5.json"
+        mp.start_processes(_worker, args=(_free_port(), reps, cfg.warmup, str(out)), nprocs=WORKERS,
+                           start_method="spawn")
+        data = json.loads(out.read_text())
+    t = Timings(data["samples"])
+    extra = dict(repeats=reps, bytes_sent_per_rank=data["bytes"], collectives=data["collectives"])
+    return [timed(P5[0], t, "loft", "bucketed", backend="gloo", **extra),
+            timed(P5[1], t, "loft", "per_tensor", backend="gloo", **extra)]
+
+
+CASES = {"P5": (P5, p5)}

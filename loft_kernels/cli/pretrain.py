@@ -1,0 +1,154 @@
+"""`loft pretrain`: dense or LoFT pretraining with a filter tracker, checkpoints and early stopping at emergence.
+
+Writes to --out: config.json; metrics.json/metrics.csv (one row per epoch);
+checkpoint.pt after every epoch (checkpoint.rank<r>.pt per rank when
+distributed) for --resume; init.pt (initial weights, for rewinding);
+epoch_<e>.pt for each epoch in --keep-epochs; at the end model.pt (the
+pretrained model), tracker.pt (filter scores of every epoch) and
+summary.json (accuracy, emergence epochs, communication, time).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch.distributed as dist
+
+from .. import engine
+from . import _common as U
+
+HELP = "pretrain a model densely or with LoFT (S simulated workers, or S processes under torchrun)"
+
+
+def add_train_args(p: argparse.ArgumentParser, *, epochs, lr: float, batch_size: int = 24,
+                   epochs_help: str = "epochs (default: %(default)s)") -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
+    g.add_argument("--batch-size", type=int, default=batch_size, help="mini-batch per worker (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=lr, help="SGD learning rate (default: %(default)s)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (default: %(default)s)")
+
+
+def add_loft_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoFT")
+    g.add_argument("--sync-every", type=int, default=15, help="K: local steps per round (default: %(default)s)")
+    g.add_argument("--state", choices=("reset", "keep"), default="reset",
+                   help="optimizer state across rounds: reset (official code) or keep (default: %(default)s)")
+    g.add_argument("--mask-ratio", type=float, default=0.5,
+                   help="pruning ratio whose keep-masks the Early-Bird criterion compares (default: %(default)s)")
+    g.add_argument("--footrule-threshold", type=float, default=0.1,
+                   help="footrule criterion: consecutive distance <= this fraction of the first one "
+                        "(default: %(default)s)")
+    g.add_argument("--footrule-window", type=int, default=3,
+                   help="footrule criterion: for this many consecutive epochs (default: %(default)s)")
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("pretrain", help=HELP, description=HELP + ".\n\n" + __doc__.split("\n\n", 1)[1],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    U.add_data_model(p)
+    add_train_args(p, epochs=20, lr=0.05)
+    g = p.add_argument_group("workers")
+    g.add_argument("--workers", type=int, default=1, help="S: 1 = dense training, S > 1 = LoFT-S (default: 1)")
+    g.add_argument("--distributed", action="store_true",
+                   help="one process per worker: run under `torchrun --nproc_per_node S` (gloo on CPU, NCCL on GPU)")
+    add_loft_args(p)
+    g = p.add_argument_group("snapshots and stopping")
+    g.add_argument("--stop-at-emergence", choices=("footrule", "mask"), default=None,
+                   help="end pretraining when this criterion declares the ticket emerged")
+    g.add_argument("--keep-epochs", default=None,
+                   help="comma-separated epochs whose weights to keep as epoch_<e>.pt (for drawing/rewinding)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    U.add_common(p)
+    return p
+
+
+def train_config(args, workers: int = 1, distributed: bool = False, *, schedule: str = "constant",
+                 epochs: int | None = None, lr: float | None = None) -> engine.TrainConfig:
+    """The TrainConfig of the training options (epochs/lr overridable), with errors naming the options."""
+    epochs = args.epochs if epochs is None else epochs
+    lr = args.lr if lr is None else lr
+    U.check_positive(epochs, "--epochs")
+    U.check_positive(args.batch_size, "--batch-size")
+    sync_every, state = getattr(args, "sync_every", 15), getattr(args, "state", "reset")
+    U.check_positive(sync_every, "--sync-every")
+    if not lr > 0:
+        raise U.CLIError(f"the learning rate must be > 0, got {lr:g}")
+    for name in ("momentum", "weight_decay"):
+        if not getattr(args, name) >= 0:
+            raise U.CLIError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name):g}")
+    return engine.TrainConfig(method="dense" if workers == 1 else "loft", epochs=epochs,
+                              batch_size=args.batch_size, lr=lr, momentum=args.momentum,
+                              weight_decay=args.weight_decay, schedule=schedule, workers=workers,
+                              distributed=distributed, sync_every=sync_every, state=state)
+
+
+def emergence_options(args) -> dict:
+    U.check_ratio(args.mask_ratio, "--mask-ratio")
+    if not args.footrule_threshold >= 0:
+        raise U.CLIError(f"--footrule-threshold must be >= 0, got {args.footrule_threshold:g}")
+    U.check_positive(args.footrule_window, "--footrule-window")
+    return {"mask_ratio": args.mask_ratio, "footrule_threshold": args.footrule_threshold,
+            "footrule_window": args.footrule_window}
+
+
+def run(args) -> int:
+    workers = U.check_positive(args.workers, "--workers")
+    if args.distributed and workers < 2:
+        raise U.CLIError("--distributed needs --workers S >= 2 (and torchrun --nproc_per_node S)")
+    cfg = train_config(args, workers, args.distributed)
+    emergence = emergence_options(args)
+    keep = U.parse_list(args.keep_epochs, int, "--keep-epochs") if args.keep_epochs else []
+    if any(not 1 <= e <= args.epochs for e in keep):
+        raise U.CLIError(f"--keep-epochs must lie in 1..{args.epochs} (the epochs), got {keep}")
+    out_text = args.out or U.default_out("pretrain")
+    U.check_out_free(out_text, resume=args.resume)
+    dataset = U.load_dataset(args)
+    spec = U.make_spec(args, dataset)
+    rank = 0
+    if args.distributed:
+        rank, world, device = engine.init_distributed(args.device)
+        if world != workers:
+            raise U.CLIError(f"--workers {workers} but torchrun started {world} processes")
+    else:
+        device = U.resolve_device(args.device)
+    config = {"command": "pretrain", "dataset": args.dataset, "data_dir": args.data_dir, "spec": spec,
+              "train": cfg.to_dict(), "seed": args.seed, "emergence": emergence,
+              "stop_at_emergence": args.stop_at_emergence, "keep_epochs": keep, "device": str(device)}
+    out = Path(out_text)
+    if args.resume:  # every rank checks (read-only), so a refusal never leaves the others waiting
+        U.check_same_config(out_text, config, ("dataset", "spec", "train", "seed", "emergence",
+                                               "stop_at_emergence", "keep_epochs"))
+    if rank == 0:
+        out = U.prepare_out(out_text, resume=args.resume)
+        if not args.resume:
+            U.write_config(out, config)
+    if args.distributed:
+        dist.barrier()  # the output directory exists before any rank writes its checkpoint
+    quiet = args.quiet or rank != 0
+    summary = engine.pretrain_run(out, dataset=dataset, spec=spec, cfg=cfg, seed=args.seed, device=device,
+                                  emergence=emergence, stop_at=args.stop_at_emergence, keep_epochs=keep,
+                                  resume=args.resume, progress=U.show_progress(quiet),
+                                  log=None if quiet else (lambda m: print(m, flush=True)))
+    if rank == 0:
+        _print_summary(summary, quiet=args.quiet)
+    if args.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def _print_summary(s: dict, *, quiet: bool) -> None:
+    if quiet:
+        return
+    print(f"pretrained {s['method']} for {s['epochs_run']} epochs in {s['seconds']:.1f}s: "
+          f"test acc {s['final']['test_acc']:.2f}%")
+    print(f"ticket emerged: footrule at epoch {s['emerged_epoch']['footrule']}, "
+          f"mask at epoch {s['emerged_epoch']['mask']}")
+    if s["stop_at_emergence"]:
+        print(f"stopped at emergence ({s['stop_at_emergence']}): saved {s['epochs_saved']} epochs, "
+              f"~{s['seconds_saved']:.1f}s")
+    if s["comm_bytes_total"] is not None:
+        print(f"communication: {s['comm_bytes_total']} bytes over all ranks "
+              f"({s['comm']['bytes_sent']} sent per rank, {s['comm']['syncs']} syncs)")

@@ -1,0 +1,117 @@
+"""The ratio benchmark runner (`loft bench`): it runs every case and writes valid JSON (numbers are not
+asserted: CI machines are shared), its table, goals and storage, and the interleaved timing helper."""
+import json
+import math
+
+import pytest
+
+from loft_kernels.benchmarks import runner
+from loft_kernels.benchmarks.result import Result, Spec, judge, valued
+from loft_kernels.benchmarks.timing import Timings, interleaved
+
+CASE_IDS = ["P1a", "P1b", "P2a", "P2b", "P3a", "P3b", "P4a", "P4b", "P5a", "P5b", "P6", "P7"]
+ROW_KEYS = {"id", "name", "candidate_ms", "baseline_ms", "ratio", "limit", "goal", "met"}
+
+
+def test_quick_run_writes_valid_json_with_every_case(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = runner.main(["--quick", "--repeats", "1", "--warmup", "0", "--json", str(out), "--no-store"])
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    errors = [(r["id"], r["error"]) for r in report["results"] if r["error"]]
+    assert rc == 0 and not errors, errors
+    assert {"cpu", "threads", "torch", "device", "date"} <= set(report["machine"])
+    assert [r["id"] for r in report["results"]] == CASE_IDS
+    for r in report["results"]:
+        assert ROW_KEYS <= set(r)
+        assert isinstance(r["met"], bool) and isinstance(r["limit"], float) and r["goal"]
+        assert math.isfinite(r["ratio"]) and r["ratio"] > 0
+        if r["id"] == "P7":
+            assert r["candidate_ms"] is None and r["candidate_value"] > 0
+        else:
+            assert r["candidate_ms"] > 0 and r["baseline_ms"] > 0
+        assert r["id"] in printed
+    assert "| id |" in printed
+
+
+def test_case_subset_and_bad_arguments(tmp_path):
+    out = tmp_path / "p7.json"
+    assert runner.main(["--cases", "p7", "--json", str(out)]) == 0
+    assert [r["id"] for r in json.loads(out.read_text())["results"]] == ["P7"]
+    for argv in (["--cases", "P9"], ["--repeats", "0"], ["--warmup", "-1"], ["--bogus"]):
+        with pytest.raises(SystemExit) as e:
+            runner.main(argv)
+        assert e.value.code == 2
+
+
+def test_a_failing_case_is_reported_not_raised(monkeypatch, tmp_path):
+    spec = Spec("P7", "comm model", "paper", 0.02, "abs(ratio - 1) <= 0.02", within=True)
+
+    def broken(cfg):
+        raise RuntimeError("no zoo")
+    monkeypatch.setitem(runner.CASES, "P7", ((spec,), broken))
+    out = tmp_path / "r.json"
+    assert runner.main(["--cases", "P7", "--json", str(out)]) == 1
+    row = json.loads(out.read_text())["results"][0]
+    assert row["met"] is False and row["ratio"] is None and "no zoo" in row["error"]
+
+
+def test_table_marks_goals_not_met_and_errors():
+    met = valued(Spec("X1", "a", "b", 0.02, "within 2 %", within=True), 3.49, 3.5).as_json()
+    missed = Result("X2", "slow", "fast", 10.0, 5.0, 2.0, 1.15, "ratio <= 1.15", False).as_json()
+    broken = Result("X3", "c", "d", None, None, None, 1.0, "ratio <= 1", False, error="boom").as_json()
+    lines = runner.format_table({"results": [met, missed, broken]}).splitlines()
+    assert lines[2].endswith("| met |") and "3.4900" in lines[2]
+    assert lines[3].endswith("| NOT MET |") and "| 2.000 |" in lines[3]
+    assert lines[4].endswith("| ERROR |")
+
+
+def test_goal_judgement():
+    assert judge(1.15, 1.15) and not judge(1.16, 1.15)
+    assert judge(0.99, 0.02, within=True) and judge(1.02, 0.02, within=True)
+    assert not judge(0.97, 0.02, within=True) and not judge(None, 1.0) and not judge(math.nan, 1.0)
+
+
+def test_store_writes_json_and_table_under_the_machine_name(tmp_path):
+    report = {"machine": {"cpu": "Test CPU 1", "device": "cpu", "cores": 2, "threads": 2, "torch": "2.x",
+                          "backends": ["torch"], "date": "2025-01-01 00:00 UTC", "commit": None},
+              "mode": "full", "results": []}
+    path = runner.store(report, tmp_path)
+    assert path == tmp_path / "test-cpu-1-cpu.json"
+    assert json.loads(path.read_text()) == report
+    assert "Test CPU 1" in (tmp_path / "test-cpu-1-cpu.md").read_text()
+
+
+def test_machine_slug():
+    m = {"cpu": "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz", "device": "cpu"}
+    assert runner.machine_slug(m) == "intel-xeon-platinum-8375c-cpu-2-90ghz-cpu"
+    assert runner.machine_slug({"cpu": "AMD EPYC 7B13", "device": "NVIDIA H100 80GB HBM3"}) == \
+        "amd-epyc-7b13-nvidia-h100-80gb-hbm3"
+
+
+def test_interleaved_rotates_order_and_uses_fresh_setups():
+    calls = []
+
+    def entry(name):
+        def setup():
+            calls.append(("setup", name))
+            return lambda: calls.append(("run", name))
+        return setup
+    t = interleaved({"a": entry("a"), "b": entry("b"), "c": entry("c")}, repeats=2, warmup=1)
+    runs = [n for kind, n in calls if kind == "run"]
+    # each repetition starts one entry later: warm-up a b c, then b c a, then c a b
+    assert runs == list("abc" "bca" "cab")
+    assert [n for kind, n in calls if kind == "setup"] == runs  # a fresh setup before every call
+    assert {k: len(v) for k, v in t.samples.items()} == {"a": 2, "b": 2, "c": 2}
+
+
+def test_timings_ratio_is_the_median_of_paired_ratios():
+    t = Timings({"cand": [1.0, 8.0, 9.0], "base": [2.0, 2.0, 9.0]})
+    # paired ratios 0.5, 4, 1 -> median 1 (the ratio of the medians would be 8 / 2 = 4)
+    assert t.ratio("cand", "base") == 1.0
+    assert t.ratio("cand", "base", scale=0.5) == 2.0
+    assert t.median("cand") == 8.0
+    with pytest.raises(ValueError, match="repeats"):
+        interleaved({"a": lambda: (lambda: None)}, repeats=0)
+    with pytest.raises(TypeError, match="entries"):
+        interleaved({"a": 3}, repeats=1)

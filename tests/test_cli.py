@@ -1,0 +1,309 @@
+"""The `loft` CLI end to end on tiny settings: every subcommand, resume after a kill, torchrun, bad input."""
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import loft_kernels as lk
+from loft_kernels import engine, report
+from loft_kernels.cli import main
+
+torch.set_num_threads(1)
+TINY = ["--dataset", "synthetic", "--model", "preact_resnet", "--width", "0.125", "--batch-size", "32"]
+LOFT2 = ["--workers", "2", "--sync-every", "4", "--epochs", "2", "--seed", "3"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def rows_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "pre"
+    assert main(["pretrain", *TINY, *LOFT2, "--keep-epochs", "1", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+# ------------------------------------------------------------------ help ----
+@pytest.mark.parametrize("command", ["pretrain", "prune", "finetune", "distance", "run"])
+def test_help_lists_common_options(capsys, command):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for opt in ("--seed", "--out", "--device", "--quiet"):
+        assert opt in text
+
+
+def test_no_subcommand_is_an_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2
+
+
+def test_python_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "loft_kernels", "--help"], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0 and "pretrain" in r.stdout and "run" in r.stdout
+
+
+def test_bench_forwards_every_argument(monkeypatch, capsys):
+    import loft_kernels.benchmarks.runner as runner
+    seen = []
+    monkeypatch.setattr(runner, "main", lambda argv: seen.append(argv) or 7)
+    assert main(["bench", "--quick", "--json", "x.json"]) == 7
+    assert main(["bench", "--help"]) == 7
+    assert seen == [["--quick", "--json", "x.json"], ["--help"]]
+
+
+# -------------------------------------------------------------- pretrain ----
+def test_pretrain_writes_config_metrics_model(pretrained):
+    cfg = json.loads((pretrained / "config.json").read_text())
+    assert cfg["train"]["workers"] == 2 and cfg["train"]["method"] == "loft" and cfg["seed"] == 3
+    metrics = json.loads((pretrained / "metrics.json").read_text())
+    assert [r["epoch"] for r in metrics] == [1, 2]
+    table = rows_csv(pretrained / "metrics.csv")
+    assert [float(r["test_acc"]) for r in table] == [r["test_acc"] for r in metrics]
+    summary = json.loads((pretrained / "summary.json").read_text())
+    assert summary["epochs_run"] == 2 and summary["method"] == "loft-2"
+    # each of the 2 ranks sends the same bytes; the total counts both
+    assert summary["comm_bytes_total"] == 2 * summary["comm"]["bytes_sent"] > 0
+    assert summary["comm"]["bytes_sent"] == metrics[-1]["comm_bytes_sent"]
+    model, groups, tracker = engine.load_pretrained(pretrained)
+    assert tracker.tags == [0, 1, 2] and len(groups) == 8  # 0: the initial weights
+    data = lk.get_dataset("synthetic", seed=3)
+    assert engine.evaluate(model, data.test_x, data.test_y)["acc"] == pytest.approx(metrics[-1]["test_acc"])
+    # the kept epoch and the initial weights are model files of the same architecture
+    for name in ("epoch_001.pt", "init.pt"):
+        engine.full_model(engine.load_model_file(pretrained / name))
+    assert not (pretrained / "epoch_002.pt").exists()
+    assert not list(pretrained.glob(".*.tmp"))
+
+
+def test_stop_at_emergence_saves_epochs(capsys, tmp_path):
+    # A threshold this loose fires as soon as the window of 2 distances (epochs 0-1, 1-2) is filled: epoch 2 of 4.
+    rc, out, _ = cli(capsys, "pretrain", *TINY, "--epochs", "4", "--stop-at-emergence", "footrule",
+                     "--footrule-threshold", "1000", "--footrule-window", "2", "--out", tmp_path / "s")
+    assert rc == 0
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["emerged_epoch"]["footrule"] == 2
+    assert summary["epochs_run"] == 2 and summary["epochs_saved"] == 2 and summary["seconds_saved"] > 0
+    assert len(json.loads((tmp_path / "s" / "metrics.json").read_text())) == 2
+    assert "saved 2 epochs" in out
+
+
+def _footrule(a, b):
+    """Plain LoFT footrule between two score vectors (rank 1 = highest score, ties to the lower index)."""
+    n = len(a)
+    order_a = sorted(range(n), key=lambda j: (-a[j], j))
+    rank_b = {f: i + 1 for i, f in enumerate(sorted(range(n), key=lambda j: (-b[j], j)))}
+    return sum(abs(math.log(i) - math.log(rank_b[f])) / i for i, f in enumerate(order_a, 1))
+
+
+def test_distance(capsys, pretrained, tmp_path):
+    rc, out, _ = cli(capsys, "distance", "--run", pretrained, "--out", tmp_path / "d")
+    assert rc == 0
+    rows = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    scores = torch.load(pretrained / "tracker.pt", weights_only=True)["scores"]  # per group [T, n]
+    for t, r in enumerate(rows):
+        want = sum(_footrule(s[t].tolist(), s[-1].tolist()) for s in scores)
+        assert r["footrule_to_reference"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert rows[-1]["footrule_to_reference"] == 0.0 and rows[0]["footrule_to_previous"] is None
+    d = json.loads((tmp_path / "d" / "distance.json").read_text())
+    assert d["epochs"] == [0, 1, 2]
+    assert len(d["footrule_matrix"]) == 8 and len(d["footrule_matrix"][0]) == 3
+    assert (tmp_path / "d" / "footrule_to_final.png").is_file()
+    assert len(list((tmp_path / "d").glob("footrule_heatmap_*.png"))) == 8
+
+
+# ---------------------------------------------------------- prune, tune ----
+def test_prune_keeps_top_norm_filters(capsys, pretrained, tmp_path):
+    rc, out, _ = cli(capsys, "prune", "--checkpoint", pretrained, "--ratio", "0.8", "--speed-repeats", "2",
+                     "--out", tmp_path / "p")
+    assert rc == 0 and "ticket at ratio 0.8" in out
+    obj = engine.load_model_file(tmp_path / "p" / "ticket.pt")
+    full = engine.load_model_file(pretrained / "model.pt")
+    for g in obj["groups"]:
+        w = full["state_dict"][g["conv_a"] + ".weight"]
+        norms = w.flatten(1).norm(dim=1)
+        keep = g["n"] - math.floor(0.8 * g["n"])
+        want = sorted(torch.argsort(norms, descending=True, stable=True)[:keep].tolist())
+        assert obj["kept"][g["name"]].tolist() == want
+        assert obj["state_dict"][g["conv_a"] + ".weight"].shape[0] == keep
+        assert obj["state_dict"][g["conv_b"] + ".weight"].shape[1] == keep
+    m = json.loads((tmp_path / "p" / "metrics.json").read_text())[0]
+    assert m["params_after"] < m["params_before"] and m["flops_after"] < m["flops_before"]
+    assert m["inference_speedup"] > 0
+
+
+def test_finetune_and_rewind(capsys, pretrained, tmp_path):
+    assert cli(capsys, "prune", "--checkpoint", pretrained, "--ratio", "0.5", "--speed-repeats", "0",
+               "--out", tmp_path / "p")[0] == 0
+    rc, out, _ = cli(capsys, "finetune", "--ticket", tmp_path / "p", "--dataset", "synthetic", "--seed", "3",
+                     "--epochs", "1", "--batch-size", "32", "--out", tmp_path / "f")
+    assert rc == 0
+    summary = json.loads((tmp_path / "f" / "summary.json").read_text())
+    tuned = engine.ticket_model(engine.load_model_file(tmp_path / "f" / "model.pt"))
+    data = lk.get_dataset("synthetic", seed=3)
+    assert engine.evaluate(tuned, data.test_x, data.test_y)["acc"] == pytest.approx(summary["test_acc"])
+    assert len(rows_csv(tmp_path / "f" / "metrics.csv")) == 1
+
+    # rewound to the initial weights: the first epoch starts from init.pt's weights cut by the same kept filters
+    rc, _, _ = cli(capsys, "finetune", "--ticket", tmp_path / "p", "--rewind-from", pretrained / "init.pt",
+                   "--dataset", "synthetic", "--seed", "3", "--epochs", "1", "--batch-size", "32",
+                   "--out", tmp_path / "r")
+    assert rc == 0
+    rewound = json.loads((tmp_path / "r" / "metrics.json").read_text())[0]
+    pruned_start = json.loads((tmp_path / "f" / "metrics.json").read_text())[0]
+    assert rewound["train_loss"] > pruned_start["train_loss"]  # random init trains worse than a pretrained ticket
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["rewind_from"].endswith("init.pt")
+
+
+# ------------------------------------------------------------------- run ----
+def test_run_end_to_end(capsys, tmp_path):
+    out = tmp_path / "job"
+    rc, stdout, _ = cli(capsys, "run", *TINY, "--methods", "dense,loft-2", "--seeds", "1", "--epochs", "2",
+                        "--finetune-epochs", "1", "--draw-at", "0,2", "--sync-every", "4", "--out", out, "--quiet")
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    report.validate_report(rep)
+    assert rep["dataset"] == "synthetic" and rep["seeds"] == [0] and list(rep["methods"]) == ["dense", "loft-2"]
+    for method in ("dense", "loft-2"):
+        m = rep["methods"][method]
+        unit = out / "units" / method / "seed0"
+        pre = json.loads((unit / "pretrain" / "summary.json").read_text())
+        assert m["no_prune"] == pytest.approx(pre["final"]["test_acc"])
+        assert m["comm_bytes"] == (pre["comm_bytes_total"] or 0)
+        for ratio in ("0.5", "0.8"):
+            ft = json.loads((unit / f"ticket-{ratio}" / "summary.json").read_text())
+            assert m["ticket"][ratio] == pytest.approx(ft["test_acc"])
+        assert set(m["per_seed"]["0"]["drawn_at"]) == {"0", "2"}  # 0: drawn from the initial weights
+    assert rep["methods"]["dense"]["comm_bytes"] == 0 and rep["methods"]["loft-2"]["comm_bytes"] > 0
+    assert "| loft-2 |" in stdout and "| loft-2 |" in (out / "report.md").read_text()
+    details = json.loads((out / "details.json").read_text())
+    assert details["gpipe_bytes"]["loft-2"] > 0
+    for name in ("footrule_to_final.png", "curves.png", "ticket_vs_epoch.png"):
+        assert (out / name).is_file()
+    assert len(list(out.glob("footrule_heatmap_*.png"))) == 8
+    # a finished job resumes to the same report without training again
+    before = (out / "report.json").read_text()
+    rc, _, _ = cli(capsys, "run", *TINY, "--methods", "dense,loft-2", "--seeds", "1", "--epochs", "2",
+                   "--finetune-epochs", "1", "--draw-at", "0,2", "--sync-every", "4", "--out", out, "--quiet",
+                   "--resume")
+    assert rc == 0 and (out / "report.json").read_text() == before
+
+
+# ---------------------------------------------------------------- resume ----
+def _pretrain_cmd(out, epochs):
+    return [sys.executable, "-m", "loft_kernels", "pretrain", *TINY, "--workers", "2", "--sync-every", "5",
+            "--epochs", str(epochs), "--seed", "1", "--out", str(out), "--quiet"]
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path):
+    epochs = 4
+    full = tmp_path / "full"
+    subprocess.run(_pretrain_cmd(full, epochs), check=True, env=ENV, timeout=300)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_pretrain_cmd(killed, epochs), env=ENV)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint.pt").exists():  # the first epoch's checkpoint is on disk
+        assert proc.poll() is None and time.time() < deadline, "pretraining ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists(), "the process finished before it could be killed"
+
+    r = subprocess.run(_pretrain_cmd(killed, epochs) + ["--resume"], env=ENV, timeout=300, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    a = engine.load_model_file(full / "model.pt")["state_dict"]
+    b = engine.load_model_file(killed / "model.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ma = json.loads((full / "metrics.json").read_text())
+    mb = json.loads((killed / "metrics.json").read_text())
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(ma) == drop(mb)
+    assert json.loads((full / "summary.json").read_text())["comm"] == \
+        json.loads((killed / "summary.json").read_text())["comm"]
+
+
+def test_torchrun_two_gloo_processes_match_the_simulation(pretrained, tmp_path):
+    out = tmp_path / "dist"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "loft_kernels", "pretrain", *TINY, *LOFT2, "--distributed", "--device", "cpu",
+           "--out", str(out), "--quiet"]
+    r = subprocess.run(cmd, env=ENV, timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sim = engine.load_model_file(pretrained / "model.pt")["state_dict"]
+    dist = engine.load_model_file(out / "model.pt")["state_dict"]
+    for k in sim:
+        assert torch.allclose(sim[k].double(), dist[k].double(), rtol=1e-4, atol=1e-5), k
+    s_sim = json.loads((pretrained / "summary.json").read_text())
+    s_dist = json.loads((out / "summary.json").read_text())
+    assert s_dist["comm"] == s_sim["comm"] and s_dist["comm_bytes_total"] == s_sim["comm_bytes_total"]
+    assert sorted(p.name for p in out.glob("checkpoint*.pt")) == ["checkpoint.rank0.pt", "checkpoint.rank1.pt"]
+
+
+# ------------------------------------------------------------- bad input ----
+BAD = [
+    (["pretrain", "--model", "resnet_nope"], "unknown model 'resnet_nope'"),
+    (["pretrain", "--dataset", "mnist"], "unknown dataset 'mnist'"),
+    (["pretrain", "--dataset", "cifar10"], "needs --data-dir"),
+    (["pretrain", "--dataset", "cifar10", "--data-dir", "{tmp}"], "data_batch_1"),
+    (["pretrain", "--workers", "0"], "--workers must be >= 1"),
+    (["pretrain", "--workers", "2", "--distributed"], "torchrun"),
+    (["pretrain", "--epochs", "3", "--keep-epochs", "5"], "--keep-epochs must lie in 1..3"),
+    (["pretrain", "--device", "tpu:0"], "--device"),
+    (["pretrain", "--lr", "0"], "learning rate must be > 0"),
+    (["prune", "--checkpoint", "{tmp}/missing.pt"], "does not exist"),
+    (["prune", "--checkpoint", "{pre}", "--ratio", "1.5"], r"--ratio must lie in \[0, 1\)"),
+    (["prune", "--checkpoint", "{pre}", "--ratio", "-0.1"], r"--ratio must lie in \[0, 1\)"),
+    (["prune", "--checkpoint", "{pre}/metrics.json"], "not a loft_kernels model file"),
+    (["finetune", "--ticket", "{pre}/model.pt", "--dataset", "synthetic"], "not a ticket"),
+    (["finetune", "--ticket", "{tmp}"], "ticket.pt"),
+    (["distance", "--run", "{tmp}/nowhere"], "not a directory"),
+    (["distance", "--run", "{tmp}"], "model.pt"),
+    (["run", "--ratios", "0.5,1.2"], r"--ratios must lie in \[0, 1\)"),
+    (["run", "--methods", "dense,loft-1"], "'loft-1' is not a method"),
+    (["run", "--methods", "dense,gpipe"], "'gpipe' is not a method"),
+    (["run", "--epochs", "2", "--draw-at", "1,9"], r"--draw-at epochs must lie in 0\.\.2"),
+    (["run", "--model", "preact_resnet", "--width", "0.0625", "--methods", "loft-8"], "fewer filters than 8"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=[f"{a[0]}-{m[:20]}" for a, m in BAD])
+def test_bad_input_fails_cleanly(capsys, tmp_path, pretrained, argv, message):
+    out = tmp_path / "out"
+    argv = [a.format(tmp=tmp_path, pre=pretrained) for a in argv]
+    rc, _, err = cli(capsys, *argv, "--out", out)
+    assert rc == 2
+    assert err.startswith(f"loft {argv[0]}: error:")
+    assert __import__("re").search(message, err), err
+    assert not out.exists()  # nothing half-written
+
+
+def test_existing_run_needs_resume_and_same_settings(capsys, pretrained):
+    before = {p.name: p.stat().st_mtime_ns for p in pretrained.iterdir()}
+    rc, _, err = cli(capsys, "pretrain", *TINY, *LOFT2, "--out", pretrained)
+    assert rc == 2 and "already holds a run" in err
+    rc, _, err = cli(capsys, "pretrain", *TINY, "--workers", "2", "--epochs", "3", "--out", pretrained, "--resume")
+    assert rc == 2 and "differ" in err and "train" in err
+    assert {p.name: p.stat().st_mtime_ns for p in pretrained.iterdir()} == before
+    rc, _, err = cli(capsys, "pretrain", *TINY, "--out", Path(pretrained).parent / "fresh", "--resume")
+    assert rc == 2 and "no run to resume" in err
