@@ -167,28 +167,9 @@ class PackEntry:
     slot: Slot
 
 
-def pack_owned(entries: Sequence[PackEntry], owned: dict, compact: Sequence[Tensor] = ()) -> Tensor:
-    """One flat buffer: each entry's block for `owned`, then the `compact` tensors (already in block layout)."""
-    tensors, indices, dims = [], [], []
-    for e in entries:
-        rows, cols = e.slot.index(owned)
-        if rows is not None and cols is not None:
-            tensors.append(e.tensor.index_select(1, cols))  # block: pack its rows
-            indices.append(rows)
-            dims.append(0)
-        else:
-            tensors.append(e.tensor)
-            indices.append(rows if rows is not None else cols)
-            dims.append(0 if rows is not None else 1)
-    for c in compact:
-        tensors.append(c)
-        indices.append(torch.arange(c.shape[0], device=c.device))
-        dims.append(0)
-    return pack_rows(tensors, indices, dims)
-
-
-def unpack_owned(flat: Tensor, entries: Sequence[PackEntry], owned: dict) -> None:
-    """Write a `pack_owned` buffer (without compact tail: its entries are given full-size here) back."""
+def _owned_layout(entries: Sequence[PackEntry], owned: dict):
+    """Per entry: the tensor to pack/unpack, its indices and dim; for a block (rows and
+    columns both owned) a column-gathered copy whose rows are packed, listed in `blocks`."""
     tensors, indices, dims, blocks = [], [], [], []
     for e in entries:
         rows, cols = e.slot.index(owned)
@@ -202,6 +183,22 @@ def unpack_owned(flat: Tensor, entries: Sequence[PackEntry], owned: dict) -> Non
             tensors.append(e.tensor)
             indices.append(rows if rows is not None else cols)
             dims.append(0 if rows is not None else 1)
+    return tensors, indices, dims, blocks
+
+
+def pack_owned(entries: Sequence[PackEntry], owned: dict, compact: Sequence[Tensor] = ()) -> Tensor:
+    """One flat buffer: each entry's block for `owned`, then the `compact` tensors (already in block layout)."""
+    tensors, indices, dims, _ = _owned_layout(entries, owned)
+    for c in compact:
+        tensors.append(c)
+        indices.append(torch.arange(c.shape[0], device=c.device))
+        dims.append(0)
+    return pack_rows(tensors, indices, dims)
+
+
+def unpack_owned(flat: Tensor, entries: Sequence[PackEntry], owned: dict) -> None:
+    """Write a `pack_owned` buffer (without compact tail: its entries are given full-size here) back."""
+    tensors, indices, dims, blocks = _owned_layout(entries, owned)
     unpack_rows(flat, tensors, indices, dims)
     with torch.no_grad():
         for t, cols, tmp in blocks:
