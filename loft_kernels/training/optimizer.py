@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from .. import _checks as C
 from .comm import STATES, CommStats, make_plan
 from .groups import FilterGroup
-from .layers import LoftBatchNorm2d, LoftConv2d, activate
+from .layers import LoftBatchNorm2d, LoftConv2d, _module, activate
 from .partition import check_groups, partition
 from .sync import (LocalGroup, PackEntry, Payload, Slot, distributed_exchange, flatten, gather, owned_numel,
                    pack_owned, scatter_, unflatten_, unpack_owned)
@@ -77,25 +77,17 @@ def _split_state(state: dict, shape: torch.Size) -> tuple[dict, dict]:
 
 def check_loft_groups(model: nn.Module, groups: Sequence[FilterGroup]) -> None:
     """Every group names Loft layers of `model` whose sizes match its n (else TypeError/ValueError naming groups)."""
-    def get(name, kind, g):
-        try:
-            m = model.get_submodule(name)
-        except AttributeError as exc:
-            raise ValueError(f"groups: group {g.name!r} names module {name!r}, which model does not have") from exc
-        if not isinstance(m, kind):
-            raise TypeError(f"groups: group {g.name!r}: module {name!r} is {type(m).__name__}, not {kind.__name__}; "
-                            f"convert the model with lk.convert(model, example_input) first")
-        return m
     for g in groups:
-        conv_a, conv_b = get(g.conv_a, LoftConv2d, g), get(g.conv_b, LoftConv2d, g)
+        conv_a, conv_b = _module(model, g.conv_a, LoftConv2d, g.name), _module(model, g.conv_b, LoftConv2d, g.name)
         if conv_a.out_channels != g.n or conv_b.in_channels != g.n or conv_b.groups != 1:
             raise ValueError(f"groups: group {g.name!r} has n={g.n} but {g.conv_a!r} has {conv_a.out_channels} "
                              f"output channels and {g.conv_b!r} {conv_b.in_channels} input channels "
                              f"(groups={conv_b.groups})")
         for nm in g.norms:
-            if get(nm, LoftBatchNorm2d, g).num_features != g.n:
+            norm = _module(model, nm, LoftBatchNorm2d, g.name)
+            if norm.num_features != g.n:
                 raise ValueError(f"groups: group {g.name!r} has n={g.n} but norm {nm!r} has "
-                                 f"{model.get_submodule(nm).num_features} channels")
+                                 f"{norm.num_features} channels")
 
 
 def resolve_group(process_group) -> tuple[object, int, int]:
