@@ -1,0 +1,130 @@
+"""CIFAR-10/100 in the standard python-pickle layout (read without running code from the files), and tiny fakes."""
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import _checks as C
+from ..io import atomic_write
+from ._base import Dataset, normalised
+
+_CIFAR = {  # name -> (train files, test file, label key, classes, standard sub-folder)
+    "cifar10": ([f"data_batch_{i}" for i in range(1, 6)], "test_batch", b"labels", 10, "cifar-10-batches-py"),
+    "cifar100": (["train"], "test", b"fine_labels", 100, "cifar-100-python"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts/lists/bytes/numbers and numpy arrays, nothing else (no code from the file runs)."""
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+                ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch file")
+        return super().find_class(module, name)
+
+
+def _cifar_dir(data_dir, name: str) -> Path:
+    if data_dir is None:
+        raise ValueError(f"data_dir is required for dataset {name!r} (datasets are never downloaded)")
+    if not isinstance(data_dir, (str, os.PathLike)):
+        raise TypeError(f"data_dir must be a str or os.PathLike, got {type(data_dir).__name__}")
+    train, test, _, _, sub = _CIFAR[name]
+    root = Path(data_dir)
+    for cand in (root, root / sub):
+        if all((cand / f).is_file() for f in (*train, test)):
+            return cand
+    missing = [f for f in (*train, test) if not (root / f).is_file()]
+    raise FileNotFoundError(f"data_dir {str(root)!r} is not a {name} directory in the python-pickle layout: "
+                            f"expected files {', '.join((*train, test))} (in it or in {sub}/); "
+                            f"missing {', '.join(missing)}")
+
+
+def _read_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    what = f"{path} must be a pickled dict with b'data' (uint8 [n, 3072]) and {label_key!r} ({num_classes} classes)"
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+    except Exception as exc:
+        raise ValueError(f"cannot read {path}: {type(exc).__name__}: {exc}; {what}") from None
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f"{what}; found {keys}")
+    data, labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise ValueError(f"{what}; b'data' is {data.dtype} with shape {data.shape}")
+    if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{what}; labels have shape {labels.shape} (dtype {labels.dtype}) for {len(data)} images")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{what}; labels range over [{labels.min()}, {labels.max()}]")
+    return data, labels.astype(np.int64)
+
+
+def load_cifar(name: str, data_dir) -> Dataset:
+    train_files, test_file, label_key, classes, _ = _CIFAR[name]
+    root = _cifar_dir(data_dir, name)
+    parts = [_read_batch(root / f, label_key, classes) for f in train_files]
+    test = _read_batch(root / test_file, label_key, classes)
+
+    def images(data):  # rows are 1024 red, 1024 green, 1024 blue values, each 32 x 32 row-major
+        return torch.from_numpy(data).reshape(-1, 3, 32, 32).float()
+
+    train_x = images(np.concatenate([p[0] for p in parts]))
+    if train_x.shape[0] == 0:
+        raise ValueError(f"{root} holds no training images")
+    train_y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    return normalised(name, train_x, train_y, images(test[0]), torch.from_numpy(test[1]), classes, augment=True)
+
+
+# ------------------------------------------------------- fake CIFAR files ----
+def _atomic_pickle(obj, path: Path) -> None:
+    # protocol 2, as the original python-2 CIFAR files
+    atomic_write(path, lambda f: pickle.dump(obj, f, protocol=2))
+
+
+def write_fake_cifar(directory, n_train: int, n_test: int, num_classes: int = 10, *, seed: int = 0) -> Path:
+    """Write a tiny CIFAR-format directory (for tests and CI of the CIFAR recipes); returns its path.
+
+    num_classes 10 writes cifar10's data_batch_1..5 + test_batch (+ batches.meta),
+    100 writes cifar100's train + test (+ meta). Images are 32x32x3 uint8: a
+    per-class colour and stripe pattern plus noise, so a model can learn them.
+    """
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
+    n_train, n_test = C.positive_int(n_train, "n_train"), C.positive_int(n_test, "n_test")
+    if isinstance(num_classes, bool) or num_classes not in (10, 100):
+        raise ValueError(f"num_classes must be 10 (cifar10) or 100 (cifar100), got {num_classes!r}")
+    seed = C.positive_int(seed, "seed", minimum=0)
+    rng = np.random.default_rng(seed)
+    base = rng.integers(40, 216, size=(num_classes, 3, 1, 1))
+    stripes = (np.arange(32)[None, :] * (1 + np.arange(num_classes)[:, None] % 7)) % 32 < 16  # [classes, 32]
+
+    def make(n):
+        labels = rng.permutation(np.arange(n) % num_classes)
+        img = base[labels] + 30 * stripes[labels][:, None, None, :] + rng.normal(0, 20, size=(n, 3, 32, 32))
+        return np.clip(img, 0, 255).astype(np.uint8).reshape(n, 3072), [int(v) for v in labels]
+
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    if num_classes == 10:
+        data, labels = make(n_train)
+        for i, part in enumerate(np.array_split(np.arange(n_train), 5), 1):
+            _atomic_pickle({b"batch_label": f"training batch {i} of 5".encode(), b"data": data[part],
+                            b"labels": [labels[j] for j in part]}, root / f"data_batch_{i}")
+        data, labels = make(n_test)
+        _atomic_pickle({b"batch_label": b"testing batch 1 of 1", b"data": data, b"labels": labels},
+                       root / "test_batch")
+        _atomic_pickle({b"label_names": [f"class{i}".encode() for i in range(10)]}, root / "batches.meta")
+    else:
+        for split, n in (("train", n_train), ("test", n_test)):
+            data, labels = make(n)
+            _atomic_pickle({b"data": data, b"fine_labels": labels, b"coarse_labels": [v // 5 for v in labels]},
+                           root / split)
+        _atomic_pickle({b"fine_label_names": [f"class{i}".encode() for i in range(100)]}, root / "meta")
+    return root

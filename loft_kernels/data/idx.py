@@ -1,0 +1,171 @@
+"""MNIST, Fashion-MNIST and KMNIST from the four standard idx files (optionally gzip-compressed).
+
+A directory holds train-images-idx3-ubyte, train-labels-idx1-ubyte,
+t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte, each possibly with a .gz
+suffix (Debian's dataset-fashion-mnist ships the .gz files in
+/usr/share/datasets/fashion-mnist/, the default directory for fashion-mnist).
+Every file is checked completely (gzip stream, magic number, dimensions,
+length, label range, image/label counts) before any tensor is built, so a bad
+file gives an error naming it and nothing half-loaded is returned.
+"""
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import _checks as C
+from ..io import atomic_write
+from ._base import Dataset, normalised
+
+IDX_DATASETS = ("mnist", "fashion-mnist", "kmnist")
+DEFAULT_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}
+HOW_TO_GET = {"fashion-mnist": "install Debian/Ubuntu's package (as root: apt-get install -y dataset-fashion-mnist), "
+                               "which puts them in /usr/share/datasets/fashion-mnist/, or pass that directory"}
+IMAGE_SIZE, NUM_CLASSES = (28, 28), 10
+SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_UBYTE = 0x08  # the idx element-type code of unsigned bytes
+
+
+def _locate(root: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def idx_dir(name: str, data_dir) -> Path:
+    """The directory of dataset `name` that holds all four idx files, or a clear error saying what is missing."""
+    if data_dir is None:
+        if name not in DEFAULT_DIRS:
+            raise ValueError(f"data_dir is required for dataset {name!r} (datasets are never downloaded): a directory "
+                             f"with the four idx files {', '.join(s for pair in SPLITS.values() for s in pair)} "
+                             f"(each optionally .gz)")
+        data_dir = DEFAULT_DIRS[name]
+        if not Path(data_dir).is_dir():
+            raise FileNotFoundError(f"{name}: no data_dir given and the default {data_dir} does not exist; the data "
+                                    f"are never downloaded: {HOW_TO_GET[name]} as data_dir (--data-dir)")
+    if not isinstance(data_dir, (str, os.PathLike)):
+        raise TypeError(f"data_dir must be a str or os.PathLike, got {type(data_dir).__name__}")
+    root = Path(data_dir)
+    stems = [s for pair in SPLITS.values() for s in pair]
+    missing = [s for s in stems if _locate(root, s) is None]
+    if missing:
+        hint = f"; to get them, {HOW_TO_GET[name]}" if name in HOW_TO_GET else " (datasets are never downloaded)"
+        raise FileNotFoundError(f"data_dir {str(root)!r} is not a {name} directory in the idx layout: expected "
+                                f"{', '.join(stems)} (each optionally .gz); missing {', '.join(missing)}{hint}")
+    return root
+
+
+def _raw_bytes(path: Path) -> bytes:
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":  # gzip, whatever the file is called
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ValueError(f"{path} is not a valid gzip file ({type(exc).__name__}: {exc})") from None
+    if path.suffix == ".gz":
+        raise ValueError(f"{path} is not a gzip file (it does not start with the gzip magic bytes 1f 8b)")
+    return raw
+
+
+def read_idx(path, ndim: int, item_shape: tuple[int, ...] = ()) -> np.ndarray:
+    """The uint8 array of an idx file with `ndim` dimensions whose trailing ones equal `item_shape`.
+
+    Raises ValueError naming the file for a bad gzip stream, wrong magic number
+    or element type, wrong dimensions, truncated data or trailing bytes.
+    """
+    path = Path(path)
+    raw = _raw_bytes(path)
+    want = (_UBYTE << 8) | ndim
+    if len(raw) < 4:
+        raise ValueError(f"{path} is too short ({len(raw)} bytes) for an idx header")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != want:
+        raise ValueError(f"{path} has the wrong magic number {magic:#010x}; expected {want:#010x} "
+                         f"(an idx file of unsigned bytes with {ndim} dimension{'s' * (ndim > 1)})")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path} is truncated: {len(raw)} bytes, shorter than its {header}-byte header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    if tuple(dims[1:]) != tuple(item_shape):
+        raise ValueError(f"{path} has dimensions {' x '.join(map(str, dims))}; expected N"
+                         + "".join(f" x {d}" for d in item_shape))
+    count, have = math.prod(dims), len(raw) - header
+    if have < count:
+        raise ValueError(f"{path} is truncated: its header announces {' x '.join(map(str, dims))} = {count} bytes "
+                         f"of data but it holds {have}")
+    if have > count:
+        raise ValueError(f"{path} has {have - count} bytes after the {count} bytes of data its header announces")
+    return np.frombuffer(raw, np.uint8, count, header).reshape(dims)
+
+
+def _split(root: Path, split: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    images_path, labels_path = (_locate(root, s) for s in SPLITS[split])
+    images = read_idx(images_path, 3, IMAGE_SIZE)
+    labels = read_idx(labels_path, 1)
+    if len(images) != len(labels):
+        raise ValueError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels")
+    if len(images) == 0:
+        raise ValueError(f"{images_path} holds no images")
+    if labels.max() >= num_classes:
+        bad = int(np.argmax(labels >= num_classes))
+        raise ValueError(f"{labels_path} has label {int(labels[bad])} at index {bad}; labels must lie in "
+                         f"[0, {num_classes})")
+    return images, labels
+
+
+def load_idx_dataset(name: str, data_dir=None) -> Dataset:
+    """Dataset `name` (one of IDX_DATASETS) from the idx files in `data_dir` (see the module docstring)."""
+    root = idx_dir(name, data_dir)
+    (tr_x, tr_y), (te_x, te_y) = (_split(root, s, NUM_CLASSES) for s in SPLITS)
+
+    def tensors(x, y):
+        return torch.from_numpy(x.astype(np.float32)).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
+
+    return normalised(name, *tensors(tr_x, tr_y), *tensors(te_x, te_y), NUM_CLASSES, augment=False)
+
+
+def write_idx(path, array: np.ndarray, *, compress: bool | None = None) -> Path:
+    """Write a uint8 array as an idx file (gzip-compressed if compress, default: when `path` ends in .gz)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or not 1 <= array.ndim <= 255:
+        raise ValueError(f"array must be a uint8 array with 1 to 255 dimensions, got {array.dtype} "
+                         f"with shape {array.shape}")
+    path = Path(path)
+    data = struct.pack(f">I{array.ndim}I", (_UBYTE << 8) | array.ndim, *array.shape) + array.tobytes()
+    if path.suffix == ".gz" if compress is None else compress:
+        data = gzip.compress(data, mtime=0)
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def write_fake_idx(directory, n_train: int, n_test: int, *, compress: bool = True, seed: int = 0) -> Path:
+    """Write a tiny learnable MNIST-layout directory (28x28 images, 10 classes); returns its path.
+
+    Each class is a bright horizontal bar at its own height plus noise, so a
+    small model can learn it. For tests and CI of the idx loaders and the CLI.
+    """
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
+    n_train, n_test = C.positive_int(n_train, "n_train"), C.positive_int(n_test, "n_test")
+    rng = np.random.default_rng(C.positive_int(seed, "seed", minimum=0))
+    root = Path(directory)
+    suffix = ".gz" if compress else ""
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = rng.permutation(np.arange(n) % NUM_CLASSES).astype(np.uint8)
+        images = rng.normal(40, 25, size=(n, *IMAGE_SIZE))
+        for i, c in enumerate(labels):
+            images[i, 2 + 2 * int(c):4 + 2 * int(c), 4:24] += 180
+        images_stem, labels_stem = SPLITS[split]
+        write_idx(root / (images_stem + suffix), np.clip(images, 0, 255).astype(np.uint8))
+        write_idx(root / (labels_stem + suffix), labels)
+    return root
