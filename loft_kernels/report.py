@@ -153,11 +153,13 @@ def method_workers(method: str) -> int:
 
 
 def format_table(report: Mapping, gpipe_bytes: Mapping[str, int | None] | None = None,
-                 bn_recalibrated: Mapping[str, float] | None = None) -> str:
+                 bn_recalibrated: Mapping[str, float] | None = None,
+                 ddp_bytes: Mapping[str, int | None] | None = None) -> str:
     """The paper-shaped markdown table.
 
     gpipe_bytes[method]: GPipe's bytes with that method's workers (improv. = GPipe / LoFT).
     bn_recalibrated[method]: no-prune accuracy with BatchNorm statistics re-estimated (an extra column).
+    ddp_bytes[method]: DDP's bytes with that method's workers (an extra column when given).
     """
     validate_report(report)
     gpipe_bytes = gpipe_bytes or {}
@@ -165,7 +167,8 @@ def format_table(report: Mapping, gpipe_bytes: Mapping[str, int | None] | None =
     ratios = sorted(any_m["ticket"], key=float, reverse=True)  # the paper lists 80 % before 50 %
     head = (["method", "no-prune acc. (%)"] + (["no-prune, BN re-estimated (%)"] if bn_recalibrated else [])
             + [f"ticket {float(r) * 100:g} % (%)" for r in ratios]
-            + ["comm", "GPipe comm (same workers)", "improv.", "emerged (footrule)", "emerged (mask)"])
+            + ["comm", "GPipe comm (same workers)", "improv."] + (["DDP comm (same workers)"] if ddp_bytes else [])
+            + ["emerged (footrule)", "emerged (mask)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in report["methods"].items():
         g = gpipe_bytes.get(name)
@@ -175,34 +178,95 @@ def format_table(report: Mapping, gpipe_bytes: Mapping[str, int | None] | None =
                    for c in CRITERIA]
         recal = [f"{bn_recalibrated[name]:.2f}" if name in bn_recalibrated else "n/a"] if bn_recalibrated else []
         row = ([name, f"{m['no_prune']:.2f}"] + recal + [f"{m['ticket'][r]:.2f}" for r in ratios]
-               + [_fmt_bytes(ours), _fmt_bytes(g) if g else "n/a", improv] + emerged)
+               + [_fmt_bytes(ours), _fmt_bytes(g) if g else "n/a", improv]
+               + ([_fmt_bytes(ddp_bytes[name]) if ddp_bytes.get(name) else "n/a"] if ddp_bytes else []) + emerged)
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
+def format_draw_table(draws: Mapping) -> str:
+    """Markdown: fine-tuned accuracy of the ticket drawn at each point (mean, then per seed acc@epoch).
+
+    draws = {"ratio": float, "methods": {method: {"rows": {label: {"mean_acc": float | None,
+    "per_seed": {seed: {"epoch": int, "acc": float} | None}}}, "savings": {...}}}}, as `loft run` builds it.
+    """
+    methods = draws["methods"]
+    labels = list(dict.fromkeys(label for m in methods.values() for label in m["rows"]))
+    lines = ["| method | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
+    for name, m in methods.items():
+        cells = []
+        for label in labels:
+            row = m["rows"].get(label)
+            if row is None:
+                cells.append("n/a")
+                continue
+            seeds = ", ".join("not fired" if v is None else f"{v['acc']:.2f} @{v['epoch']}"
+                              for v in row["per_seed"].values())
+            mean = "n/a" if row["mean_acc"] is None else f"{row['mean_acc']:.2f}"
+            cells.append(f"{mean} ({seeds})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_savings(draws: Mapping) -> list[str]:
+    """One line per method and criterion: what stopping at emergence saved and what it cost the ticket."""
+    lines = []
+    for name, m in draws["methods"].items():
+        for crit, per_seed in m["savings"].items():
+            got = [v for v in per_seed.values() if v is not None]
+            if not got:
+                lines.append(f"- {name}, {crit} criterion: did not fire for any seed")
+                continue
+            mean = {k: sum(v[k] for v in got) / len(got) for k in got[0]}
+            lines.append(f"- {name}, {crit} criterion (fired for {len(got)} of {len(per_seed)} seeds): stopping "
+                         f"there saves {mean['epochs_saved']:.1f} epochs, {mean['train_seconds_saved']:.1f} s of "
+                         f"training and {_fmt_bytes(mean['comm_bytes_saved'])} of communication per run; the ticket "
+                         f"changes by {mean['ticket_acc_change']:+.2f} points (mean over those seeds)")
+    return lines
+
+
+def _per_seed_table(report: Mapping) -> str:
+    ratios = sorted(next(iter(report["methods"].values()))["ticket"], key=float, reverse=True)
+    head = ["method", "seed", "no-prune", "BN re-estimated"] + [f"ticket {float(r) * 100:g} %" for r in ratios] \
+        + ["emerged (footrule)", "emerged (mask)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in report["methods"].items():
+        for seed, r in m["per_seed"].items():
+            recal = r.get("no_prune_bn_recalibrated")
+            row = [name, seed, f"{r['no_prune']:.2f}", "n/a" if recal is None else f"{recal:.2f}"] \
+                + [f"{r['ticket'][k]:.2f}" for k in ratios] + [str(r["emerged_epoch"][c]) for c in CRITERIA]
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(out: str | Path, report: Mapping, details: Mapping | None = None) -> None:
-    """report.json, report.md (table + per-seed numbers) and, if given, details.json."""
+    """report.json, report.md (tables, per-seed numbers, draws, notes) and, if given, details.json."""
     validate_report(report)
     out = Path(out)
     details = dict(details or {})
-    table = format_table(report, details.get("gpipe_bytes"), details.get("no_prune_bn_recalibrated"))
+    table = format_table(report, details.get("gpipe_bytes"), details.get("no_prune_bn_recalibrated"),
+                         details.get("ddp_bytes"))
     md = [f"# LoFT tickets on {report['dataset']} (seeds {report['seeds']})", "",
           "Accuracies are test accuracy in percent, means over seeds. no-prune: the pretrained full model as "
           "trained; BN re-estimated: the same weights with BatchNorm running statistics re-measured on the "
           "training data (a LoFT worker's statistics describe its sub-model, whose partial sums over 1/S of "
-          "the channels are not rescaled). comm: bytes all LoFT ranks send over the whole pretraining "
-          "(`comm_stats`; each rank receives as much); GPipe comm: the communication model (`lk.comm_cost`) "
-          "for the same workers and samples; improv. = GPipe / LoFT. emerged: the epoch each criterion "
-          "declared the ticket (median over seeds; 'not fired' if it did not fire for every seed).", "",
-          table]
-    md.append("## Per seed\n")
-    for name, m in report["methods"].items():
-        for seed, r in m["per_seed"].items():
-            tickets = ", ".join(f"{float(k) * 100:g} %: {v:.2f}" for k, v in sorted(r["ticket"].items()))
-            md.append(f"- {name}, seed {seed}: no-prune {r['no_prune']:.2f}; tickets {tickets}; "
-                      f"emerged footrule {r['emerged_epoch']['footrule']}, mask {r['emerged_epoch']['mask']}")
+          "the channels are not rescaled). ticket p %: the pretrained model with p % of the filters of every "
+          "group removed (lowest L2 norm), fine-tuned. comm: bytes all LoFT ranks send over the whole "
+          "pretraining (`comm_stats`; each rank receives as much); GPipe and DDP comm: the communication model "
+          "(`lk.comm_cost`) for the same workers and samples; improv. = GPipe / LoFT. emerged: the epoch each "
+          "criterion declared the ticket (median over seeds; 'not fired' if it did not fire for every seed).", "",
+          table, "## Per seed", "", _per_seed_table(report)]
+    draws = details.get("draws")
+    if draws:
+        md += [f"## Ticket ({draws['ratio'] * 100:g} % pruned) against the epoch it was drawn at", "",
+               "Fine-tuned test accuracy of the ticket drawn from the weights of each point; mean over seeds, then "
+               "each seed's accuracy @ the epoch it was drawn at (emergence epochs differ between seeds).", "",
+               format_draw_table(draws)]
+        md += format_savings(draws)
     if details.get("notes"):
         md += ["", "## Notes", ""] + [f"- {n}" for n in details["notes"]]
+    if details.get("run"):
+        md += ["", "## Run", ""] + [f"- {k}: {v}" for k, v in details["run"].items()]
     atomic_write_text(json.dumps(report, indent=2) + "\n", out / "report.json")
     atomic_write_text("\n".join(md) + "\n", out / "report.md")
     if details:

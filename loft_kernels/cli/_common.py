@@ -138,8 +138,11 @@ def say(quiet: bool, msg: str) -> None:
 def add_data_model(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default="digits",
-                   help="digits (embedded, default), cifar10, cifar100 (from --data-dir) or synthetic")
-    g.add_argument("--data-dir", default=None, help="CIFAR directory in the python-pickle layout")
+                   help="digits (embedded, default), fashion-mnist, mnist, kmnist (idx files), cifar10, cifar100 "
+                        "(python pickles) or synthetic")
+    g.add_argument("--data-dir", default=None,
+                   help="directory of the idx files (mnist, kmnist; fashion-mnist defaults to "
+                        "/usr/share/datasets/fashion-mnist) or of the CIFAR pickles; never downloaded")
     if model:
         g.add_argument("--model", default="preact_resnet18", help="zoo model name (default: %(default)s)")
         g.add_argument("--width", type=float, default=0.25,

@@ -100,8 +100,8 @@ def read_idx(path, ndim: int, item_shape: tuple[int, ...] = ()) -> np.ndarray:
                          + "".join(f" x {d}" for d in item_shape))
     count, have = math.prod(dims), len(raw) - header
     if have < count:
-        raise ValueError(f"{path} is truncated: its header announces {' x '.join(map(str, dims))} = {count} bytes "
-                         f"of data but it holds {have}")
+        shape = f"{' x '.join(map(str, dims))} = " if ndim > 1 else ""
+        raise ValueError(f"{path} is truncated: its header announces {shape}{count} bytes of data but it holds {have}")
     if have > count:
         raise ValueError(f"{path} has {have - count} bytes after the {count} bytes of data its header announces")
     return np.frombuffer(raw, np.uint8, count, header).reshape(dims)
