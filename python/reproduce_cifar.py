@@ -23,7 +23,9 @@ GPU users, one node with 4 GPUs (NCCL, one process per worker):
 
 Without torchrun, --workers S > 1 simulates the S workers in one process
 (same result as S processes, up to float rounding). The dataset is never
-downloaded: --data-dir must hold the python-pickle files. --resume continues a
+downloaded: --data-dir must hold the python-pickle files (or, with --dataset
+mnist / kmnist / fashion-mnist, the four idx files; fashion-mnist defaults to
+Debian's /usr/share/datasets/fashion-mnist/). --resume continues a
 killed job; --max-steps N caps every epoch at N steps (smoke tests, CI).
 
 Writes to --out: pretrain/ (the `loft pretrain` files), ticket-<ratio>/ (the
@@ -51,8 +53,12 @@ from loft_kernels.tickets import prune
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10")
-    p.add_argument("--data-dir", required=True, help="CIFAR directory in the python-pickle layout")
+    p.add_argument("--dataset", choices=("cifar10", "cifar100", "fashion-mnist", "mnist", "kmnist"),
+                   default="cifar10", help="the paper's CIFAR sets, or an MNIST-family set (idx files) for a smaller "
+                                           "run of the same recipe (default: cifar10)")
+    p.add_argument("--data-dir", default=None,
+                   help="CIFAR directory in the python-pickle layout, or a directory of the four idx files; "
+                        "required except for fashion-mnist (default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--model", choices=("preact_resnet34", "resnet34"), default="preact_resnet34")
     p.add_argument("--width", type=float, default=1.0, help="width multiplier (1.0 = the paper's models)")
     p.add_argument("--workers", type=int, default=None,
@@ -92,7 +98,11 @@ def main(argv=None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
             else torch.device(args.device)
     out = Path(args.out)
-    data = get_dataset(args.dataset, args.data_dir)
+    try:
+        data = get_dataset(args.dataset, args.data_dir)
+    except (FileNotFoundError, ValueError) as e:  # a user error: one line, exit status 2
+        print(f"{Path(sys.argv[0]).name}: error: --data-dir: {e}", file=sys.stderr)
+        return 2
     spec = engine.model_spec(args.model, data, width=args.width, policy=args.policy)
     pre_cfg = engine.TrainConfig(method="loft" if workers > 1 else "dense", epochs=args.epochs,
                                  batch_size=args.batch_size, lr=args.lr, workers=workers, distributed=distributed,

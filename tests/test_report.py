@@ -129,3 +129,119 @@ def test_table_bn_recalibrated_column(results):
     assert "no-prune, BN re-estimated (%)" in lines[0]
     assert [c.strip() for c in lines[3].strip("|").split("|")][:3] == ["loft-2", "81.00", "95.50"]
     assert [c.strip() for c in lines[2].strip("|").split("|")][2] == "n/a"
+
+
+def test_table_ddp_column(results):
+    rep = report.build_report("digits", [0, 1, 2], results)
+    lines = report.format_table(rep, {"loft-2": 505}, None, {"dense": None, "loft-2": 2_000_000}).splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    col = head.index("DDP comm (same workers)")
+    assert head[col - 1] == "improv." and head[col + 1] == "emerged (footrule)"
+    assert [c.strip() for c in lines[3].strip("|").split("|")][col] == "2.00 MB"
+    assert [c.strip() for c in lines[2].strip("|").split("|")][col] == "n/a"
+
+
+# ------------------------------------------- draws against the epoch (loft run) ----
+def unit(emerged, drawn, seconds, comm):
+    return {"loss_curve": [1.0] * len(seconds), "epoch_seconds": seconds, "comm_curve": comm,
+            "emerged_epoch": emerged, "drawn_at": drawn}
+
+
+def test_draws_rows_means_and_savings():
+    from loft_kernels.cli.run_summary import draws
+    per = {0: unit({"footrule": 2, "mask": None}, {"0": 60.0, "2": 80.0, "4": 81.0}, [1.0, 2.0, 3.0, 4.0],
+                   [10, 20, 30, 40]),
+           1: unit({"footrule": 3, "mask": 1}, {"0": 62.0, "1": 70.0, "3": 79.0, "4": 82.0}, [1.5] * 4,
+                   [10, 20, 30, 40])}
+    d = draws({"loft-2": per}, {"draw_at": "auto", "draw_ratio": 0.8})
+    rows = d["methods"]["loft-2"]["rows"]
+    assert list(rows) == ["initial weights", "footrule emergence", "mask emergence", "end of pretraining"]
+    assert rows["initial weights"]["mean_acc"] == pytest.approx(61.0)
+    assert rows["footrule emergence"]["per_seed"] == {"0": {"epoch": 2, "acc": 80.0}, "1": {"epoch": 3, "acc": 79.0}}
+    assert rows["footrule emergence"]["mean_acc"] == pytest.approx(79.5)
+    assert rows["mask emergence"]["mean_acc"] is None  # did not fire for seed 0
+    assert rows["end of pretraining"]["mean_acc"] == pytest.approx(81.5)
+    save = d["methods"]["loft-2"]["savings"]
+    # seed 0 stops after epoch 2 of 4: epochs 3 and 4 (3 s + 4 s), comm 40 - 20
+    assert save["footrule"]["0"] == {"epochs_saved": 2, "train_seconds_saved": 7.0, "comm_bytes_saved": 20,
+                                     "ticket_acc_change": -1.0}
+    assert save["footrule"]["1"]["epochs_saved"] == 1 and save["mask"]["0"] is None
+    assert save["mask"]["1"] == {"epochs_saved": 3, "train_seconds_saved": 4.5, "comm_bytes_saved": 30,
+                                 "ticket_acc_change": -12.0}
+    table = report.format_draw_table(d).splitlines()
+    assert table[0] == "| method | initial weights | footrule emergence | mask emergence | end of pretraining |"
+    assert table[2].startswith("| loft-2 | 61.00 (60.00 @0, 62.00 @0) | 79.50 (80.00 @2, 79.00 @3) | "
+                               "n/a (not fired, 70.00 @1) |")
+    lines = report.format_savings(d)
+    assert "loft-2, footrule criterion (fired for 2 of 2 seeds): stopping there saves 1.5 epochs, 4.2 s" in lines[0]
+    assert "ticket changes by -2.00 points" in lines[0]
+    assert lines[1].startswith("- loft-2, mask criterion (fired for 1 of 2 seeds)")
+
+
+def test_draws_at_explicit_epochs():
+    from loft_kernels.cli.run_summary import draws
+    per = {0: unit({"footrule": None, "mask": None}, {"0": 50.0, "2": 70.0}, [1.0, 1.0], [0, 0])}
+    d = draws({"dense": per}, {"draw_at": [0, 2], "draw_ratio": 0.5})
+    assert list(d["methods"]["dense"]["rows"]) == ["epoch 0", "epoch 2"] and d["methods"]["dense"]["savings"] == {}
+    assert report.format_savings(d) == []
+
+
+# ------------------------------------------------- loft run on idx files ----
+def test_run_on_idx_files_draws_at_emergence(tmp_path, capsys):
+    from loft_kernels.cli import main
+    from loft_kernels.data import write_fake_idx
+    data = write_fake_idx(tmp_path / "mnist", n_train=120, n_test=40)
+    out = tmp_path / "job"
+    argv = ["run", "--dataset", "mnist", "--data-dir", str(data), "--model", "vgg", "--width", "0.25",
+            "--methods", "dense,loft-2", "--seeds", "2", "--epochs", "3", "--finetune-epochs", "1",
+            "--batch-size", "16", "--train-samples", "100", "--footrule-window", "1", "--footrule-threshold", "0.9",
+            "--draw-at", "auto", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    rep = json.loads((out / "report.json").read_text())
+    report.validate_report(rep)
+    config = json.loads((out / "config.json").read_text())
+    assert config["train_samples"] == 100 and config["spec"]["model"] == "vgg" and config["draw_at"] == "auto"
+    details = json.loads((out / "details.json").read_text())
+    for method in ("dense", "loft-2"):
+        for seed in ("0", "1"):
+            r = rep["methods"][method]["per_seed"][seed]
+            unit_dir = out / "units" / method / f"seed{seed}"
+            pre = json.loads((unit_dir / "pretrain" / "summary.json").read_text())
+            assert pre["samples_per_epoch"] == 100  # the class-balanced subset
+            want = {0, 3} | {e for e in pre["emerged_epoch"].values() if e is not None}
+            assert {int(e) for e in r["drawn_at"]} == want
+            assert r["drawn_at"]["3"] == r["ticket"]["0.8"]  # the end's ticket is the 80 % ticket
+            for e in want - {0, 3}:
+                ft = json.loads((unit_dir / f"drawn-epoch{e}" / "summary.json").read_text())
+                assert r["drawn_at"][str(e)] == pytest.approx(ft["test_acc"])
+        assert details["ddp_bytes"][method] is None if method == "dense" else details["ddp_bytes"][method] > 0
+    assert details["draws"]["methods"]["loft-2"]["rows"]["initial weights"]["mean_acc"] is not None
+    md = (out / "report.md").read_text()
+    assert "## Ticket (80 % pruned) against the epoch it was drawn at" in md and "## Run" in md
+    assert "| initial weights |" in stdout.splitlines()[4] or "initial weights" in stdout
+    assert (out / "ticket_vs_epoch.png").is_file()
+
+
+def test_run_defaults_follow_the_dataset(capsys):
+    import argparse
+
+    from loft_kernels.cli import run_job, run_presets
+    sub = argparse.ArgumentParser().add_subparsers()
+    p = run_job.add_parser(sub)
+    args = p.parse_args(["--dataset", "fashion-mnist"])
+    assert run_presets.apply(args) == "default"
+    assert (args.model, args.width, args.batch_size, args.train_samples, args.draw_at, args.seeds) == \
+        ("vgg", 0.25, 64, 6000, "auto", 2)
+    args = p.parse_args(["--dataset", "fashion-mnist", "--model", "preact_resnet18", "--seeds", "5", "--full"])
+    run_presets.apply(args)
+    assert (args.model, args.seeds, args.train_samples, args.epochs) == ("preact_resnet18", 5, 0, 30)
+    args = p.parse_args([])
+    run_presets.apply(args)
+    assert (args.dataset, args.model, args.draw_at) == ("digits", "preact_resnet18", "none")
+    assert "--dataset fashion-mnist:" in p.format_help()
+    from loft_kernels.cli import main
+    assert main(["run", "--quick", "--full"]) == 2
+    assert "--quick and --full exclude each other" in capsys.readouterr().err
+    assert main(["run", "--dataset", "kmnist", "--data-dir", "/nonexistent"]) == 2
+    assert "missing train-images-idx3-ubyte" in capsys.readouterr().err
