@@ -41,7 +41,12 @@ from .. import _checks as C
 from . import fingerprint as fp
 from .comm import STATES, CommStats, make_plan
 from .layers import activate
-from .optimizer_checks import ELEMENTWISE, check_loft_groups, check_params, resolve_group
+from .optimizer_checks import (
+    ELEMENTWISE,
+    check_loft_groups,
+    check_params,
+    resolve_group,
+)
 from .partition import check_groups, partition
 from .round_state import RoundState
 from .submodel import expand_, release_, shrink_

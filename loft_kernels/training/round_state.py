@@ -24,7 +24,16 @@ import torch
 from torch import Tensor, nn
 
 from .submodel import gather
-from .sync import PackEntry, Payload, SyncPlan, flatten, owned_numel, pack_owned, unflatten_, unpack_owned
+from .sync import (
+    PackEntry,
+    Payload,
+    SyncPlan,
+    flatten,
+    owned_numel,
+    pack_owned,
+    unflatten_,
+    unpack_owned,
+)
 
 
 def split_state(state: dict, shape: torch.Size) -> tuple[dict, dict]:

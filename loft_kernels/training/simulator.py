@@ -24,13 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks as C
-from .comm import STATES
+from .comm import STATES, make_plan
 from .groups import FilterGroup
 from .layers import activate
 from .optimizer import LoftOptimizer
 from .partition import check_groups
 from .sync import LocalGroup, simulate_exchange
-from .comm import make_plan
 
 
 class LoftSimulator:
