@@ -13,6 +13,8 @@ import hashlib
 import torch
 import torch.distributed as dist
 
+from .sync import all_gather_single
+
 FIELDS = ("workers", "seed", "sync_every", "state", "groups", "parameters", "buffers", "optimizer")
 
 
@@ -59,7 +61,7 @@ def check_across_ranks(mine: dict, group, rank: int, size: int, *, what: str, lo
     local = torch.tensor(codes, dtype=torch.int64, device=device)
     gathered = torch.empty(size * len(codes), dtype=torch.int64, device=device)
     try:
-        dist.all_gather_into_tensor(gathered, local, group=group)
+        all_gather_single(gathered, local, group=group)
     except RuntimeError as exc:
         raise RuntimeError(f"{what}: rank {rank} of {size} could not compare its configuration with its peers "
                            f"({exc})") from exc

@@ -229,7 +229,7 @@ def simulate_exchange(payloads: Sequence[Payload]) -> Payload:
     return out
 
 
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def distributed_exchange(payload: Payload, group, rank: int, size: int, what: str,
@@ -254,7 +254,7 @@ def distributed_exchange(payload: Payload, group, rank: int, size: int, what: st
             flat = buffers.get(dt)
             if flat is None or flat.numel() != size * buf.numel() or flat.device != buf.device:
                 flat = buffers[dt] = buf.new_empty(size * buf.numel())  # gloo takes the concatenated form only
-            works.append(_all_gather_single(flat, buf, group=group, async_op=True))
+            works.append(all_gather_single(flat, buf, group=group, async_op=True))
             out.gather[dt] = flat.view(size, buf.numel())
         for w in works:
             w.wait()
