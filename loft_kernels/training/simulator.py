@@ -18,7 +18,7 @@ distributed run would have sent.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -95,9 +95,12 @@ class LoftSimulator:
         """Who owns which filters in `round` (equal to every distributed rank's `LoftOptimizer.partition`)."""
         return self.optimizers[0].partition(round)
 
-    def step(self, batches: Sequence, loss_fn: Callable) -> list[float]:
+    def step(self, batches: Sequence, loss_fn: Callable, scalers: Optional[Sequence] = None) -> list[float]:
         """One step of every worker: worker s trains on batches[s] = (inputs, targets); returns the S losses.
 
+        scalers: optional list of one `torch.amp.GradScaler` per worker (as each rank of a
+        distributed run has its own): the loss is scaled, `scaler.step` and `scaler.update`
+        run per worker. Call `step` inside `torch.autocast(...)` for mixed precision.
         All or nothing: the batches are checked (and, for a batch shape not seen
         before, run once through every worker without grad) before any worker steps,
         so a bad batch raises with every worker unchanged.
@@ -113,6 +116,11 @@ class LoftSimulator:
                 raise TypeError(f"batches[{s}] must be an (inputs, targets) tuple, got {type(b).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (outputs, targets) -> loss, got {type(loss_fn).__name__}")
+        if scalers is not None:
+            if not isinstance(scalers, (list, tuple)) or len(scalers) != self.workers or \
+                    not all(isinstance(sc, torch.amp.GradScaler) for sc in scalers):
+                raise TypeError(f"scalers must be None or a list of {self.workers} torch.amp.GradScaler (one per "
+                                f"worker), got {scalers!r}")
         self._dry_run(batches, loss_fn)
         losses = []
         for s, (inputs, targets) in enumerate(batches):
@@ -120,8 +128,13 @@ class LoftSimulator:
             m.train(self.model.training)
             opt.zero_grad(set_to_none=True)
             loss = _scalar(loss_fn(m(inputs), targets))
-            loss.backward()
-            opt.step()
+            if scalers is None:
+                loss.backward()
+                opt.step()
+            else:
+                scalers[s].scale(loss).backward()
+                scalers[s].step(opt)
+                scalers[s].update()
             opt.zero_grad(set_to_none=True)  # only one worker's gradients alive at a time
             losses.append(float(loss.detach()))
         if self.step_in_round >= self.optimizers[0].sync_every:
