@@ -49,9 +49,15 @@ def check_ratio(value: float, name: str) -> float:
     return value
 
 
-def check_positive(value: int, name: str, minimum: int = 1):
-    if value < minimum:
-        raise CLIError(f"{name} must be >= {minimum}, got {value}")
+def check_positive(value: int, name: str) -> int:
+    if value < 1:
+        raise CLIError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_non_negative(value: int, name: str) -> int:
+    if value < 0:
+        raise CLIError(f"{name} must be >= 0, got {value}")
     return value
 
 
