@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import loft_kernels as lk
-from loft_kernels.io import atomic_write, atomic_write_text
+from loft_kernels.io import CheckpointError, atomic_write, atomic_write_text
 
 
 def test_atomic_save_roundtrip(tmp_path):
@@ -47,3 +47,21 @@ def test_load_checkpoint_refuses_arbitrary_objects(tmp_path):
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="Weights only load failed|weights_only"):
         lk.load_checkpoint(tmp_path / "evil.pt")
+
+
+@pytest.mark.parametrize("content", [b"", b"hello", b"\x80\x02}q\x00.", None], ids=["empty", "text", "bad-pickle",
+                                                                               "truncated"])
+def test_unreadable_files_name_the_file(tmp_path, content):
+    path = tmp_path / "ckpt.pt"
+    if content is None:
+        lk.atomic_save({"w": torch.arange(1000.0)}, path)
+        content = path.read_bytes()[:300]
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"checkpoint '.*ckpt\.pt' cannot be loaded") as exc:
+        lk.load_checkpoint(path)
+    assert isinstance(exc.value, ValueError) and str(exc.value).count("\n") == 0
+
+
+def test_a_directory_is_not_called_missing(tmp_path):
+    with pytest.raises(CheckpointError, match="is a directory, not a checkpoint file"):
+        lk.load_checkpoint(tmp_path)

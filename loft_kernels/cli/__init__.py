@@ -2,14 +2,17 @@
 
 Subcommands: pretrain, prune, finetune, distance, run (the main job), bench.
 `loft <subcommand> --help` documents each. User errors (bad values, missing
-files, unknown names) print one `loft <subcommand>: error: ...` line and exit
-with status 2 before anything is written to --out.
+or unreadable files, unknown names, an unusable --out) print one
+`loft <subcommand>: error: ...` line and exit with status 2, before anything
+is written to --out where they can be found up front. Everything else is a bug
+and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from ..io import CheckpointError
 from ._common import CLIError
 
 _COMMANDS = ("pretrain", "prune", "finetune", "distance", "run", "bench")
@@ -44,11 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         command, run = args.command, (lambda: _module(args.command).run(args))
     try:
         return int(run() or 0)
-    except CLIError as e:
-        print(f"loft {command}: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        # The library's argument checks name the offending argument; show them as user errors.
+    except (CLIError, CheckpointError) as e:  # raised where user input (options, files) is validated
         print(f"loft {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .. import engine
+from ..io import CheckpointError
 from ..ops import pruned_count
 from ..tickets import draw
 from . import _common as U
@@ -25,7 +26,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="pretrained model: a `loft pretrain` output directory (its model.pt) or a model file "
                         "(model.pt, epoch_<e>.pt, init.pt)")
-    p.add_argument("--ratio", type=float, default=0.5, help="pruning ratio in [0, 1) (default: %(default)s)")
+    p.add_argument("--ratio", type=U.finite_float, default=0.5, help="pruning ratio in [0, 1) (default: %(default)s)")
     p.add_argument("--speed-repeats", type=int, default=20,
                    help="repetitions of the inference-speedup measurement; 0 skips it (default: %(default)s)")
     U.add_common(p)
@@ -52,7 +53,7 @@ def run(args) -> int:
     try:
         obj = engine.load_model_file(src, "--checkpoint")
         model, groups = engine.full_model(obj)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError) as e:
         raise U.CLIError(str(e)) from None
     too_small = [g.name for g in groups if g.n - pruned_count(g.n, ratio) < 1]
     if too_small:

@@ -11,7 +11,7 @@
 """
 from .checkpoints import load_run, save_run, write_metrics
 from .config import METHODS, SCHEDULES, TrainConfig
-from .distributed import init_distributed
+from .distributed import NotUnderTorchrun, init_distributed
 from .evaluation import evaluate, recalibrate_bn
 from .finetune import finetune_run
 from .loop import fit
@@ -34,6 +34,6 @@ __all__ = [
     "build_model", "model_spec", "groups_to_list", "groups_from_list", "save_model", "load_model_file",
     "full_model", "ticket_model", "pruned_skeleton",
     "Trainer", "DenseTrainer", "SimulatedLoftTrainer", "DistributedLoftTrainer", "make_trainer",
-    "init_distributed", "evaluate", "recalibrate_bn", "fit", "save_run", "load_run", "write_metrics",
+    "init_distributed", "NotUnderTorchrun", "evaluate", "recalibrate_bn", "fit", "save_run", "load_run", "write_metrics",
     "DEFAULT_EMERGENCE", "emergence_epochs", "pretrain_run", "load_pretrained", "finetune_run",
 ]

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..data import Dataset
 from ..io import atomic_write_text
-from .checkpoints import load_run, save_run, write_metrics
+from .checkpoints import RunCheckpoints, write_metrics
 from .config import TrainConfig
 from .loop import fit
 from .model_files import save_model
@@ -19,33 +19,39 @@ from .trainers import DenseTrainer
 
 def finetune_run(out, *, model: nn.Module, spec: dict, groups, kept: dict, ratio: float, dataset: Dataset,
                  cfg: TrainConfig, seed: int, device, resume: bool = False, progress: bool = False,
-                 log: Optional[Callable[[str], None]] = None) -> dict:
+                 log: Optional[Callable[[str], None]] = None, checkpoint_every: Optional[int] = None,
+                 keep_checkpoints: int = 2) -> dict:
     """Fine-tune the pruned `model` (a ticket) into `out`, resumable; returns the summary.
 
-    Files: metrics.json/csv and checkpoint.pt after every epoch, then model.pt
-    (the fine-tuned ticket with its kept indices and ratio) and summary.json.
+    Files: metrics.json/csv and a checkpoint set in checkpoints/ after every
+    epoch (and every `checkpoint_every` steps; see `RunCheckpoints`), then
+    model.pt (the fine-tuned ticket with its kept indices and ratio) and
+    summary.json. resume=True continues from the newest checkpoint.
     """
     out = Path(out)
     if resume and (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
     trainer = DenseTrainer(model, dataset, cfg, seed=seed, device=device)
-    ckpt = out / "checkpoint.pt"
-    start, history = 0, []
-    if resume and ckpt.is_file():
-        start, extra = load_run(ckpt, trainer)
-        history = extra["history"]
+    ckpts = RunCheckpoints(out, trainer, every=checkpoint_every, keep=keep_checkpoints)
+    at = ckpts.restore() if resume else None
+    start, start_batch, partial, history = 0, 0, None, []
+    if at is not None:
+        start, start_batch, partial, history = at["epoch"], at["batch"], at["partial"], at["extra"]["history"]
     t0 = time.perf_counter()
+    done = {"history": history}
 
     def on_epoch(epoch: int, hist: list) -> bool:
+        done["history"] = hist
         write_metrics(out, hist)
-        save_run(ckpt, epoch=epoch, trainer=trainer, extra={"history": hist})
+        ckpts.save(epoch=epoch, batch=0, partial=None, extra={"history": hist})
         if log is not None:
             log(f"fine-tune epoch {epoch}/{cfg.epochs}: loss {hist[-1]['train_loss']:.4f}  "
                 f"test acc {hist[-1]['test_acc']:.2f}%")
         return False
 
     history = fit(trainer, epochs=cfg.epochs, start_epoch=start, history=history, on_epoch=on_epoch,
-                  progress=progress)
+                  progress=progress, start_batch=start_batch, partial=partial,
+                  on_step=ckpts.on_step(lambda: {"history": done["history"]}))
     summary = {"ratio": ratio, "epochs": cfg.epochs, "test_acc": history[-1]["test_acc"],
                "test_loss": history[-1]["test_loss"], "best_test_acc": max(r["test_acc"] for r in history),
                "seconds": time.perf_counter() - t0}

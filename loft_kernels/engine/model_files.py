@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..data import Dataset
-from ..io import atomic_save, load_checkpoint
+from ..io import CheckpointError, atomic_save, load_checkpoint
 from ..models import get_model
 from ..tickets import prune
 from ..training import FilterGroup, convert
@@ -54,15 +54,15 @@ def save_model(path, model: nn.Module, spec: dict, groups, **extra) -> None:
 
 
 def load_model_file(path, what: str = "model file") -> dict:
+    """The dict of a model file; FileNotFoundError or CheckpointError (naming `what` and the file) otherwise."""
     try:
         obj = load_checkpoint(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist") from None
-    except Exception as exc:  # a truncated or foreign file
-        raise ValueError(f"{what} {str(path)!r} is not a loft_kernels model file: {type(exc).__name__}: {exc}") \
-            from None
+    except CheckpointError as exc:
+        raise CheckpointError(f"{what}: {str(path)!r} is not a loft_kernels model file ({exc})") from None
     if not isinstance(obj, dict) or not {"spec", "groups", "state_dict"} <= set(obj):
-        raise ValueError(f"{what} {str(path)!r} is not a loft_kernels model file (needs spec, groups, state_dict); "
+        raise CheckpointError(f"{what} {str(path)!r} is not a loft_kernels model file (needs spec, groups, state_dict); "
                          f"use a model.pt written by `loft pretrain` or a ticket.pt written by `loft prune`")
     return obj
 
@@ -77,7 +77,7 @@ def full_model(obj: dict) -> tuple[nn.Module, list[FilterGroup]]:
 def ticket_model(obj: dict) -> nn.Module:
     """The pruned model of a ticket file (`save_model(..., kept=..., ratio=...)`), weights loaded."""
     if "kept" not in obj or "ratio" not in obj:
-        raise ValueError("this model file is not a ticket (no kept filters): use the ticket.pt written by "
+        raise CheckpointError("this model file is not a ticket (no kept filters): use the ticket.pt written by "
                          "`loft prune`")
     pruned = pruned_skeleton(obj["spec"], groups_from_list(obj["groups"]), obj["kept"], float(obj["ratio"]))
     pruned.load_state_dict(obj["state_dict"])

@@ -12,10 +12,11 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data import Dataset
-from ..io import atomic_save, atomic_write_text, load_checkpoint
+from ..elastic import restart_count
+from ..io import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
 from ..tickets import FilterTracker, detect_emergence
 from ..training import FilterGroup
-from .checkpoints import load_run, save_run, write_metrics
+from .checkpoints import RunCheckpoints, write_metrics
 from .config import TrainConfig
 from .distributed import all_ranks_sum
 from .evaluation import evaluate, recalibrate_bn
@@ -44,23 +45,29 @@ DEFAULT_EMERGENCE = {"mask_ratio": 0.5, "footrule_threshold": 0.1, "footrule_win
 
 def pretrain_run(out, *, dataset: Dataset, spec: dict, cfg: TrainConfig, seed: int, device,
                  emergence: Optional[dict] = None, stop_at: Optional[str] = None, keep_epochs=(),
-                 resume: bool = False, progress: bool = False, log: Optional[Callable[[str], None]] = None) -> dict:
+                 resume: bool = False, progress: bool = False, log: Optional[Callable[[str], None]] = None,
+                 checkpoint_every: Optional[int] = None, keep_checkpoints: int = 2) -> dict:
     """Pretrain the model of `spec` on `dataset` into directory `out`, resumable; returns the summary.
 
     The tracker snapshots the filter scores of the initial weights (tag 0)
     and after every epoch (tag = epoch). Files (rank 0 writes all but its own
-    checkpoint): init.pt (initial weights), epoch_<e>.pt for e in keep_epochs, metrics.json/csv and
-    checkpoint.pt (checkpoint.rank<r>.pt when distributed) after every epoch,
-    and at the end model.pt, tracker.pt (filter scores of every epoch) and
-    summary.json. With resume=True an existing checkpoint is continued (a
-    finished run just returns its summary). stop_at ("footrule" or "mask")
-    ends training at the epoch that criterion fires. Every rank of a
-    distributed run calls this with the same arguments.
+    checkpoint files): init.pt (initial weights), epoch_<e>.pt for e in
+    keep_epochs, metrics.json/csv after every epoch, checkpoint sets in
+    checkpoints/ (see `RunCheckpoints`: after every epoch and, with
+    checkpoint_every=STEPS, mid-epoch at a sync boundary; the newest
+    keep_checkpoints kept), and at the end model.pt, tracker.pt (filter
+    scores of every epoch) and summary.json. With resume=True, or when
+    torchrun restarted the job, the newest complete checkpoint set is
+    continued, mid-epoch included, replaying exactly the same batches (a
+    finished run just returns its summary); the summary lists every resume.
+    stop_at ("footrule" or "mask") ends training at the epoch that criterion
+    fires. Every rank of a distributed run calls this with the same arguments.
     """
     out = Path(out)
     emergence = {**DEFAULT_EMERGENCE, **(emergence or {})}
     if stop_at is not None and stop_at not in ("footrule", "mask"):
         raise ValueError(f"stop_at must be None, 'footrule' or 'mask', got {stop_at!r}")
+    resume = resume or restart_count() > 0
     if resume and (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
     rank = dist.get_rank() if cfg.distributed else 0
@@ -70,24 +77,33 @@ def pretrain_run(out, *, dataset: Dataset, spec: dict, cfg: TrainConfig, seed: i
         save_model(out / "init.pt", model, spec, groups, epoch=0)
     trainer = make_trainer(model, groups, dataset, cfg, seed=seed, device=device)
     tracker = FilterTracker(trainer.model, groups)
-    ckpt = out / (f"checkpoint.rank{rank}.pt" if cfg.distributed else "checkpoint.pt")
-    start, history, seconds = 0, [], 0.0
-    if resume and ckpt.is_file():
-        start, extra = load_run(ckpt, trainer)
-        history, seconds = extra["history"], extra["seconds"]
-        tracker.load_state_dict(extra["tracker"])
+    ckpts = RunCheckpoints(out, trainer, every=checkpoint_every, keep=keep_checkpoints)
+    at = ckpts.restore() if resume else None
+    start, start_batch, partial, history, seconds, resumes = 0, 0, None, [], 0.0, []
+    if at is not None:
+        start, start_batch, partial = at["epoch"], at["batch"], at["partial"]
+        history, seconds, resumes = at["extra"]["history"], at["extra"]["seconds"], at["extra"]["resumes"]
+        tracker.load_state_dict(at["extra"]["tracker"])
+        resumes = resumes + [{"step": at["step"], "epoch": start, "batch": start_batch,
+                              "torchrun_restart": restart_count(), "time": time.time()}]
+        if log is not None:
+            log(f"resumed from the checkpoint at step {at['step']} (epoch {start + 1}, batch {start_batch}; "
+                f"torchrun restart {restart_count()})")
     else:
         # Epoch 0 = the initial weights: the footrule's first distance F(1, 0) is the big early reshuffle
         # (the poster's curves start at 30-60), which the relative emergence threshold is a fraction of.
         tracker.snapshot(0)
-    if cfg.distributed and resume and all_ranks_sum(start) != start * dist.get_world_size():
-        raise ValueError(f"resume: the ranks' checkpoints in {str(out)!r} are at different epochs (a rank was killed "
-                         f"while writing); start the run again without resuming")
     found = emergence_epochs(tracker, emergence)
     t_start = time.perf_counter() - seconds
+    done = {"history": history}  # the finished epochs' rows, for mid-epoch checkpoints
+
+    def extra(hist: list) -> dict:
+        return {"history": hist, "seconds": time.perf_counter() - t_start, "tracker": tracker.state_dict(),
+                "resumes": resumes}
 
     def on_epoch(epoch: int, hist: list) -> bool:
         nonlocal found
+        done["history"] = hist
         row = hist[-1]
         found = emergence_epochs(tracker, emergence)
         row["emerged_footrule"], row["emerged_mask"] = found["footrule"], found["mask"]
@@ -95,8 +111,7 @@ def pretrain_run(out, *, dataset: Dataset, spec: dict, cfg: TrainConfig, seed: i
             if epoch in keep_epochs:
                 save_model(out / f"epoch_{epoch:03d}.pt", trainer.model, spec, groups, epoch=epoch)
             write_metrics(out, hist)
-        save_run(ckpt, epoch=epoch, trainer=trainer,
-                 extra={"history": hist, "seconds": time.perf_counter() - t_start, "tracker": tracker.state_dict()})
+        ckpts.save(epoch=epoch, batch=0, partial=None, extra=extra(hist))
         if log is not None:
             fired = "".join(f"  [{c} criterion fired]" for c, e in found.items() if e == epoch)
             log(f"epoch {epoch}/{cfg.epochs}: loss {row['train_loss']:.4f}  test acc {row['test_acc']:.2f}%  "
@@ -105,7 +120,8 @@ def pretrain_run(out, *, dataset: Dataset, spec: dict, cfg: TrainConfig, seed: i
 
     if stop_at is None or found[stop_at] is None:
         history = fit(trainer, epochs=cfg.epochs, start_epoch=start, history=history, tracker=tracker,
-                      on_epoch=on_epoch, progress=progress)
+                      on_epoch=on_epoch, progress=progress, start_batch=start_batch, partial=partial,
+                      on_step=ckpts.on_step(lambda: extra(done["history"])))
     seconds = time.perf_counter() - t_start
     stats = trainer.comm_stats()
     recal = evaluate(recalibrate_bn(copy.deepcopy(trainer.model), trainer.loader), dataset.test_x, dataset.test_y,
@@ -127,6 +143,8 @@ def pretrain_run(out, *, dataset: Dataset, spec: dict, cfg: TrainConfig, seed: i
             all_ranks_sum(stats["bytes_sent"]) if cfg.distributed else int(stats["bytes_sent"]) * cfg.workers),
         "groups": [g.name for g in groups],
         "samples_per_epoch": trainer.samples_per_epoch,
+        # Every continuation from a checkpoint (after a kill, or a torchrun restart of the job).
+        "resumes": resumes, "torchrun_restarts": restart_count(),
     }
     if rank == 0:
         save_model(out / "model.pt", trainer.model, spec, groups, epoch=len(history))
@@ -142,8 +160,13 @@ def load_pretrained(out) -> tuple[nn.Module, list[FilterGroup], FilterTracker]:
     model, groups = full_model(load_model_file(out / "model.pt", "pretrained model"))
     tracker = FilterTracker(model, groups)
     try:
-        tracker.load_state_dict(load_checkpoint(out / "tracker.pt"))
+        state = load_checkpoint(out / "tracker.pt")
     except FileNotFoundError:
         raise FileNotFoundError(f"{str(out / 'tracker.pt')!r} does not exist; {str(out)!r} must be the output "
                                 f"directory of a finished pretraining run") from None
+    try:
+        tracker.load_state_dict(state)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{str(out / 'tracker.pt')!r} does not hold the filter scores of "
+                              f"{str(out / 'model.pt')!r}: {exc}") from None
     return model, groups, tracker

@@ -58,25 +58,44 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = lr
 
-    def train_epoch(self, epoch: int, *, progress: bool = False) -> dict:
-        """Train epoch `epoch` (0-based); returns {"train_loss", "train_acc", "lr", "seconds"}."""
+    def train_epoch(self, epoch: int, *, progress: bool = False, start: int = 0, partial: Optional[dict] = None,
+                    on_step: Optional[Callable[[int, int, dict], None]] = None) -> dict:
+        """Train epoch `epoch` (0-based); returns {"train_loss", "train_acc", "lr", "seconds"}.
+
+        start: batches of this epoch already trained (a mid-epoch resume) and
+        partial their running sums {"loss_sum", "correct", "seen"}, so the
+        epoch's row equals an uninterrupted one. on_step(epoch, batches done,
+        running sums) runs after every step (mid-epoch checkpoints).
+        """
+        if not 0 <= start <= self.steps_per_epoch:
+            raise ValueError(f"start must lie in 0..{self.steps_per_epoch}, got {start}")
         self.model.train()
         t0 = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        iters = itertools.islice(self._batches(epoch), self.steps_per_epoch)
-        for b, batch in enumerate(_progress(iters, progress, self.steps_per_epoch, f"epoch {epoch + 1}")):
+        sums = dict(partial) if partial else {"loss_sum": 0.0, "correct": 0, "seen": 0}
+        lr = self.lr_at(epoch * self.steps_per_epoch + max(start - 1, 0))
+        iters = itertools.islice(self._batches(epoch, start), self.steps_per_epoch - start)
+        bar = _progress(iters, progress, self.steps_per_epoch - start, f"epoch {epoch + 1}")
+        for b, batch in enumerate(bar, start=start):
             lr = self.lr_at(epoch * self.steps_per_epoch + b)
             self._set_lr(lr)
             ls, c, n = self._step(batch)
-            loss_sum, correct, seen = loss_sum + ls, correct + c, seen + n
+            sums = {"loss_sum": sums["loss_sum"] + ls, "correct": sums["correct"] + c, "seen": sums["seen"] + n}
+            if on_step is not None:
+                on_step(epoch, b + 1, sums)
         self._end_epoch()
-        return {"train_loss": loss_sum / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1), "lr": lr,
+        seen = max(sums["seen"], 1)
+        return {"train_loss": sums["loss_sum"] / seen, "train_acc": 100.0 * sums["correct"] / seen, "lr": lr,
                 "seconds": time.perf_counter() - t0}
+
+    def at_sync_boundary(self) -> bool:
+        """True when no LoFT round is in flight: every worker holds the full synced model (checkpoint here)."""
+        return True
 
     def comm_stats(self) -> Optional[dict]:
         return None
 
-    # subclasses: _optimizers, _batches, _step -> (loss sum, correct, samples), _end_epoch, state_dict, load_state_dict
+    # subclasses: _optimizers, _batches(epoch, start), _step -> (loss sum, correct, samples), _end_epoch,
+    # state_dict, load_state_dict
     def _end_epoch(self) -> None:
         pass
 
@@ -106,8 +125,8 @@ class DenseTrainer(Trainer):
     def _optimizers(self):
         return [self.optimizer]
 
-    def _batches(self, epoch):
-        return self.loader.epoch(epoch)
+    def _batches(self, epoch, start):
+        return self.loader.epoch(epoch, start=start)
 
     def _step(self, batch):
         return _sgd_step(self.model, self.optimizer, batch)
@@ -131,8 +150,11 @@ class SimulatedLoftTrainer(Trainer):
     def _optimizers(self):
         return self.sim.optimizers
 
-    def _batches(self, epoch):
-        return zip(*(self.loader.epoch(epoch, worker=s) for s in range(self.cfg.workers)))
+    def _batches(self, epoch, start):
+        return zip(*(self.loader.epoch(epoch, worker=s, start=start) for s in range(self.cfg.workers)))
+
+    def at_sync_boundary(self):
+        return self.sim.step_in_round == 0
 
     def _step(self, batches):
         stats = [0, 0]
@@ -178,14 +200,17 @@ class DistributedLoftTrainer(Trainer):
     def _optimizers(self):
         return [self.optimizer]
 
-    def _batches(self, epoch):
-        return self.loader.epoch(epoch, worker=self.rank)
+    def _batches(self, epoch, start):
+        return self.loader.epoch(epoch, worker=self.rank, start=start)
+
+    def at_sync_boundary(self):
+        return self.optimizer.step_in_round == 0
 
     def _step(self, batch):
         return _sgd_step(self.model, self.optimizer, batch)
 
-    def train_epoch(self, epoch, *, progress=False):
-        row = super().train_epoch(epoch, progress=progress)
+    def train_epoch(self, epoch, **kwargs):
+        row = super().train_epoch(epoch, **kwargs)
         # Training loss/accuracy of the whole step = mean over ranks (every rank saw its own shard).
         t = torch.tensor([row["train_loss"], row["train_acc"]], dtype=torch.float64, device=comm_device())
         dist.all_reduce(t)
