@@ -121,14 +121,17 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
 
     # 1. Pretraining: every rank (or the simulator's S workers).
-    summary = engine.pretrain_run(out / "pretrain", dataset=data, spec=spec, cfg=pre_cfg, seed=args.seed,
-                                  device=device, resume=args.resume, log=say,
-                                  checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints)
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
-        if rank != 0:
-            return 0
+    try:
+        summary = engine.pretrain_run(out / "pretrain", dataset=data, spec=spec, cfg=pre_cfg, seed=args.seed,
+                                      device=device, resume=args.resume, log=say,
+                                      checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints)
+        if distributed:
+            dist.barrier()
+    finally:
+        if distributed:  # also on errors: never leave with a live process group (see the CLI's pretrain)
+            dist.destroy_process_group()
+    if distributed and rank != 0:
+        return 0
 
     # 2. Tickets: drawn and fine-tuned on one device (rank 0).
     model, groups, _ = engine.load_pretrained(out / "pretrain")

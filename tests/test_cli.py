@@ -364,3 +364,12 @@ def test_resume_from_a_truncated_checkpoint_is_a_user_error(capsys, tmp_path):
     rc, _, err = cli(capsys, "pretrain", *TINY, "--epochs", "2", "--out", out, "--quiet", "--resume")
     assert rc == 2 and err.count("\n") == 1, err
     assert str(ckpts[-1]) in err and "cannot be loaded" in err
+
+
+def test_missing_optional_dependency_names_the_extra(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    rc, _, err = cli(capsys, "pretrain", "--dataset", "digits", "--epochs", "1", "--out", tmp_path / "o")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "scikit-learn" in err and "pip install 'loft_kernels[digits]'" in err
+    assert not (tmp_path / "o").exists()

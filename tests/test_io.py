@@ -1,4 +1,6 @@
 """Atomic checkpoint writing: a failed write never replaces or truncates a good file."""
+import sys
+
 import pytest
 import torch
 
@@ -65,3 +67,14 @@ def test_unreadable_files_name_the_file(tmp_path, content):
 def test_a_directory_is_not_called_missing(tmp_path):
     with pytest.raises(CheckpointError, match="is a directory, not a checkpoint file"):
         lk.load_checkpoint(tmp_path)
+
+
+def test_optional_dependencies_say_which_extra(monkeypatch):
+    from loft_kernels._optional import missing_message, require
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'loft_kernels\[plots\]'"):
+        require("matplotlib")
+    assert missing_message("sklearn.datasets").endswith("pip install 'loft_kernels[digits]'")
+    assert missing_message("numpy") is None
+    with pytest.raises(ModuleNotFoundError, match="no_such_module"):
+        require("no_such_module")  # not optional: torch's own error, untouched

@@ -131,34 +131,39 @@ def run(args) -> int:
         except engine.NotUnderTorchrun as e:
             raise U.CLIError(str(e)) from None
         if world != workers:
+            dist.destroy_process_group()
             raise U.CLIError(f"--workers {workers} but torchrun started {world} processes")
     else:
         device = U.resolve_device(args.device)
-    config = {"command": "pretrain", "dataset": args.dataset, "data_dir": args.data_dir, "spec": spec,
-              "train": cfg.to_dict(), "seed": args.seed, "emergence": emergence,
-              "stop_at_emergence": args.stop_at_emergence, "keep_epochs": keep, "device": str(device)}
-    out = Path(out_text)
-    if args.resume:  # every rank checks (read-only), so a refusal never leaves the others waiting
-        U.check_same_config(out_text, config, ("dataset", "spec", "train", "seed", "emergence",
-                                               "stop_at_emergence", "keep_epochs"))
-    if rank == 0:
-        out = U.prepare_out(out_text, resume=args.resume)
-        if not args.resume:
-            U.write_config(out, config)
-    if args.distributed:
-        dist.barrier()  # the output directory exists before any rank writes its checkpoint
-    quiet = args.quiet or rank != 0
-    summary = engine.pretrain_run(out, dataset=dataset, spec=spec, cfg=cfg, seed=args.seed, device=device,
-                                  emergence=emergence, stop_at=args.stop_at_emergence, keep_epochs=keep,
-                                  resume=args.resume, progress=U.show_progress(quiet),
-                                  log=None if quiet else (lambda m: print(m, flush=True)),
-                                  checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints)
-    if rank == 0:
-        _print_summary(summary, quiet=args.quiet)
-    if args.distributed:
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
+    try:
+        config = {"command": "pretrain", "dataset": args.dataset, "data_dir": args.data_dir, "spec": spec,
+                  "train": cfg.to_dict(), "seed": args.seed, "emergence": emergence,
+                  "stop_at_emergence": args.stop_at_emergence, "keep_epochs": keep, "device": str(device)}
+        out = Path(out_text)
+        if args.resume:  # every rank checks (read-only), so a refusal never leaves the others waiting
+            U.check_same_config(out_text, config, ("dataset", "spec", "train", "seed", "emergence",
+                                                   "stop_at_emergence", "keep_epochs"))
+        if rank == 0:
+            out = U.prepare_out(out_text, resume=args.resume)
+            if not args.resume:
+                U.write_config(out, config)
+        if args.distributed:
+            dist.barrier()  # the output directory exists before any rank writes its checkpoint
+        quiet = args.quiet or rank != 0
+        summary = engine.pretrain_run(out, dataset=dataset, spec=spec, cfg=cfg, seed=args.seed, device=device,
+                                      emergence=emergence, stop_at=args.stop_at_emergence, keep_epochs=keep,
+                                      resume=args.resume, progress=U.show_progress(quiet),
+                                      log=None if quiet else (lambda m: print(m, flush=True)),
+                                      checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints)
+        if rank == 0:
+            _print_summary(summary, quiet=args.quiet)
+        if args.distributed:
+            dist.barrier()
+        return 0
+    finally:
+        # Also on errors: a process leaving with its process group alive can abort in the backend's threads.
+        if args.distributed and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _print_summary(s: dict, *, quiet: bool) -> None:
