@@ -259,6 +259,13 @@ def distributed_exchange(payload: Payload, group, rank: int, size: int, what: st
         for w in works:
             w.wait()
     except RuntimeError as exc:  # DistBackendError/DistNetworkError are RuntimeErrors
+        # Let every launched collective finish (they fail fast once a peer is gone) before raising: a process
+        # that exits with gloo work still in flight aborts in the backend's threads instead of reporting this.
+        for w in works:
+            try:
+                w.wait()
+            except RuntimeError:
+                pass
         raise RuntimeError(f"LoFT sync failed on rank {rank} of {size} during {what}: a peer process died, "
                            f"was killed or stalled past the process group's timeout ({exc})") from exc
     for buf in out.mean.values():
