@@ -30,14 +30,14 @@ STATES = ("reset", "keep")
 
 def ring_all_reduce_bytes(nbytes: int, workers: int) -> int:
     """Bytes one rank sends (= receives) in a ring all_reduce of an `nbytes` buffer."""
-    nbytes = C.positive_int(nbytes, "nbytes", minimum=0)
+    nbytes = C.non_negative_int(nbytes, "nbytes")
     workers = C.positive_int(workers, "workers")
     return 2 * (workers - 1) * nbytes // workers
 
 
 def ring_all_gather_bytes(total_bytes: int, workers: int) -> int:
     """Bytes one rank sends (= receives) in a ring all_gather whose gathered result has `total_bytes`."""
-    total_bytes = C.positive_int(total_bytes, "total_bytes", minimum=0)
+    total_bytes = C.non_negative_int(total_bytes, "total_bytes")
     workers = C.positive_int(workers, "workers")
     return (workers - 1) * total_bytes // workers
 
