@@ -26,10 +26,10 @@ import torch
 from .. import engine, report
 from ..comm_model import comm_cost
 from ..data import stratified_subset
+from ..tickets import draw
 from . import _common as U
 from . import run_presets
 from .pretrain import add_loft_args, add_train_args, emergence_options, train_config
-from .prune import draw
 from .run_summary import details, plots, run_info, seed_entry
 
 HELP = "the main job: dense vs LoFT-2/4 pretraining, tickets pruned 50 and 80 percent, emergence, table, plots"
@@ -47,7 +47,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--draw-at", help="also draw tickets from earlier weights, fine-tune them and plot "
                                      "ticket_vs_epoch.png: comma-separated epochs (0: the initial weights), "
                                      "auto (0, each emergence epoch, the end) or none")
-    g.add_argument("--draw-ratio", type=float, default=None,
+    g.add_argument("--draw-ratio", type=U.finite_float, default=None,
                    help="pruning ratio of the --draw-at tickets (default: the largest of --ratios)")
     g.add_argument("--train-samples", type=int,
                    help="train on a class-balanced subset of this many training images (0: all)")
@@ -55,7 +55,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--full", action="store_true", help="the long multi-seed version (3 seeds, more epochs)")
     add_train_args(p, epochs=None, lr=None, batch_size=None, epochs_help="pretraining epochs")
     g.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs per ticket")
-    g.add_argument("--finetune-lr", type=float, default=0.05,
+    g.add_argument("--finetune-lr", type=U.finite_float, default=0.05,
                    help="fine-tuning learning rate, cosine-annealed (default: %(default)s)")
     add_loft_args(p)
     p.add_argument("--resume", action="store_true", help="continue the job in --out where it stopped")
@@ -94,7 +94,7 @@ def _settings(args) -> dict:
     length = run_presets.apply(args)
     U.check_positive(args.seeds, "--seeds")
     U.check_positive(args.finetune_epochs, "--finetune-epochs")
-    U.check_positive(args.train_samples, "--train-samples", minimum=0)
+    U.check_non_negative(args.train_samples, "--train-samples")
     methods = parse_methods(args.methods)
     ratios = sorted({U.check_ratio(r, "--ratios") for r in U.parse_list(args.ratios, float, "--ratios")})
     draw_at = _draw_at(args.draw_at, U.check_positive(args.epochs, "--epochs"))
