@@ -339,8 +339,13 @@ def test_stratified_subset_keeps_class_shares():
     assert torch.equal(stratified_subset(ds, 500, seed=3).train_x, sub.train_x)
     assert not torch.equal(stratified_subset(ds, 500, seed=4).train_y, sub.train_y)
     assert stratified_subset(ds, len(ds.train_y)) is ds
-    with pytest.raises(ValueError, match=r"n_train must be an int in \[1, 1437\]"):
+    with pytest.raises(ValueError, match=r"n must be an int in \[1, 1437\] \(the train images of digits\)"):
         stratified_subset(ds, 0)
+    test = stratified_subset(ds, 100, split="test")
+    assert torch.equal(test.train_x, ds.train_x) and test.test_x.shape[0] == 100
+    assert (torch.bincount(test.test_y) - torch.bincount(ds.test_y) * 100 / 360).abs().max() < 1
+    with pytest.raises(ValueError, match="split must be"):
+        stratified_subset(ds, 10, split="val")
     with pytest.raises(TypeError, match="dataset must be"):
         stratified_subset("digits", 5)
 

@@ -245,3 +245,11 @@ def test_run_defaults_follow_the_dataset(capsys):
     assert "--quick and --full exclude each other" in capsys.readouterr().err
     assert main(["run", "--dataset", "kmnist", "--data-dir", "/nonexistent"]) == 2
     assert "missing train-images-idx3-ubyte" in capsys.readouterr().err
+
+
+def test_settled_from():
+    from loft_kernels.cli.run_summary import settled_from
+    assert settled_from([10.0, 5.0, 0.5, 0.2, 0.0], 0.1) == 2    # within 1.0 of the last value from index 2
+    assert settled_from([1.0, 2.0, 3.0], 0.1) == 2               # rising curves settle too (at the last value)
+    assert settled_from([4.0, 0.0, 3.0, 0.1, 0.0], 0.1) == 3     # a late excursion moves the settling point
+    assert settled_from([2.0], 0.1) == 0

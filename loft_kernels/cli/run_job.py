@@ -51,6 +51,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="pruning ratio of the --draw-at tickets (default: the largest of --ratios)")
     g.add_argument("--train-samples", type=int,
                    help="train on a class-balanced subset of this many training images (0: all)")
+    g.add_argument("--test-samples", type=int,
+                   help="evaluate on a class-balanced subset of this many test images (0: all)")
     g.add_argument("--quick", action="store_true", help="a short version (1 seed, few epochs) for smoke tests")
     g.add_argument("--full", action="store_true", help="the long multi-seed version (3 seeds, more epochs)")
     add_train_args(p, epochs=None, lr=None, batch_size=None, epochs_help="pretraining epochs")
@@ -95,6 +97,7 @@ def _settings(args) -> dict:
     U.check_positive(args.seeds, "--seeds")
     U.check_positive(args.finetune_epochs, "--finetune-epochs")
     U.check_non_negative(args.train_samples, "--train-samples")
+    U.check_non_negative(args.test_samples, "--test-samples")
     methods = parse_methods(args.methods)
     ratios = sorted({U.check_ratio(r, "--ratios") for r in U.parse_list(args.ratios, float, "--ratios")})
     draw_at = _draw_at(args.draw_at, U.check_positive(args.epochs, "--epochs"))
@@ -192,12 +195,15 @@ class Job:
 
 
 def _dataset(args):
+    """The dataset, cut to class-balanced subsets of --train-samples / --test-samples images (0: all)."""
     dataset = U.load_dataset(args)
-    if args.train_samples and args.train_samples < dataset.train_y.shape[0]:
-        dataset = stratified_subset(dataset, args.train_samples, seed=0)
-    elif args.train_samples:
-        raise U.CLIError(f"--train-samples {args.train_samples} exceeds the {dataset.train_y.shape[0]} training "
-                         f"images of {args.dataset}; use 0 for all")
+    for split, n in (("train", args.train_samples), ("test", args.test_samples)):
+        total = getattr(dataset, f"{split}_y").shape[0]
+        if n > total:
+            raise U.CLIError(f"--{split}-samples {n} exceeds the {total} {split} images of {args.dataset}; "
+                             f"use 0 for all")
+        if n:
+            dataset = stratified_subset(dataset, n, seed=0, split=split)
     return dataset
 
 
@@ -218,7 +224,7 @@ def run(args) -> int:
         raise U.CLIError(f"--methods: groups {', '.join(small)} have fewer filters than {max_workers} workers; "
                          f"raise --width or use fewer workers")
     config = {"command": "run", "dataset": args.dataset, "data_dir": args.data_dir, "spec": spec,
-              "train_samples": args.train_samples, "methods": [m for m, _ in st["methods"]], "seeds": st["seeds"],
+              "train_samples": args.train_samples, "test_samples": args.test_samples, "methods": [m for m, _ in st["methods"]], "seeds": st["seeds"],
               "ratios": st["ratios"], "draw_at": st["draw_at"], "draw_ratio": st["draw_ratio"],
               "pretrain": base_cfg.to_dict(), "finetune": ft_cfg.to_dict(), "emergence": emergence,
               "length": st["length"], "device": str(device)}

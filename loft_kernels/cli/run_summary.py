@@ -19,9 +19,9 @@ def mean_curve(rows: list[list[float]]) -> list[float]:
 
 
 def settled_from(values: list[float], frac: float) -> int:
-    """First index from which `values` stay within `frac` of their total drop above the last value."""
-    lo, hi = values[-1], values[0]
-    return next(i for i in range(len(values)) if all(v - lo <= frac * (hi - lo) for v in values[i:]))
+    """First index from which `values` stay within `frac` of their total change (first to last) of the last value."""
+    last, span = values[-1], abs(values[0] - values[-1])
+    return next(i for i in range(len(values)) if all(abs(v - last) <= frac * span for v in values[i:]))
 
 
 def _mean(xs):

@@ -34,31 +34,34 @@ def normalised(name, train_x, train_y, test_x, test_y, num_classes, augment) -> 
 
 
 
-def stratified_subset(dataset: Dataset, n_train: int, *, seed: int = 0) -> Dataset:
-    """`dataset` with `n_train` training images, the same share of each class, drawn by `seed`; test split kept.
+def stratified_subset(dataset: Dataset, n: int, *, seed: int = 0, split: str = "train") -> Dataset:
+    """`dataset` with `n` images of `split` ("train" or "test"), the same share of each class, drawn by `seed`.
 
-    Each class gets n_train * (its share of the training split), rounded so the
-    total is n_train. The normalisation statistics stay those of the full split.
+    Each class gets n * (its share of the split), rounded so the total is n; the
+    other split is kept whole. The normalisation statistics stay those of the
+    full training split.
     """
     if not isinstance(dataset, Dataset):
         raise TypeError(f"dataset must be a loft_kernels Dataset, got {type(dataset).__name__}")
-    total = dataset.train_y.shape[0]
-    if isinstance(n_train, bool) or not isinstance(n_train, int) or not 1 <= n_train <= total:
-        raise ValueError(f"n_train must be an int in [1, {total}] (the training images of {dataset.name}), "
-                         f"got {n_train!r}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    x, y = getattr(dataset, f"{split}_x"), getattr(dataset, f"{split}_y")
+    total = y.shape[0]
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= total:
+        raise ValueError(f"n must be an int in [1, {total}] (the {split} images of {dataset.name}), got {n!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    if n_train == total:
+    if n == total:
         return dataset
     g = torch.Generator().manual_seed(seed)
-    counts = torch.bincount(dataset.train_y, minlength=dataset.num_classes)
-    quota = (counts.double() * n_train / total).floor().long()
+    counts = torch.bincount(y, minlength=dataset.num_classes)
+    share = counts.double() * n / total
+    quota = share.floor().long()
     # hand the rounding remainder to the classes with the largest fractional parts
-    frac = counts.double() * n_train / total - quota
-    quota[frac.argsort(descending=True, stable=True)[:n_train - int(quota.sum())]] += 1
+    quota[(share - quota).argsort(descending=True, stable=True)[:n - int(quota.sum())]] += 1
     picked = []
     for c in range(dataset.num_classes):
-        members = (dataset.train_y == c).nonzero().flatten()
+        members = (y == c).nonzero().flatten()
         picked.append(members[torch.randperm(len(members), generator=g)[:int(quota[c])]])
     order = torch.cat(picked).sort().values  # keep the file order
-    return replace(dataset, train_x=dataset.train_x[order], train_y=dataset.train_y[order])
+    return replace(dataset, **{f"{split}_x": x[order], f"{split}_y": y[order]})
