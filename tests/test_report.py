@@ -231,14 +231,17 @@ def test_run_defaults_follow_the_dataset(capsys):
     p = run_job.add_parser(sub)
     args = p.parse_args(["--dataset", "fashion-mnist"])
     assert run_presets.apply(args) == "default"
-    assert (args.model, args.width, args.batch_size, args.train_samples, args.draw_at, args.seeds) == \
-        ("vgg", 0.25, 64, 6000, "auto", 2)
+    assert (args.model, args.width, args.batch_size, args.train_samples, args.test_samples, args.draw_at,
+            args.seeds) == ("vgg", 0.25, 64, 2500, 5000, "auto", 2)
     args = p.parse_args(["--dataset", "fashion-mnist", "--model", "preact_resnet18", "--seeds", "5", "--full"])
     run_presets.apply(args)
-    assert (args.model, args.seeds, args.train_samples, args.epochs) == ("preact_resnet18", 5, 0, 30)
+    assert (args.model, args.seeds, args.train_samples, args.epochs) == ("preact_resnet18", 5, 0, 20)
     args = p.parse_args([])
     run_presets.apply(args)
-    assert (args.dataset, args.model, args.draw_at) == ("digits", "preact_resnet18", "none")
+    assert (args.dataset, args.model, args.draw_at, args.seeds) == ("digits", "preact_resnet18", "none", 1)
+    args = p.parse_args(["--full"])
+    run_presets.apply(args)
+    assert (args.seeds, args.epochs, args.finetune_epochs) == (3, 20, 20)
     assert "--dataset fashion-mnist:" in p.format_help()
     from loft_kernels.cli import main
     assert main(["run", "--quick", "--full"]) == 2

@@ -18,7 +18,8 @@ BASE = {"model": "preact_resnet18", "width": 0.25, "batch_size": 24, "lr": 0.05,
         "finetune_epochs": 8, "train_samples": 0, "test_samples": 0, "draw_at": "none"}
 PRESETS = {
     # dataset -> length -> overrides of BASE ("default" applies to every length of that dataset)
-    "digits": {"default": {}, "quick": {"seeds": 1, "epochs": 6, "finetune_epochs": 3},
+    "digits": {"default": {"model": "vgg", "width": 0.5, "epochs": 10, "finetune_epochs": 6},
+               "quick": {"seeds": 1, "epochs": 6, "finetune_epochs": 3},
                "full": {"seeds": 3, "epochs": 20, "finetune_epochs": 20, "draw_at": "auto"}},
     "fashion-mnist": {"default": {"model": "vgg", "width": 0.25, "batch_size": 64, "seeds": 2, "epochs": 6,
                                   "finetune_epochs": 2, "train_samples": 2500, "test_samples": 5000,
@@ -33,7 +34,7 @@ LENGTHS = ("quick", "default", "full")
 
 def resolve(dataset: str, length: str) -> dict:
     """The default of every KEYS option for `dataset` at `length` ("quick", "default" or "full")."""
-    preset = PRESETS.get(dataset, PRESETS["digits"])
+    preset = PRESETS.get(dataset, {"default": {}, **{k: v for k, v in PRESETS["digits"].items() if k != "default"}})
     return {**BASE, **preset["default"], **(preset.get(length, {}) if length != "default" else {})}
 
 
@@ -48,7 +49,8 @@ def describe() -> str:
             lines.append(f"  --dataset {name}{flag}: {d['model']} width {d['width']:g}, batch {d['batch_size']}, "
                          f"lr {d['lr']:g}, {d['seeds']} seed(s), {d['epochs']} pretraining + {d['finetune_epochs']} "
                          f"fine-tuning epochs, {subset}, draw-at {d['draw_at']}")
-    lines.append("  other datasets: as digits")
+    lines.append("  other datasets: " + ", ".join(f"{k} {v}" for k, v in BASE.items() if k != "draw_at")
+                 + " (--quick / --full as digits)")
     return "\n".join(lines)
 
 
