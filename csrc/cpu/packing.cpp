@@ -4,6 +4,7 @@
 // element once (tensor, outer, row, inner) and then walks runs of the inner
 // dimension in nested loops, copying elements as opaque words of the dtype's
 // size, so every dtype of that size (floats, ints, bool, complex) takes the same path.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
@@ -149,6 +150,8 @@ at::Tensor pack_rows(const Tensors& tensors, const Tensors& indices, const Ints&
 }
 
 void unpack_rows(const at::Tensor& flat_in, const Tensors& tensors, const Tensors& indices, const Ints& dims) {
+  // A destination whose elements share memory would keep one arbitrary write per location.
+  for (const auto& t : tensors) at::assert_no_internal_overlap(t);
   const PackPlan plan = make_pack_plan(tensors, indices, dims);
   const at::Tensor flat = flat_in.contiguous();
   TORCH_CHECK(flat.numel() == plan.total && flat.scalar_type() == tensors[0].scalar_type(),

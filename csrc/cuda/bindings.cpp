@@ -154,6 +154,7 @@ at::Tensor pack_rows(const Tensors& tensors, const Tensors& indices, const std::
 
 void unpack_rows(const at::Tensor& flat_in, const Tensors& tensors, const Tensors& indices,
                  const std::vector<int64_t>& dims) {
+  for (const auto& t : tensors) at::assert_no_internal_overlap(t);  // shared locations: one arbitrary write wins
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   const PackPlan plan = make_pack_plan(tensors, indices, dims);
   const at::Tensor flat = flat_in.contiguous();

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._checks import writable
 from .. import register
 from ._common import block_programs, check_table_device, int_table
 
@@ -84,6 +85,8 @@ def pack_rows(tensors, indices, dims):
 
 @register("unpack_rows", "triton", dtypes=PACK_DTYPES)
 def unpack_rows(flat, tensors, indices, dims):
+    for i, t in enumerate(tensors):
+        writable(t, f"tensors[{i}]")
     # The kernel writes contiguous memory; a non-contiguous target gets a contiguous
     # stand-in that is copied back afterwards.
     targets = [t if t.is_contiguous() else t.contiguous() for t in tensors]
