@@ -25,8 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import register
-from ._common import FLOAT_DTYPES, INTERPRET, acc_dtype, acc_torch_dtype, launch_opts, pow2_clamp
+from ._common import INTERPRET, acc_dtype, acc_torch_dtype, launch_opts, pow2_clamp
 
 
 @triton.jit
@@ -379,7 +378,6 @@ def _single(x, weight, out_index, in_index, groups, stride, padding, dilation):
     return _Problem(view(x), weight, None, None, k, k, stride, padding, dilation), view
 
 
-@register("partial_conv2d", "triton", dtypes=FLOAT_DTYPES)
 def partial_conv2d(x, weight, bias, out_index, in_index, stride, padding, dilation, groups):
     p, view = _single(x, weight, out_index, in_index, groups, stride, padding, dilation)
     y = x.new_empty((x.shape[0], p.k_out * groups, p.OH, p.OW))
@@ -387,7 +385,6 @@ def partial_conv2d(x, weight, bias, out_index, in_index, stride, padding, dilati
     return y
 
 
-@register("partial_conv2d_backward", "triton", dtypes=FLOAT_DTYPES)
 def partial_conv2d_backward(grad, x, weight, out_index, in_index, has_bias, stride, padding, dilation, groups,
                             need_input, need_weight):
     p, view = _single(x, weight, out_index, in_index, groups, stride, padding, dilation)
@@ -397,7 +394,6 @@ def partial_conv2d_backward(grad, x, weight, out_index, in_index, has_bias, stri
     return gx, gw, gb
 
 
-@register("grouped_partial_conv2d", "triton", dtypes=FLOAT_DTYPES)
 def grouped_partial_conv2d(x, weight, bias, out_index, in_index, stride, padding, dilation):
     k_out = weight.shape[0] if out_index is None else out_index.shape[1]
     p = _Problem(x, weight, out_index, in_index, 0, k_out, stride, padding, dilation)
@@ -406,7 +402,6 @@ def grouped_partial_conv2d(x, weight, bias, out_index, in_index, stride, padding
     return y
 
 
-@register("grouped_partial_conv2d_backward", "triton", dtypes=FLOAT_DTYPES)
 def grouped_partial_conv2d_backward(grad, x, weight, out_index, in_index, has_bias, stride, padding, dilation,
                                     need_input, need_weight):
     k_out = weight.shape[0] if out_index is None else out_index.shape[1]
