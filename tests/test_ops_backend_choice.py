@@ -26,7 +26,8 @@ def fake_gpu(monkeypatch, tmp_path):
         for op in table.ops_of(name):  # what registration would add on a GPU machine
             fn = module.implementation(op.name) if hasattr(module, "implementation") else None
             monkeypatch.setitem(backends._impls, (op.name, name), backends.Impl(fn, None))
-    return tmp_path / "gpu-check-fake-gpu-9000.json"
+    (tmp_path / "gpu-check-fake-gpu-9000").mkdir()
+    return tmp_path / "gpu-check-fake-gpu-9000" / "summary.json"
 
 
 def test_device_class_is_a_file_name_key():

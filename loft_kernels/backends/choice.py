@@ -8,8 +8,8 @@ the other ops through the CUDA kernels, whose arithmetic is shared with, and
 tested through, the CPU build. The Triton kernels (tested only in Triton's
 CPU interpreter until a GPU check passes them) are never the default then.
 
-With a stored result (`gpu-check-<device class>.json`, written by
-`loft_kernels.benchmarks.gpu_check` into bench/results/, or the directory in
+With a stored result (`gpu-check-<device class>/summary.json`, written by
+`bash bench/gpu_check.sh` into bench/results/, or under the directory in
 LOFT_KERNELS_GPU_RESULTS), each op takes its backends in the measured order:
 fastest first, among those that matched the float64 reference in every dtype.
 `torch` closes every order: it is the reference itself.
@@ -46,8 +46,12 @@ def results_dir() -> Path:
     return Path(env) if env else _REPO_RESULTS
 
 
+def result_folder(cls: str) -> Path:
+    return results_dir() / f"gpu-check-{cls}"
+
+
 def result_path(cls: str) -> Path:
-    return results_dir() / f"gpu-check-{cls}.json"
+    return result_folder(cls) / "summary.json"
 
 
 def _load(path: Path) -> dict | None:
