@@ -13,11 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import naive
 import pytest
 import torch
 
 import loft_kernels as lk
-import naive
 from loft_kernels import _ext
 from loft_kernels.backends import unavailable_reason
 

@@ -2,12 +2,12 @@
 import random
 import zlib
 
+import naive
 import pytest
 import torch
+from conftest import backend_accepts
 
 import loft_kernels as lk
-import naive
-from conftest import backend_accepts
 
 # Odd and prime shapes, every stride/padding/dilation/kernel/bias/subset variant;
 # a seeded sample of the full product keeps the run short while covering each value.

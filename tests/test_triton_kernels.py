@@ -411,6 +411,7 @@ def _aot_compile(kernel, types, constexprs, arch):
 
 def _compile_jobs():
     import triton.language as tl
+
     import loft_kernels.backends.triton.filter_stats as stats
     from loft_kernels.backends.triton import packing, ranking
     from loft_kernels.backends.triton import partial_conv as conv

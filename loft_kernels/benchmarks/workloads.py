@@ -17,8 +17,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import reference
-from ..ops import (filter_norms, filter_stats, footrule_matrix, grouped_partial_conv2d, mask_distance_matrix,
-                   pack_rows, partial_conv2d, unpack_rows)
+from ..ops import (
+    filter_norms,
+    filter_stats,
+    footrule_matrix,
+    grouped_partial_conv2d,
+    mask_distance_matrix,
+    pack_rows,
+    partial_conv2d,
+    unpack_rows,
+)
 from .shapes import BATCH, ConvShape, conv_snapshot, group_sizes
 
 WORKERS = 4  # a subset is 1/4 of the filters: one LoFT-4 worker's share
