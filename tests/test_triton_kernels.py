@@ -10,6 +10,7 @@ Every result is compared with a plain float64 computation written here.
 import math
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -458,7 +459,9 @@ def test_kernels_compile_for_hopper(tmp_path):
     import triton.backends
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this triton build has no NVIDIA backend")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path))
+    repo = str(Path(__file__).resolve().parents[1])  # this checkout's package, not another installed copy
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
     done = subprocess.run([sys.executable, __file__, "--compile-for-hopper"], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
