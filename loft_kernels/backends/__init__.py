@@ -87,7 +87,10 @@ def unavailable_reason(backend: str) -> str | None:
 
 
 def available_backends() -> list[str]:
-    """Backends that work in this process (`triton` on CPU only under TRITON_INTERPRET=1)."""
+    """Backends that work in this process (`triton` on CPU only under TRITON_INTERPRET=1).
+
+    Which of them the automatic choice takes for each op on a device, and why: `backend_choices(device)`.
+    """
     return [b for b in BACKENDS if unavailable_reason(b) is None]
 
 
