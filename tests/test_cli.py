@@ -265,7 +265,7 @@ def test_torchrun_two_gloo_processes_match_the_simulation(pretrained, tmp_path):
 # ------------------------------------------------------------- bad input ----
 BAD = [
     (["pretrain", "--model", "resnet_nope"], "unknown model 'resnet_nope'"),
-    (["pretrain", "--dataset", "mnist"], "unknown dataset 'mnist'"),
+    (["pretrain", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["pretrain", "--dataset", "cifar10"], "needs --data-dir"),
     (["pretrain", "--dataset", "cifar10", "--data-dir", "{tmp}"], "data_batch_1"),
     (["pretrain", "--workers", "0"], "--workers must be >= 1"),

@@ -238,7 +238,7 @@ def test_run_defaults_follow_the_dataset(capsys):
     assert (args.model, args.seeds, args.train_samples, args.epochs) == ("preact_resnet18", 5, 0, 20)
     args = p.parse_args([])
     run_presets.apply(args)
-    assert (args.dataset, args.model, args.draw_at, args.seeds) == ("digits", "preact_resnet18", "none", 1)
+    assert (args.dataset, args.model, args.width, args.draw_at, args.seeds) == ("digits", "vgg", 0.5, "none", 1)
     args = p.parse_args(["--full"])
     run_presets.apply(args)
     assert (args.seeds, args.epochs, args.finetune_epochs) == (3, 20, 20)
