@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from ..training import dense
 from .evaluation import evaluate
 from .trainers import Trainer
 
@@ -32,7 +33,8 @@ def fit(trainer: Trainer, *, epochs: int, start_epoch: int = 0, history: Optiona
         if stats is not None:
             row["comm_bytes_sent"] = int(stats["bytes_sent"])
         if tracker is not None:
-            tracker.snapshot(e + 1)
+            with dense(trainer.model):  # a distributed LoFT rank holds its compact sub-model between syncs
+                tracker.snapshot(e + 1)
         history.append(row)
         if on_epoch is not None and on_epoch(e + 1, history):
             break

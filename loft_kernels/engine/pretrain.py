@@ -1,7 +1,6 @@
 """The pretraining job: a resumable run directory with metrics, tracker snapshots, emergence and a summary."""
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from ..data import Dataset
 from ..elastic import restart_count
 from ..io import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
 from ..tickets import FilterTracker, detect_emergence
-from ..training import FilterGroup
+from ..training import FilterGroup, dense
 from .checkpoints import RunCheckpoints, write_metrics
 from .config import TrainConfig
 from .distributed import all_ranks_sum
@@ -76,7 +75,8 @@ def pretrain_run(out, *, dataset: Dataset, spec: dict, cfg: TrainConfig, seed: i
     if rank == 0 and not (out / "init.pt").is_file():
         save_model(out / "init.pt", model, spec, groups, epoch=0)
     trainer = make_trainer(model, groups, dataset, cfg, seed=seed, device=device)
-    tracker = FilterTracker(trainer.model, groups)
+    with dense(trainer.model):
+        tracker = FilterTracker(trainer.model, groups)
     ckpts = RunCheckpoints(out, trainer, every=checkpoint_every, keep=keep_checkpoints)
     at = ckpts.restore() if resume else None
     start, start_batch, partial, history, seconds, resumes = 0, 0, None, [], 0.0, []
@@ -92,7 +92,8 @@ def pretrain_run(out, *, dataset: Dataset, spec: dict, cfg: TrainConfig, seed: i
     else:
         # Epoch 0 = the initial weights: the footrule's first distance F(1, 0) is the big early reshuffle
         # (the poster's curves start at 30-60), which the relative emergence threshold is a fraction of.
-        tracker.snapshot(0)
+        with dense(trainer.model):  # a distributed LoFT rank already holds its compact sub-model
+            tracker.snapshot(0)
     found = emergence_epochs(tracker, emergence)
     t_start = time.perf_counter() - seconds
     done = {"history": history}  # the finished epochs' rows, for mid-epoch checkpoints
@@ -124,7 +125,10 @@ def pretrain_run(out, *, dataset: Dataset, spec: dict, cfg: TrainConfig, seed: i
                       on_step=ckpts.on_step(lambda: extra(done["history"])))
     seconds = time.perf_counter() - t_start
     stats = trainer.comm_stats()
-    recal = evaluate(recalibrate_bn(copy.deepcopy(trainer.model), trainer.loader), dataset.test_x, dataset.test_y,
+    with torch.random.fork_rng(devices=[]):  # a full-size copy (state_dict is full-size even mid-round)
+        full_copy = build_model(spec)[0].to(trainer.device)
+    full_copy.load_state_dict(trainer.model.state_dict())
+    recal = evaluate(recalibrate_bn(full_copy, trainer.loader), dataset.test_x, dataset.test_y,
                      device=trainer.device)
     mean_epoch = sum(r["seconds"] for r in history) / len(history)
     summary = {
