@@ -285,7 +285,7 @@ def dist_worker(rank: int, world: int, init_file: str, out_file: str, config: di
     which rank `die_rank` calls os._exit / goes silent, to test the others' error), timeout (seconds),
     overrides {rank: {seed, sync_every, state, width, drop_group}} (a misconfigured rank), scaler
     (a GradScaler with scale 2**16), inf_at [rank, step, "shared" | "partitioned"] (an inf gradient),
-    autocast ("bfloat16": forward under CPU autocast).
+    autocast ("bfloat16": forward under CPU autocast), cycle (reuse the first `cycle` batches).
     """
     import datetime
 
@@ -318,7 +318,7 @@ def dist_worker(rank: int, world: int, init_file: str, out_file: str, config: di
                 os._exit(3)  # a crash: no cleanup, no goodbye to the peers
             if cfg.get("stall_at") == t and rank == cfg.get("die_rank", world - 1):
                 time.sleep(600)  # alive but silent: the others must time out (the test kills this one)
-            x, y = batch(rank, t)
+            x, y = batch(rank, t % cfg.get("cycle", cfg["steps"]))
             opt.zero_grad()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.get("autocast") == "bfloat16"):
                 loss = loss_fn(model(x), y)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .. import _checks as C
 from ..ops import filter_norms, footrule_matrix, mask_distance_matrix
+from ..training.submodel import full_size
 from . import _groups
 
 
@@ -61,13 +62,14 @@ class FilterTracker:
             raise ValueError(f"tag {tag!r} was already recorded; snapshot tags must be unique")
         # Re-resolve by name: lk.convert swaps modules in place, so held references could go stale.
         weights = []
-        for g in self._groups:
-            conv = _groups.module(self._model, g.conv_a, f"group {g.name!r} conv_a", nn.Conv2d)
-            if conv.weight.shape[0] != g.n:
-                raise ValueError(f"group {g.name!r}: conv_a {g.conv_a!r} now has {conv.weight.shape[0]} filters, "
-                                 f"the tracker was built for {g.n}")
-            weights.append(conv.weight)
-        norms = filter_norms(weights)
+        with full_size(self._model):  # a LoFT worker mid-round holds compact blocks: rank the full model
+            for g in self._groups:
+                conv = _groups.module(self._model, g.conv_a, f"group {g.name!r} conv_a", nn.Conv2d)
+                if conv.weight.shape[0] != g.n:
+                    raise ValueError(f"group {g.name!r}: conv_a {g.conv_a!r} now has {conv.weight.shape[0]} "
+                                     f"filters, the tracker was built for {g.n}")
+                weights.append(conv.weight)
+            norms = filter_norms(weights)
         for per_group, s in zip(self._scores, norms):
             per_group.append(s.detach().to("cpu", torch.float32))
         self._tags.append(tag)
