@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from ..training import dense
 from .evaluation import evaluate
 from .trainers import Trainer
 
@@ -33,8 +32,7 @@ def fit(trainer: Trainer, *, epochs: int, start_epoch: int = 0, history: Optiona
         if stats is not None:
             row["comm_bytes_sent"] = int(stats["bytes_sent"])
         if tracker is not None:
-            with dense(trainer.model):  # a distributed LoFT rank holds its compact sub-model between syncs
-                tracker.snapshot(e + 1)
+            tracker.snapshot(e + 1)  # ranks the full model also while a LoFT rank holds its compact sub-model
         history.append(row)
         if on_epoch is not None and on_epoch(e + 1, history):
             break

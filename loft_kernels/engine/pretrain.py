@@ -14,7 +14,7 @@ from ..data import Dataset
 from ..elastic import restart_count
 from ..io import CheckpointError, atomic_save, atomic_write_text, load_checkpoint
 from ..tickets import FilterTracker, detect_emergence
-from ..training import FilterGroup, dense
+from ..training import FilterGroup
 from .checkpoints import RunCheckpoints, write_metrics
 from .config import TrainConfig
 from .distributed import all_ranks_sum
@@ -75,8 +75,7 @@ def pretrain_run(out, *, dataset: Dataset, spec: dict, cfg: TrainConfig, seed: i
     if rank == 0 and not (out / "init.pt").is_file():
         save_model(out / "init.pt", model, spec, groups, epoch=0)
     trainer = make_trainer(model, groups, dataset, cfg, seed=seed, device=device)
-    with dense(trainer.model):
-        tracker = FilterTracker(trainer.model, groups)
+    tracker = FilterTracker(trainer.model, groups)
     ckpts = RunCheckpoints(out, trainer, every=checkpoint_every, keep=keep_checkpoints)
     at = ckpts.restore() if resume else None
     start, start_batch, partial, history, seconds, resumes = 0, 0, None, [], 0.0, []
@@ -92,8 +91,7 @@ def pretrain_run(out, *, dataset: Dataset, spec: dict, cfg: TrainConfig, seed: i
     else:
         # Epoch 0 = the initial weights: the footrule's first distance F(1, 0) is the big early reshuffle
         # (the poster's curves start at 30-60), which the relative emergence threshold is a fraction of.
-        with dense(trainer.model):  # a distributed LoFT rank already holds its compact sub-model
-            tracker.snapshot(0)
+        tracker.snapshot(0)
     found = emergence_epochs(tracker, emergence)
     t_start = time.perf_counter() - seconds
     done = {"history": history}  # the finished epochs' rows, for mid-epoch checkpoints
