@@ -158,8 +158,11 @@ class ResolvedGroup:
     consumer: nn.Module
 
 
-def check_group_list(groups, name: str = "groups") -> list[FilterGroup]:
-    """`groups` is a non-empty list of FilterGroup with unique names, each module's channels in one group per side."""
+def check_group_list(groups, workers: Optional[int] = None, name: str = "groups") -> list[FilterGroup]:
+    """`groups` is a non-empty list of FilterGroup with unique names, each module's channels in one group per side.
+
+    With `workers`, every group also needs n >= workers (else some worker would own none of its filters).
+    """
     if isinstance(groups, FilterGroup) or not isinstance(groups, (list, tuple)):
         raise TypeError(f"{name} must be a list of FilterGroup, got {type(groups).__name__}")
     if not groups:
@@ -179,6 +182,12 @@ def check_group_list(groups, name: str = "groups") -> list[FilterGroup]:
                     raise ValueError(f"{name}: module {module_name!r} has its {side} channels in both group "
                                      f"{owner[side, module_name]!r} and group {g.name!r}")
                 owner[side, module_name] = g.name
+    if workers is not None:
+        small = [f"{g.name!r} (n={g.n})" for g in groups if g.n < workers]
+        if small:
+            raise ValueError(f"{name}: {', '.join(small)} have fewer filters than workers={workers}; every worker "
+                             f"must own at least one filter of every group (exclude those groups or use fewer "
+                             f"workers)")
     return list(groups)
 
 
@@ -243,13 +252,7 @@ def resolve_groups(model: nn.Module, groups: Sequence[FilterGroup],
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    groups = check_group_list(groups)
-    if workers is not None:
-        small = [f"{g.name!r} (n={g.n})" for g in groups if g.n < workers]
-        if small:
-            raise ValueError(f"groups: {', '.join(small)} have fewer filters than workers={workers}; every worker "
-                             f"must own at least one filter of every group (exclude those groups or use fewer "
-                             f"workers)")
+    groups = check_group_list(groups, workers)
     out = []
     for g in groups:
         producer = _lookup(model, g.producer, "producer", g.name)

@@ -133,6 +133,9 @@ class _Walk:
             if user.kind == "output":
                 return f"{' -> '.join(path)}: feeds the model output (the head)"
             others = [i for i in user.inputs if i is not node]
+            if others and all(i.kind == "param" for i in others):
+                return f"{where}: {user.target} with parameter {others[0].target} (a per-channel scale or " \
+                    "shift outside any layer, e.g. a layer scale)"
             if others:
                 return f"{where}: {_COMBINE_REASONS.get(user.target, f'combined with another tensor by {user.target}')}"
             if user.kind == "module":
@@ -238,7 +241,7 @@ def _producer_reason(m: nn.Module) -> Optional[str]:
                "its forward may differ, so it is never partitioned"
     if isinstance(m, nn.Conv2d) and m.groups != 1:
         if m.in_channels == m.out_channels == m.groups:
-            return "depthwise conv: a per-channel member of the group of the layer before it, never a producer"
+            return "depthwise conv: it can only be a per-channel member inside another layer's group, never a producer"
         return f"grouped conv (groups={m.groups}): its filters read only their block's channels; not partitionable"
     return None
 
