@@ -91,8 +91,22 @@ def _safe_runner(model: nn.Module):
     return run
 
 
-def _trace(model: nn.Module, args: tuple) -> trace.FlowGraph:
+TRACERS = ("auto", "fx", "autograd")
+
+
+def _trace(model: nn.Module, args: tuple, tracer: str) -> trace.FlowGraph:
     run = _safe_runner(model)
+    if tracer == "autograd":
+        return trace.autograd_graph(model, args, run)
+    if tracer == "fx":
+        try:
+            return trace.fx_graph(model, args, run)
+        except ValueError as e:
+            if "example_input" in str(e):
+                raise
+            raise ValueError(f"model could not be traced with torch.fx ({type(e).__name__}: {e})") from e
+        except Exception as e:
+            raise ValueError(f"model could not be traced with torch.fx ({type(e).__name__}: {e})") from e
     try:
         return trace.fx_graph(model, args, run)
     except ValueError as e:
@@ -246,16 +260,19 @@ def _producer_reason(m: nn.Module) -> Optional[str]:
     return None
 
 
-def explain_groups(model: nn.Module, example_input) -> GroupReport:
+def explain_groups(model: nn.Module, example_input, tracer: str = "auto") -> GroupReport:
     """The filter groups of `model` and, for every other conv/linear, the reason it is no group's producer.
 
     `example_input`: a tensor (or tuple of the forward's positional tensors) the
     model runs on; it is run once in eval mode, leaving the model unchanged.
+    tracer: "auto" (torch.fx, the autograd graph if fx fails), "fx" or "autograd".
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     args = _example_args(example_input)
-    graph = _trace(model, args)
+    if not isinstance(tracer, str) or tracer not in TRACERS:
+        raise ValueError(f"tracer must be one of {TRACERS}, got {tracer!r}")
+    graph = _trace(model, args, tracer)
     modules = dict(model.named_modules())
     exclusive = _exclusive_test(model, graph)
     walk = _Walk(graph, modules, exclusive)
@@ -287,11 +304,11 @@ def explain_groups(model: nn.Module, example_input) -> GroupReport:
     return GroupReport([found[name] for name in modules if name in found], reasons, graph.tracer)
 
 
-def find_filter_groups(model: nn.Module, example_input) -> list[FilterGroup]:
+def find_filter_groups(model: nn.Module, example_input, tracer: str = "auto") -> list[FilterGroup]:
     """The partitionable filter groups of `model`, in module order (see the module docstring).
 
     `example_input`: a tensor (or tuple of the forward's positional tensors) the
     model runs on; it is run once in eval mode without grad, leaving the model
     unchanged. `explain_groups` also says why each other conv/linear is not a group.
     """
-    return explain_groups(model, example_input).groups
+    return explain_groups(model, example_input, tracer).groups

@@ -228,10 +228,22 @@ def autograd_graph(model: nn.Module, args: tuple, run) -> FlowGraph:
         return record
 
     handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if isinstance(m, STRUCTURAL)]
+    # Inputs, and buffers read outside the layers, get grad for the trace so that an add of either shows up
+    # as an operand (an operand without grad looks like a Python scalar).
+    args = tuple(a.detach().requires_grad_(True) if a.is_floating_point() else a for a in args)
+    leaves = {id(a): f"input {i}" for i, a in enumerate(args)}
+    loose = _loose_buffers(model)
+    for name, b in loose:
+        leaves.setdefault(id(b), name)
+    lifted = [b for _, b in loose if b.is_floating_point() and not b.requires_grad]
     outputs = []
     try:
+        for b in lifted:
+            b.requires_grad_(True)
         run(lambda: outputs.append(model(*args)), grad=True)
     finally:
+        for b in lifted:
+            b.requires_grad_(False)
         for h in handles:
             h.remove()
     roots = [t.grad_fn for t in _tensors(outputs[0]) if t.grad_fn is not None]
@@ -262,9 +274,13 @@ def autograd_graph(model: nn.Module, args: tuple, run) -> FlowGraph:
         if fn in module_of_output:
             node = module_of_output[fn]
         elif type(fn).__name__ == "AccumulateGrad":
-            name = param_names.get(id(fn.variable), "?")
-            read_directly.add(name.rpartition(".")[0])
-            node = FlowNode("param", name)
+            var = id(fn.variable)
+            if var in param_names or var in leaves and not leaves[var].startswith("input "):
+                name = param_names.get(var) or leaves[var]
+                read_directly.add(name.rpartition(".")[0])
+                node = FlowNode("param", name)
+            else:
+                node = FlowNode("input", leaves.get(var, "leaf"))
         else:
             op_name = _AUTOGRAD_OPS.get(_NODE_NAME.sub("", type(fn).__name__), type(fn).__name__)
             node = FlowNode("op", op_name, info=_autograd_info(fn, op_name))
@@ -300,6 +316,12 @@ def autograd_graph(model: nn.Module, args: tuple, run) -> FlowGraph:
     all_nodes = list(nodes.values()) + [out]
     _link(all_nodes)
     return FlowGraph(all_nodes, "autograd", calls, read_directly)
+
+
+def _loose_buffers(model: nn.Module) -> list:
+    """(name, buffer) of the buffers of non-structural modules: those a forward may read directly."""
+    return [(f"{mod_name}.{name}" if mod_name else name, b) for mod_name, m in model.named_modules()
+            if not isinstance(m, STRUCTURAL) for name, b in m.named_buffers(recurse=False)]
 
 
 def _tensors(value) -> list:
