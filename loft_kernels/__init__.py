@@ -20,15 +20,16 @@ from .io import atomic_save, load_checkpoint
 __all__ += ["atomic_save", "load_checkpoint"]
 
 # --- LoFT training: nn layers, filter groups, model zoo (loft_kernels.training, loft_kernels.models) ---
-from .models import (available_models, get_model, preact_resnet, preact_resnet18, preact_resnet34, resnet,
-                     resnet18, resnet34, resnet50, vgg, vgg11, vgg16, wide_resnet)
+from .models import (available_models, convnext_cifar, get_model, mobilenet_v2, preact_resnet, preact_resnet18,
+                     preact_resnet34, resnet, resnet18, resnet34, resnet50, vgg, vgg11, vgg16, wide_resnet)
 from .training import (FilterGroup, GroupReport, LoftBatchNorm2d, LoftConv2d, LoftLinear, Member, activate, convert,
                        dense, explain_groups, find_filter_groups, select_groups)
 
 __all__ += ["LoftConv2d", "LoftBatchNorm2d", "LoftLinear", "activate", "dense", "FilterGroup", "Member",
             "find_filter_groups", "explain_groups", "GroupReport", "select_groups", "convert",
             "get_model", "available_models", "preact_resnet", "preact_resnet18", "preact_resnet34", "resnet",
-            "resnet18", "resnet34", "resnet50", "vgg", "vgg11", "vgg16", "wide_resnet"]
+            "resnet18", "resnet34", "resnet50", "vgg", "vgg11", "vgg16", "wide_resnet", "mobilenet_v2",
+            "convnext_cifar"]
 
 # --- LoFT training: optimizer, simulator, comm accounting (loft_kernels.training) ---
 from .training import (LoftOptimizer, LoftSimulator, loft_sync_bytes, partition, ring_all_gather_bytes,
