@@ -5,12 +5,15 @@ the simulator runs LoftOptimizer's compact views on Loft layers. Same partition,
 same data, same arithmetic per filter, so they agree to float rounding (in
 practice bit for bit in one process).
 """
+import copy
+
 import pytest
 import torch
 
 import loft_kernels as lk
+from loft_kernels.training.partition import partition
 from loft_reference import (MODELS, OPTIMIZERS, batch, loss_fn, max_diff, one_thread,  # noqa: F401 (fixture)
-                            run_reference, run_simulator)
+                            run_reference, run_simulator, sub_model)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,7 +71,6 @@ def test_simulator_model_is_dense_and_evaluates_as_full_model():
 # ------------------------------------------- the reference on the new kinds ----
 def _masked(full, groups, owned):
     """The full model with every filter outside `owned` zeroed: producer rows/bias, BN affine, depthwise bias."""
-    import copy
     m = copy.deepcopy(full)
     with torch.no_grad():
         for g in groups:
@@ -90,9 +92,6 @@ def _masked(full, groups, owned):
 @pytest.mark.parametrize("model_name", ["mobilenet", "convnext", "preact"])
 def test_reference_sub_model_computes_the_masked_full_model(model_name):
     """A worker's physically sliced sub-model == the full model with the other workers' filters zeroed (eval)."""
-    from loft_reference import sub_model
-    from loft_kernels.training.partition import partition
-
     model, groups = MODELS[model_name]()
     for m in model.modules():  # non-trivial statistics so every channel matters
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -119,7 +118,7 @@ def test_reference_with_one_worker_is_plain_training(model_name):
     model, groups = MODELS[model_name]()
     steps = 4
     ref = run_reference(model, groups, OPTIMIZERS["sgd"], 1, 2, 0, "keep", steps)
-    plain = __import__("copy").deepcopy(model)
+    plain = copy.deepcopy(model)
     lk.activate(plain, groups, None)
     plain.train()
     opt = OPTIMIZERS["sgd"](plain.parameters())

@@ -10,7 +10,6 @@ from torch import nn
 import loft_kernels as lk
 from loft_kernels.tickets import count_params_flops, inference_speedup, prune, rewind, select_filters
 
-
 Group = lk.FilterGroup  # (name, producer, members, consumer, n)
 
 
