@@ -192,6 +192,17 @@ class Multiplier(nn.Module):
         return self.b(F.relu(self.dw(F.relu(self.a(x)))))
 
 
+class HeadAfterMean(nn.Module):
+    """conv -> relu -> x.mean((2, 3)) -> classifier: the head stays shared (as after pool + flatten)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)).mean((2, 3)))
+
+
 IMG, TOK = torch.randn(2, 3, 8, 8), torch.randn(2, 9, 6)
 # pattern -> (model factory, input, expected groups, {module: fragment of the reason it is not a group})
 PATTERNS = {
@@ -217,6 +228,7 @@ PATTERNS = {
                         {"a": "reshape", "d": "head"}),
     "shared_weights": (Shared, IMG, [], {"a": "called more than once", "shared": "called more than once"}),
     "depthwise_multiplier_2": (Multiplier, IMG, [], {"a": "channel multiplier 2"}),
+    "head_after_spatial_mean": (lambda: HeadAfterMean(), IMG, [], {"conv": "global pooling into a head"}),
     "layernorm_over_channels": (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4), nn.Conv2d(4, 2, 1)),
                                 IMG, [], {"0": "GroupNorm"}),
 }

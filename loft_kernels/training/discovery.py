@@ -8,7 +8,7 @@ subset of channels: elementwise activations, dropout, spatial pooling, BatchNorm
 and depthwise convs (channel multiplier 1; they become members cut with the
 group), layout permutes/transposes (the walk tracks which dim holds the
 channels, so a channels-last Linear after a conv is found), and means over
-non-channel dims. What stops a walk is reported as the reason: a residual add,
+non-channel dims that keep the rank. What stops a walk is reported as the reason: a residual add,
 a concat, a reshape, a channel shuffle, a split, a channel-attention (SE) scale,
 LayerNorm/GroupNorm/softmax over channels, a grouped conv (it mixes the
 channels of each block: not partitionable), a layer called twice or with tied
@@ -232,7 +232,8 @@ class _Walk:
                 return "mean over the channel dim (mixes channels)"
             if user.info.get("keepdim"):
                 return cdim, ndim
-            return cdim - sum(d < cdim for d in dims), ndim - len(dims)
+            # Like a flatten after global pooling: what follows is a head, which stays shared.
+            return "mean that drops the pooled dims (global pooling into a head)"
         return _OP_REASONS.get(op, f"{op} is not known to act per channel")
 
 
