@@ -170,6 +170,29 @@ class ChannelShuffle(nn.Module):
         return self.d(F.relu(self.c(F.relu(self.b(x)))))
 
 
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2 stride-1 unit as usually written: split, branch 1x1 -> bn -> relu -> dw -> bn -> 1x1 -> bn ->
+    relu, concat, channel shuffle with int() of the traced sizes (so torch.fx cannot trace it)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        h = c // 2
+        self.stem = nn.Conv2d(3, c, 1)
+        self.conv1, self.bn1 = pw(h, h), nn.BatchNorm2d(h)
+        self.dw, self.bn2 = dw(h), nn.BatchNorm2d(h)
+        self.conv2, self.bn3 = pw(h, h), nn.BatchNorm2d(h)
+        self.head = nn.Conv2d(c, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        a, b = x.chunk(2, dim=1)
+        b = F.relu(self.bn3(self.conv2(self.bn2(self.dw(F.relu(self.bn1(self.conv1(b))))))))
+        x = torch.cat([a, b], 1)
+        n, c, h, w = x.size()
+        x = x.view(n, 2, int(c) // 2, h, w).transpose(1, 2).reshape(n, int(c), h, w)
+        return self.head(x)
+
+
 class Shared(nn.Module):
     """The same conv applied twice (shared weights) between two convs."""
 
@@ -226,6 +249,8 @@ PATTERNS = {
                               "conv3": "residual add"}),
     "channel_shuffle": (ChannelShuffle, IMG, [group("b", [], "c", 6), group("c", [], "d", 6)],
                         {"a": "reshape", "d": "head"}),
+    "shufflenet_v2_unit": (ShuffleUnit, IMG, [group("conv1", [("bn1", BN), ("dw", DW), ("bn2", BN)], "conv2", 4)],
+                           {"stem": "split", "conv2": "concat", "dw": "depthwise"}),
     "shared_weights": (Shared, IMG, [], {"a": "called more than once", "shared": "called more than once"}),
     "depthwise_multiplier_2": (Multiplier, IMG, [], {"a": "channel multiplier 2"}),
     "head_after_spatial_mean": (lambda: HeadAfterMean(), IMG, [], {"conv": "global pooling into a head"}),
@@ -239,7 +264,7 @@ PATTERNS = {
 def test_pattern_groups_and_reasons(pattern, tracer):
     factory, x, expected, reasons = PATTERNS[pattern]
     model = factory()
-    if pattern == "channel_shuffle" and tracer == "fx":
+    if pattern in ("channel_shuffle", "shufflenet_v2_unit") and tracer == "fx":
         with pytest.raises(ValueError, match="traced with torch.fx"):
             lk.explain_groups(model, x, tracer="fx")
         return
