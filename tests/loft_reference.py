@@ -1,8 +1,8 @@
 """Test helpers: a plainly written LoFT reference, shared fixtures, and the distributed worker entry point.
 
-The reference implements DESIGN.md section 1 the obvious way and shares no
-code with loft_kernels.training beyond the partition rule: every round each
-worker gets a deep copy of the full model *physically sliced* to its filters
+The reference implements the LoFT round (partition, dispatch, K local steps,
+sync) the obvious way and shares no code with loft_kernels.training beyond the
+partition rule: every round each worker gets a deep copy of the full model *physically sliced* to its filters
 (smaller nn.Conv2d / nn.Linear / nn.BatchNorm2d modules; a depthwise member
 becomes a depthwise conv over the owned channels), its own optimizer, and trains K
 steps; the sync averages shared tensors (max for integer buffers) and writes

@@ -1,9 +1,9 @@
 """The LoFT partition: which worker owns which filters of each group in a round.
 
 Every rank (and every simulated worker) computes the same partition from
-(seed, round) alone, so agreeing on it costs no communication (DESIGN.md
-section 1, step 1). For each group a random permutation of its n filters is
-dealt round-robin: worker s gets perm[s::S], i.e. n//S or n//S + 1 filters
+(seed, round) alone, so agreeing on it, the first step of every LoFT round,
+costs no communication. For each group a random permutation of its n filters
+is dealt round-robin: worker s gets perm[s::S], i.e. n//S or n//S + 1 filters
 (workers s < n % S get the extra one), returned sorted ascending.
 
 The permutation of a group is seeded by (seed, round, group name) through a
