@@ -341,3 +341,25 @@ def test_resolve_groups_checks_every_member():
         lk.Member("a", "layernorm")
     with pytest.raises(ValueError, match="names a module twice"):
         group("a", [("a", BN)], "b", 3)
+
+
+class TwoInputs(nn.Module):
+    """forward(x, y) returning a dict, with a data-dependent branch: only the autograd trace follows it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1), nn.Conv2d(3, 2, 1)
+
+    def forward(self, x, y):
+        out = self.b(F.relu(self.a(x)))
+        if float(y.sum()) > -1e9:
+            out = out + self.c(y)
+        return {"out": out, "aux": [out.mean()]}
+
+
+def test_autograd_trace_takes_tuple_inputs_and_nested_outputs():
+    report = lk.explain_groups(TwoInputs(), (IMG, IMG))
+    assert report.tracer == "autograd" and report.groups == [group("a", [], "b", 4)]
+    assert "residual add" in report.reasons["b"] and "residual add" in report.reasons["c"]
+    with pytest.raises(ValueError, match="example_input: the model failed"):
+        lk.explain_groups(TwoInputs(), IMG)  # forward needs two inputs

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import operator
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -240,7 +241,9 @@ def autograd_graph(model: nn.Module, args: tuple, run) -> FlowGraph:
     try:
         for b in lifted:
             b.requires_grad_(True)
-        run(lambda: outputs.append(model(*args)), grad=True)
+        with warnings.catch_warnings():  # the forward's own float()/item() would warn about the grad we added
+            warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
+            run(lambda: outputs.append(model(*args)), grad=True)
     finally:
         for b in lifted:
             b.requires_grad_(False)
