@@ -75,6 +75,10 @@ def _example_args(example_input) -> tuple:
                     f"arguments), got {type(example_input).__name__}")
 
 
+class ExampleInputError(ValueError):
+    """The model failed to run on the example input: no tracer can help, so it is reported as it is."""
+
+
 def _safe_runner(model: nn.Module):
     """run(fn, grad=False): fn() in eval mode, dense, model flags restored; a failure names example_input."""
     def run(fn, grad: bool = False):
@@ -84,7 +88,7 @@ def _safe_runner(model: nn.Module):
             with torch.set_grad_enabled(grad), dense(model):
                 fn()
         except Exception as e:
-            raise ValueError(f"example_input: the model failed to run on it ({type(e).__name__}: {e})") from e
+            raise ExampleInputError(f"example_input: the model failed to run on it ({type(e).__name__}: {e})") from e
         finally:
             for m, mode in modes:
                 m.training = mode
@@ -98,28 +102,19 @@ def _trace(model: nn.Module, args: tuple, tracer: str) -> trace.FlowGraph:
     run = _safe_runner(model)
     if tracer == "autograd":
         return trace.autograd_graph(model, args, run)
-    if tracer == "fx":
-        try:
-            return trace.fx_graph(model, args, run)
-        except ValueError as e:
-            if "example_input" in str(e):
-                raise
-            raise ValueError(f"model could not be traced with torch.fx ({type(e).__name__}: {e})") from e
-        except Exception as e:
-            raise ValueError(f"model could not be traced with torch.fx ({type(e).__name__}: {e})") from e
     try:
         return trace.fx_graph(model, args, run)
-    except ValueError as e:
-        if "example_input" in str(e):
-            raise
-        fx_error = e
+    except ExampleInputError:
+        raise
     except Exception as e:  # fx raises many kinds (TraceError, TypeError on proxy iteration, ...)
+        if tracer == "fx":
+            raise ValueError(f"model could not be traced with torch.fx ({type(e).__name__}: {e})") from e
         fx_error = e
     try:
         return trace.autograd_graph(model, args, run)
+    except ExampleInputError:
+        raise
     except ValueError as e:
-        if "example_input" in str(e):
-            raise
         raise ValueError(f"model could not be traced: torch.fx failed ({type(fx_error).__name__}: {fx_error}) and "
                          f"so did the autograd graph of one forward ({e})") from e
 
@@ -129,12 +124,13 @@ def _norm_dims(dims, ndim: int) -> tuple:
 
 
 class _Walk:
-    """Follows one producer's output channels; `.result` is (members, consumer) or a reason string."""
+    """Follows a producer's output channels through the graph, tracking the dim that holds them."""
 
-    def __init__(self, graph: trace.FlowGraph, modules: dict, exclusive):
-        self.graph, self.modules, self.exclusive = graph, modules, exclusive
+    def __init__(self, modules: dict, exclusive):
+        self.modules, self.exclusive = modules, exclusive
 
     def run(self, start: trace.FlowNode, n: int, cdim: int, ndim: int):
+        """(members, consumer name) if the n channels (in dim cdim of ndim) reach one consumer, else the reason."""
         node, members, path = start, [], [start.target]
         while True:
             if not node.users:
@@ -276,7 +272,7 @@ def explain_groups(model: nn.Module, example_input, tracer: str = "auto") -> Gro
     graph = _trace(model, args, tracer)
     modules = dict(model.named_modules())
     exclusive = _exclusive_test(model, graph)
-    walk = _Walk(graph, modules, exclusive)
+    walk = _Walk(modules, exclusive)
     found, reasons = {}, {}
     starts = {node.target: node for node in graph.nodes if node.kind == "module"}
     for name, m in modules.items():
