@@ -38,10 +38,15 @@ setup(
     include_package_data=True,
     # A range, not a pin: a user's existing (CUDA) torch is kept. The README's
     # commands pin torch==2.13.0 so a fresh CPU machine gets the CPU wheel.
-    install_requires=["torch>=2.4", "numpy", "ninja", "pybind11", "tqdm", "matplotlib", "scikit-learn"],
+    # ninja builds the C++/CUDA extension on first use (torch ships the pybind11 headers).
+    install_requires=["torch>=2.4", "numpy", "ninja", "tqdm"],
+    # Optional features (loft_kernels/_optional.py says which extra a missing module needs).
     extras_require={
+        "plots": ["matplotlib"],
+        "digits": ["scikit-learn"],
         "triton": ["triton"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "matplotlib", "scikit-learn"],
+        "all": ["matplotlib", "scikit-learn", "triton"],
     },
     entry_points={"console_scripts": ["loft = loft_kernels.cli:main"]},
 )

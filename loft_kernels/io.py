@@ -2,7 +2,10 @@
 
 A checkpoint is written to a temporary file in the same directory, flushed to
 disk and renamed over the target, so a crash mid-write never leaves a truncated
-file where a good one was. Loading uses `weights_only=True`.
+file where a good one was. Loading uses `weights_only=True` and names the file
+in every error: a missing path is a FileNotFoundError, anything else that makes
+the file unreadable (a directory, truncation, a foreign format, a forbidden
+pickled object) is a `CheckpointError`.
 """
 from __future__ import annotations
 
@@ -50,11 +53,25 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: f.write(text), mode="w")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file exists but cannot be loaded; the message names the file and the cause."""
+
+
 def load_checkpoint(path: str | os.PathLike, map_location=None):
-    """torch.load with weights_only=True; a missing file is a clear FileNotFoundError."""
+    """torch.load with weights_only=True; errors name the file (see the module docstring)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file")
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        # torch reports a truncated or foreign file with whatever its unpickler hits first (EOFError, KeyError,
+        # IndexError, struct.error, UnpicklingError, RuntimeError from the zip reader...), never naming the file.
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded (truncated, not written by torch.save, "
+                              f"or holding objects other than tensors and plain containers): "
+                              f"{type(exc).__name__}: {detail}") from exc

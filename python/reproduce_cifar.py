@@ -1,6 +1,6 @@
 """Reproduce LoFT's CIFAR experiments: PreActResNet-34 / ResNet-34 on CIFAR-10/100 with 2 and 4 workers.
 
-One invocation is one row of the paper's table (DESIGN.md section 1): pretrain
+One invocation is one row of the paper's table (see docs/algorithm.md): pretrain
 with LoFT-S (or densely with --workers 1, the accuracy GPipe would reach, since
 GPipe trains the dense model), draw tickets at the pruning ratios (50 % and
 80 %: top filters of each group by L2 norm), fine-tune each ticket, and compare
@@ -26,6 +26,14 @@ Without torchrun, --workers S > 1 simulates the S workers in one process
 downloaded: --data-dir must hold the python-pickle files. --resume continues a
 killed job; --max-steps N caps every epoch at N steps (smoke tests, CI).
 
+Fault tolerance: with `torchrun --max-restarts N`, a job whose rank died is
+restarted by torchrun and resumes by itself from the newest checkpoint every
+rank completed; --checkpoint-every STEPS adds mid-epoch checkpoints (at a
+sync boundary) so a crash loses at most STEPS steps:
+
+    torchrun --standalone --max-restarts 3 --nproc_per_node 4 python/reproduce_cifar.py \\
+        --dataset cifar10 --data-dir /data/cifar-10-batches-py --checkpoint-every 200 --out runs/c10-loft4
+
 Writes to --out: pretrain/ (the `loft pretrain` files), ticket-<ratio>/ (the
 `loft finetune` files), results.json and results.md.
 """
@@ -44,6 +52,7 @@ import torch.distributed as dist
 from loft_kernels import engine, report
 from loft_kernels.comm_model import comm_cost
 from loft_kernels.data import get_dataset
+from loft_kernels.elastic import restart_count
 from loft_kernels.io import atomic_write_text
 from loft_kernels.tickets import prune
 
@@ -70,11 +79,20 @@ def parse(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (implied when torchrun --max-restarts restarts the job)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                   help="also checkpoint mid-epoch, at the first sync boundary after every STEPS steps")
+    p.add_argument("--keep-checkpoints", type=int, default=2, metavar="K", help="keep the newest K (default: 2)")
     args = p.parse_args(argv)
     args.ratios = sorted(float(r) for r in args.ratios.split(","))
     if any(not 0 <= r < 1 for r in args.ratios):
         p.error(f"--ratios must lie in [0, 1), got {args.ratios}")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        p.error(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    if args.keep_checkpoints < 1:
+        p.error(f"--keep-checkpoints must be >= 1, got {args.keep_checkpoints}")
+    args.resume = args.resume or restart_count() > 0  # a torchrun restart continues the same run
     return args
 
 
@@ -103,13 +121,17 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
 
     # 1. Pretraining: every rank (or the simulator's S workers).
-    summary = engine.pretrain_run(out / "pretrain", dataset=data, spec=spec, cfg=pre_cfg, seed=args.seed,
-                                  device=device, resume=args.resume, log=say)
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
-        if rank != 0:
-            return 0
+    try:
+        summary = engine.pretrain_run(out / "pretrain", dataset=data, spec=spec, cfg=pre_cfg, seed=args.seed,
+                                      device=device, resume=args.resume, log=say,
+                                      checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints)
+        if distributed:
+            dist.barrier()
+    finally:
+        if distributed:  # also on errors: never leave with a live process group (see the CLI's pretrain)
+            dist.destroy_process_group()
+    if distributed and rank != 0:
+        return 0
 
     # 2. Tickets: drawn and fine-tuned on one device (rank 0).
     model, groups, _ = engine.load_pretrained(out / "pretrain")
@@ -120,7 +142,8 @@ def main(argv=None) -> int:
         torch.manual_seed(args.seed)
         ft = engine.finetune_run(out / f"ticket-{report.ratio_key(ratio)}", model=pruned, spec=spec, groups=groups,
                                  kept=kept, ratio=ratio, dataset=data, cfg=ft_cfg, seed=args.seed, device=device,
-                                 resume=args.resume, log=say)
+                                 resume=args.resume, log=say, checkpoint_every=args.checkpoint_every,
+                                 keep_checkpoints=args.keep_checkpoints)
         tickets[report.ratio_key(ratio)] = ft["test_acc"]
 
     # 3. Communication against GPipe with the same workers, same samples (the paper's "improv." column).
@@ -134,6 +157,7 @@ def main(argv=None) -> int:
                "comm_bytes": loft, "gpipe_comm_bytes": gpipe,
                "improvement": (gpipe / loft) if gpipe and loft else None,
                "emerged_epoch": summary["emerged_epoch"], "seconds": time.perf_counter() - t0,
+               "resumes": summary["resumes"], "torchrun_restarts": restart_count(),
                "settings": {k: v for k, v in vars(args).items() if k not in ("resume",)}}
     atomic_write_text(json.dumps(results, indent=2) + "\n", out / "results.json")
     gb = lambda b: "n/a" if b is None else f"{b / 1e9:.2f}"  # noqa: E731

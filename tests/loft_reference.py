@@ -291,11 +291,34 @@ def train_with_checkpoints(config: dict, ckpt: str, crash_at=None) -> lk.LoftSim
 
 
 # ------------------------------------------------- distributed worker ----
+def _rank_model(config: dict, rank: int):
+    """The rank's model and groups; `overrides[rank]` may change width or drop the last group."""
+    own = config.get("overrides", {}).get(rank, {})
+    if "width" in own:
+        torch.manual_seed(0)
+        model, groups = lk.convert(lk.preact_resnet((1, 1, 1, 1), num_classes=5, width=own["width"]),
+                                   torch.randn(2, 3, 8, 8))
+    else:
+        model, groups = MODELS[config["model"]]()
+    return model, (groups[:-1] if own.get("drop_group") else groups)
+
+
+def _poison(model, which: str) -> None:
+    """An inf in one gradient: a shared parameter's ("shared") or a partitioned one's ("partitioned")."""
+    named = dict(model.named_parameters())
+    name = "linear.weight" if which == "shared" else next(n for n in named if n.endswith("conv1.weight")
+                                                           and named[n].grad is not None)
+    named[name].grad.view(-1)[0] = float("inf")
+
+
 def dist_worker(rank: int, world: int, init_file: str, out_file: str, config: dict) -> None:
     """One gloo rank of LoftOptimizer training (run in a subprocess); saves its per-sync snapshots to out_file.
 
     config: model, optimizer, sync_every, seed, state, steps; optional: die_at / stall_at (the step at
-    which rank `die_rank` calls os._exit / goes silent, to test the others' error) and timeout (seconds).
+    which rank `die_rank` calls os._exit / goes silent, to test the others' error), timeout (seconds),
+    overrides {rank: {seed, sync_every, state, width, drop_group}} (a misconfigured rank), scaler
+    (a GradScaler with scale 2**16), inf_at [rank, step, "shared" | "partitioned"] (an inf gradient),
+    autocast ("bfloat16": forward under CPU autocast), cycle (reuse the first `cycle` batches).
     """
     import datetime
 
@@ -304,25 +327,46 @@ def dist_worker(rank: int, world: int, init_file: str, out_file: str, config: di
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=config.get("timeout", 30)))
-    model, groups = MODELS[config["model"]]()
+    own = {k: v for k, v in config.get("overrides", {}).get(rank, {}).items() if k not in ("width", "drop_group")}
+    cfg = {**config, **own}
+    model, groups = _rank_model(config, rank)
     model.train()
-    opt = lk.LoftOptimizer(OPTIMIZERS[config["optimizer"]](model.parameters()), model, groups,
-                           sync_every=config["sync_every"], seed=config["seed"], state=config["state"])
-    result = {"rank": rank, "snapshots": [], "owned": [], "error": None, "elapsed": None}
-    result["owned"].append({k: v.clone() for k, v in opt.owned().items()})
+    result = {"rank": rank, "snapshots": [], "owned": [], "error": None, "elapsed": None, "scales": [],
+              "losses": []}
     start = time.monotonic()
     try:
-        for t in range(config["steps"]):
-            if config.get("die_at") == t and rank == config.get("die_rank", world - 1):
+        opt = lk.LoftOptimizer(OPTIMIZERS[cfg["optimizer"]](model.parameters()), model, groups,
+                               sync_every=cfg["sync_every"], seed=cfg["seed"], state=cfg["state"])
+    except ValueError as exc:  # a configuration that differs across ranks: every rank must say so
+        result["error"] = str(exc)
+        result["elapsed"] = time.monotonic() - start
+        lk.atomic_save(result, out_file)
+        dist.destroy_process_group()
+        return
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16) if cfg.get("scaler") else None
+    result["owned"].append({k: v.clone() for k, v in opt.owned().items()})
+    try:
+        for t in range(cfg["steps"]):
+            if cfg.get("die_at") == t and rank == cfg.get("die_rank", world - 1):
                 os._exit(3)  # a crash: no cleanup, no goodbye to the peers
-            if config.get("stall_at") == t and rank == config.get("die_rank", world - 1):
+            if cfg.get("stall_at") == t and rank == cfg.get("die_rank", world - 1):
                 time.sleep(600)  # alive but silent: the others must time out (the test kills this one)
-            x, y = batch(rank, t)
+            x, y = batch(rank, t % cfg.get("cycle", cfg["steps"]))
             opt.zero_grad()
-            loss_fn(model(x), y).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.get("autocast") == "bfloat16"):
+                loss = loss_fn(model(x), y)
+            result["losses"].append(float(loss.detach()))
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            if cfg.get("inf_at") and cfg["inf_at"][:2] == [rank, t]:
+                _poison(model, cfg["inf_at"][2])
             before = opt.round
             start = time.monotonic()
-            opt.step()
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
+                result["scales"].append(scaler.get_scale())
             if opt.round != before:
                 result["snapshots"].append({n: v.clone() for n, v in model.state_dict().items()})
                 result["owned"].append({k: v.clone() for k, v in opt.owned().items()})

@@ -222,7 +222,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_pretrain_cmd(killed, epochs), env=ENV)
     deadline = time.time() + 240
-    while not (killed / "checkpoint.pt").exists():  # the first epoch's checkpoint is on disk
+    while not any(killed.glob("checkpoints/step-*/rank0-of-1.pt")):  # the first epoch's checkpoint is on disk
         assert proc.poll() is None and time.time() < deadline, "pretraining ended before its first checkpoint"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -257,7 +257,9 @@ def test_torchrun_two_gloo_processes_match_the_simulation(pretrained, tmp_path):
     s_sim = json.loads((pretrained / "summary.json").read_text())
     s_dist = json.loads((out / "summary.json").read_text())
     assert s_dist["comm"] == s_sim["comm"] and s_dist["comm_bytes_total"] == s_sim["comm_bytes_total"]
-    assert sorted(p.name for p in out.glob("checkpoint*.pt")) == ["checkpoint.rank0.pt", "checkpoint.rank1.pt"]
+    newest = sorted(out.glob("checkpoints/step-*"))[-1]  # one file per rank in each checkpoint set
+    assert sorted(p.name for p in newest.iterdir()) == ["rank0-of-2.pt", "rank1-of-2.pt"]
+    assert s_dist["resumes"] == [] and s_dist["torchrun_restarts"] == 0
 
 
 # ------------------------------------------------------------- bad input ----
@@ -284,16 +286,26 @@ BAD = [
     (["run", "--methods", "dense,gpipe"], "'gpipe' is not a method"),
     (["run", "--epochs", "2", "--draw-at", "1,9"], r"--draw-at epochs must lie in 0\.\.2"),
     (["run", "--model", "preact_resnet", "--width", "0.0625", "--methods", "loft-8"], "fewer filters than 8"),
+    (["pretrain", "--out", "{pre}/config.json/sub"], "--out .* which is a file"),
+    (["pretrain", "--out", "/sys/loft_kernels_out"], "--out '/sys/loft_kernels_out' cannot be created"),
+    (["prune", "--checkpoint", "{tmp}/junk.pt"], "--checkpoint: .*junk.pt.* is not a loft_kernels model file"),
+    (["prune", "--checkpoint", "{tmp}/cut.pt"], "--checkpoint: .*cut.pt.* is not a loft_kernels model file"),
+    (["finetune", "--ticket", "{tmp}/cut.pt"], "--ticket: .*cut.pt.* is not a loft_kernels model file"),
 ]
 
 
 @pytest.mark.parametrize("argv, message", BAD, ids=[f"{a[0]}-{m[:20]}" for a, m in BAD])
 def test_bad_input_fails_cleanly(capsys, tmp_path, pretrained, argv, message):
     out = tmp_path / "out"
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    whole = (pretrained / "model.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])  # a truncated model file
     argv = [a.format(tmp=tmp_path, pre=pretrained) for a in argv]
-    rc, _, err = cli(capsys, *argv, "--out", out)
+    if "--out" not in argv:
+        argv += ["--out", out]
+    rc, _, err = cli(capsys, *argv)
     assert rc == 2
-    assert err.startswith(f"loft {argv[0]}: error:")
+    assert err.startswith(f"loft {argv[0]}: error:") and err.count("\n") == 1, err
     assert __import__("re").search(message, err), err
     assert not out.exists()  # nothing half-written
 
@@ -307,3 +319,57 @@ def test_existing_run_needs_resume_and_same_settings(capsys, pretrained):
     assert {p.name: p.stat().st_mtime_ns for p in pretrained.iterdir()} == before
     rc, _, err = cli(capsys, "pretrain", *TINY, "--out", Path(pretrained).parent / "fresh", "--resume")
     assert rc == 2 and "no run to resume" in err
+
+
+BAD_VALUES = [
+    (["pretrain", "--seed", "-1"], "argument --seed: must lie in 0..2\\*\\*63-1, got -1"),
+    (["pretrain", "--seed", str(2 ** 70)], "argument --seed: must lie in 0..2\\*\\*63-1"),
+    (["pretrain", "--width", "inf"], "argument --width: must be a finite number, got 'inf'"),
+    (["pretrain", "--lr", "nan"], "argument --lr: must be a finite number"),
+    (["prune", "--checkpoint", "x", "--ratio", "inf"], "argument --ratio: must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_VALUES, ids=[" ".join(a[1:3]) for a, _ in BAD_VALUES])
+def test_bad_values_name_the_option(capsys, tmp_path, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and __import__("re").search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_largest_seed_is_accepted(capsys, tmp_path):
+    rc, _, err = cli(capsys, "pretrain", *TINY, "--epochs", "1", "--seed", str(2 ** 63 - 1),
+                     "--out", tmp_path / "o", "--quiet")
+    assert rc == 0, err
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch, tmp_path):
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(engine, "pretrain_run", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["pretrain", *TINY, "--epochs", "1", "--out", str(tmp_path / "o"), "--quiet"])
+
+
+def test_resume_from_a_truncated_checkpoint_is_a_user_error(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert cli(capsys, "pretrain", *TINY, "--epochs", "2", "--out", out, "--quiet")[0] == 0
+    (out / "summary.json").unlink()  # as if killed before the end
+    ckpts = sorted(out.glob("checkpoints/*/rank0.pt"))
+    for ck in ckpts:
+        ck.write_bytes(ck.read_bytes()[:100])
+    rc, _, err = cli(capsys, "pretrain", *TINY, "--epochs", "2", "--out", out, "--quiet", "--resume")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert str(ckpts[-1]) in err and "cannot be loaded" in err
+
+
+def test_missing_optional_dependency_names_the_extra(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    rc, _, err = cli(capsys, "pretrain", "--dataset", "digits", "--epochs", "1", "--out", tmp_path / "o")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "scikit-learn" in err and "pip install 'loft_kernels[digits]'" in err
+    assert not (tmp_path / "o").exists()

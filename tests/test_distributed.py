@@ -100,3 +100,68 @@ def test_a_dead_or_silent_rank_makes_the_others_raise_within_the_timeout(fault, 
     if fault == "die_at":
         assert codes[1] == 3 and results[1] is None
     assert time.monotonic() - start < 120
+
+
+# ------------------------------------------------ one configuration ----
+@pytest.mark.parametrize("override,field", [
+    ({"seed": 5}, "seed"), ({"sync_every": 4}, "sync_every"), ({"state": "keep"}, "state"),
+    ({"width": 0.15}, "parameters"), ({"drop_group": True}, "groups")],
+    ids=["seed", "sync_every", "state", "width", "group-set"])
+def test_a_misconfigured_rank_makes_every_rank_raise(override, field, tmp_path):
+    timeout = 20
+    config = dict(model="preact", optimizer="sgd", sync_every=3, seed=0, state="reset", steps=4,
+                  timeout=timeout, overrides={1: override})
+    start = time.monotonic()
+    codes, results, logs = launch(2, config, tmp_path, wait_s=120)
+    assert codes == [0, 0], logs  # no abort, no hang
+    for res in results:
+        assert res["error"] is not None and "differs across ranks" in res["error"], res["error"]
+        assert f"{field} differs" in res["error"] and "ranks [0]" in res["error"] and "ranks [1]" in res["error"]
+        assert res["elapsed"] <= timeout
+    assert time.monotonic() - start < 120
+
+
+# ------------------------------------------------- mixed precision ----
+def test_grad_scaler_and_autocast_over_gloo(tmp_path):
+    from loft_reference import batch, loss_fn
+    base = dict(model="preact", optimizer="sgd", sync_every=3, seed=0, state="reset", steps=7)
+    runs = {}
+    for name, extra in (("plain", {}), ("scaled", {"scaler": True}),
+                        ("inf", {"scaler": True, "inf_at": [1, 4, "partitioned"]}),
+                        ("bf16", {"autocast": "bfloat16", "cycle": 2, "steps": 12}),
+                        ("fp32", {"cycle": 2, "steps": 12})):
+        (tmp_path / name).mkdir()
+        codes, results, logs = launch(2, {**base, **extra}, tmp_path / name)
+        assert codes == [0, 0], logs
+        assert all(r["error"] is None for r in results), [r["error"] for r in results]
+        runs[name] = results
+    # scaled (2^16, fp32) steps equal unscaled ones
+    for a, b in zip(runs["plain"][0]["snapshots"], runs["scaled"][0]["snapshots"]):
+        assert max_diff(a, b)[0] <= 1e-5
+    # an inf on rank 1 at step 4 halves rank 1's scale only; the syncs stay on schedule, ranks agree
+    inf = runs["inf"]
+    assert inf[0]["scales"] == [2.0 ** 16] * 7
+    assert inf[1]["scales"][:4] == [2.0 ** 16] * 4 and inf[1]["scales"][4:] == [2.0 ** 15] * 3
+    assert len(inf[0]["snapshots"]) == len(inf[1]["snapshots"]) == 3
+    for a, b in zip(*(r["snapshots"] for r in inf)):
+        assert max_diff(a, b)[0] == 0.0
+    # ... and equals the simulator in which worker 1 skips the same step
+    model, groups = MODELS["preact"]()
+    sim = lk.LoftSimulator(model, groups, OPTIMIZERS["sgd"], workers=2, sync_every=3)
+    sim.model.train()
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 16) for _ in range(2)]
+    for t in range(7):
+        handle = None
+        if t == 4:
+            handle = sim.worker_models[1].get_parameter(f"{groups[0].conv_a}.weight").register_hook(
+                lambda g: g.index_fill(0, torch.tensor([0]), float("inf")))
+        sim.step([batch(s, t) for s in range(2)], loss_fn, scalers=scalers)
+        if handle is not None:
+            handle.remove()
+    sim.finalize()
+    assert max_diff(inf[0]["snapshots"][-1], sim.model.state_dict())[0] <= 1e-4
+    # bf16 autocast trains like fp32: the loss falls, and by about as much
+    for r in range(2):
+        bf16, fp32 = runs["bf16"][r]["losses"], runs["fp32"][r]["losses"]
+        assert sum(bf16[-2:]) < 0.8 * sum(bf16[:2]) and sum(fp32[-2:]) < 0.8 * sum(fp32[:2])
+        assert abs(sum(bf16[-2:]) - sum(fp32[-2:])) / 2 < 0.15 * fp32[0]

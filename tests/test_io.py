@@ -1,9 +1,11 @@
 """Atomic checkpoint writing: a failed write never replaces or truncates a good file."""
+import sys
+
 import pytest
 import torch
 
 import loft_kernels as lk
-from loft_kernels.io import atomic_write, atomic_write_text
+from loft_kernels.io import CheckpointError, atomic_write, atomic_write_text
 
 
 def test_atomic_save_roundtrip(tmp_path):
@@ -47,3 +49,32 @@ def test_load_checkpoint_refuses_arbitrary_objects(tmp_path):
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="Weights only load failed|weights_only"):
         lk.load_checkpoint(tmp_path / "evil.pt")
+
+
+@pytest.mark.parametrize("content", [b"", b"hello", b"\x80\x02}q\x00.", None], ids=["empty", "text", "bad-pickle",
+                                                                               "truncated"])
+def test_unreadable_files_name_the_file(tmp_path, content):
+    path = tmp_path / "ckpt.pt"
+    if content is None:
+        lk.atomic_save({"w": torch.arange(1000.0)}, path)
+        content = path.read_bytes()[:300]
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"checkpoint '.*ckpt\.pt' cannot be loaded") as exc:
+        lk.load_checkpoint(path)
+    assert isinstance(exc.value, ValueError) and str(exc.value).count("\n") == 0
+
+
+def test_a_directory_is_not_called_missing(tmp_path):
+    with pytest.raises(CheckpointError, match="is a directory, not a checkpoint file"):
+        lk.load_checkpoint(tmp_path)
+
+
+def test_optional_dependencies_say_which_extra(monkeypatch):
+    from loft_kernels._optional import missing_message, require
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'loft_kernels\[plots\]'"):
+        require("matplotlib")
+    assert missing_message("sklearn.datasets").endswith("pip install 'loft_kernels[digits]'")
+    assert missing_message("numpy") is None
+    with pytest.raises(ModuleNotFoundError, match="no_such_module"):
+        require("no_such_module")  # not optional: torch's own error, untouched

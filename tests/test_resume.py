@@ -45,7 +45,7 @@ def test_kill_and_resume_is_bit_identical(config, tmp_path):
     for oa, ob in zip(uninterrupted.optimizers, resumed.optimizers):
         sa, sb = oa.state_dict(), ob.state_dict()
         assert sa["loft"]["round"] == sb["loft"]["round"] and sa["loft"]["comm"] == sb["loft"]["comm"]
-        for (ka, va), (kb, vb) in zip(sa["base"]["state"].items(), sb["base"]["state"].items()):
+        for (ka, va), (kb, vb) in zip(sa["state"].items(), sb["state"].items()):
             for key in va:
                 assert torch.equal(va[key], vb[key]), (ka, key)
     # the run did train: the resumed model is far from the initial one

@@ -116,10 +116,10 @@ def _worker(rank: int, port: int, repeats: int, warmup: int, out_path: str) -> N
         model = preact_resnet18(num_classes=10)
         example = torch.randn(2, 3, RESOLUTION, RESOLUTION)
         model, groups = convert(model, example, policy="all")
+        sizes = loft_sync_bytes(model, groups, WORKERS)
+        shadow = copy.deepcopy(model)  # the per-tensor baseline works on its own full-size copy
         opt = LoftOptimizer(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), model, groups,
                             sync_every=NEVER)
-        sizes = loft_sync_bytes(model, groups, WORKERS)
-        shadow = copy.deepcopy(model)  # the per-tensor baseline works on its own copy
         t = interleaved({"loft": _loft_setup(model, opt),
                          "bucketed": _bucketed_setup(sizes["all_reduce"]["buffer_bytes"],
                                                      sizes["all_gather"]["buffer_bytes"]),

@@ -2,14 +2,18 @@
 
 Subcommands: pretrain, prune, finetune, distance, run (the main job), bench.
 `loft <subcommand> --help` documents each. User errors (bad values, missing
-files, unknown names) print one `loft <subcommand>: error: ...` line and exit
-with status 2 before anything is written to --out.
+or unreadable files, unknown names, an unusable --out) print one
+`loft <subcommand>: error: ...` line and exit with status 2, before anything
+is written to --out where they can be found up front. Everything else is a bug
+and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .._optional import missing_message
+from ..io import CheckpointError
 from ._common import CLIError
 
 _COMMANDS = ("pretrain", "prune", "finetune", "distance", "run", "bench")
@@ -33,23 +37,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse_and_run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)  # argparse exits 2 on unknown options / bad types
+    return _module(args.command).run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         # Everything after `bench` (--help included) belongs to the benchmark runner.
         command, run = "bench", (lambda: _module("bench").run(argparse.Namespace(argv=argv[1:])))
     else:
-        parser = build_parser()
-        args = parser.parse_args(argv)  # argparse exits 2 on unknown options / bad types
-        command, run = args.command, (lambda: _module(args.command).run(args))
+        command, run = (argv[0] if argv else "loft"), (lambda: _parse_and_run(argv))
     try:
         return int(run() or 0)
-    except CLIError as e:
+    except (CLIError, CheckpointError) as e:  # raised where user input (options, files) is validated
         print(f"loft {command}: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        # The library's argument checks name the offending argument; show them as user errors.
-        print(f"loft {command}: error: {e}", file=sys.stderr)
+    except ModuleNotFoundError as e:  # an optional dependency (plots, digits) that is not installed
+        hint = missing_message(e.name or "")
+        if hint is None:
+            raise
+        print(f"loft {command}: error: {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"loft {command}: interrupted", file=sys.stderr)

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,9 +25,34 @@ class CLIError(Exception):
     """A user error: printed as `loft <command>: error: <message>`, exit status 2."""
 
 
+MAX_SEED = 2 ** 63 - 1  # torch generators and numpy seed sequences take any int in 0..2**63-1
+
+
+def seed_arg(text: str) -> int:
+    """argparse type of --seed: an int in 0..MAX_SEED (argparse names the option and exits 2 otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must lie in 0..2**63-1, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type of every float option: a finite number (inf and nan are refused with the option's name)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def add_common(p: argparse.ArgumentParser, *, out_default: str | None = None) -> None:
     g = p.add_argument_group("common options")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    g.add_argument("--seed", type=seed_arg, default=0, help="random seed, 0..2**63-1 (default: %(default)s)")
     g.add_argument("--out", default=out_default,
                    help="output directory" + (f" (default: {out_default})" if out_default else ""))
     g.add_argument("--device", default="auto",
@@ -49,9 +77,15 @@ def check_ratio(value: float, name: str) -> float:
     return value
 
 
-def check_positive(value: int, name: str, minimum: int = 1):
-    if value < minimum:
-        raise CLIError(f"{name} must be >= {minimum}, got {value}")
+def check_positive(value: int, name: str) -> int:
+    if value < 1:
+        raise CLIError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_non_negative(value: int, name: str) -> int:
+    if value < 0:
+        raise CLIError(f"{name} must be >= 0, got {value}")
     return value
 
 
@@ -77,7 +111,19 @@ def prepare_out(out: str, *, resume: bool = False, marker: str = "config.json") 
     """Create --out (after all validation). An existing run there needs --resume."""
     check_out_free(out, resume=resume, marker=marker)
     path = Path(out)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):  # a read-only filesystem lets mkdir(exist_ok) pass
+            pass
+    except OSError as e:
+        raise CLIError(f"--out {out!r} cannot be created or written: {e.strerror or e}") from None
+    return path
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
     return path
 
 
@@ -88,6 +134,11 @@ def check_out_free(out: str | None, *, resume: bool = False, marker: str = "conf
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise CLIError(f"--out {out!r} exists and is not a directory")
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise CLIError(f"--out {out!r} lies under {str(base)!r}, which is a file, not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {out!r} cannot be created or written: {str(base)!r} is not writable")
     if resume and not (path / marker).is_file():
         raise CLIError(f"--resume: {out!r} holds no run to resume (no {marker})")
     if not resume and (path / marker).exists():
@@ -142,7 +193,7 @@ def add_data_model(p: argparse.ArgumentParser, *, model: bool = True) -> None:
     g.add_argument("--data-dir", default=None, help="CIFAR directory in the python-pickle layout")
     if model:
         g.add_argument("--model", default="preact_resnet18", help="zoo model name (default: %(default)s)")
-        g.add_argument("--width", type=float, default=0.25,
+        g.add_argument("--width", type=finite_float, default=0.25,
                        help="width multiplier on all channels (default: %(default)s)")
         g.add_argument("--policy", default="all", choices=("all", "paper"),
                        help="filter groups to partition/prune: all, or paper (official ResNet rule)")
@@ -170,8 +221,8 @@ def make_spec(args, dataset) -> dict:
     from ..models import available_models
     if args.model not in available_models():
         raise CLIError(f"--model: unknown model {args.model!r}; available: {', '.join(available_models())}")
-    if not args.width > 0:
-        raise CLIError(f"--width must be > 0, got {args.width:g}")
+    if not (args.width > 0 and math.isfinite(args.width)):
+        raise CLIError(f"--width must be a finite number > 0, got {args.width:g}")
     include = parse_list(args.include, str, "--include") if args.include else None
     exclude = parse_list(args.exclude, str, "--exclude") if args.exclude else None
     spec = engine.model_spec(args.model, dataset, width=args.width, policy=args.policy, include=include,

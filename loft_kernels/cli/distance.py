@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from .. import engine, report
-from ..io import atomic_write_text
+from ..io import CheckpointError, atomic_write_text
 from ..tickets import FilterTracker
 from . import _common as U
 from .pretrain import add_loft_args, emergence_options
@@ -36,7 +36,7 @@ def load_tracker(run_dir: Path) -> FilterTracker:
     """The FilterTracker of a pretraining output directory (scores of every epoch)."""
     try:
         return engine.load_pretrained(run_dir)[2]
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError) as e:
         raise U.CLIError(f"--run: {e}") from None
 
 

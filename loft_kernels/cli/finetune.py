@@ -15,6 +15,7 @@ import argparse
 import torch
 
 from .. import engine
+from ..io import CheckpointError
 from ..tickets import rewind
 from . import _common as U
 from .pretrain import add_train_args, train_config
@@ -53,7 +54,7 @@ def run(args) -> int:
                 raise U.CLIError(f"--rewind-from {str(rew)!r} is a different model than the ticket's "
                                  f"(spec or filter groups differ)")
             pruned = rewind(pruned, obj["kept"], groups, source["state_dict"])
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError) as e:
         raise U.CLIError(str(e)) from None
     dataset = U.load_dataset(args)
     want = obj["spec"]["kwargs"]

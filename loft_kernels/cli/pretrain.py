@@ -1,20 +1,26 @@
 """`loft pretrain`: dense or LoFT pretraining with a filter tracker, checkpoints and early stopping at emergence.
 
 Writes to --out: config.json; metrics.json/metrics.csv (one row per epoch);
-checkpoint.pt after every epoch (checkpoint.rank<r>.pt per rank when
-distributed) for --resume; init.pt (initial weights, for rewinding);
+checkpoints/step-<n>/rank<r>-of-<S>.pt after every epoch and every
+--checkpoint-every steps (one file per rank, newest --keep-checkpoints kept)
+for --resume; init.pt (initial weights, for rewinding);
 epoch_<e>.pt for each epoch in --keep-epochs; at the end model.pt (the
 pretrained model), tracker.pt (filter scores of every epoch) and
-summary.json (accuracy, emergence epochs, communication, time).
+summary.json (accuracy, emergence epochs, communication, time, resumes).
+
+Under `torchrun --max-restarts N ... --distributed`, a restarted job resumes
+by itself from the newest checkpoint that every rank completed.
 """
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch.distributed as dist
 
 from .. import engine
+from ..elastic import restart_count
 from . import _common as U
 
 HELP = "pretrain a model densely or with LoFT (S simulated workers, or S processes under torchrun)"
@@ -25,9 +31,9 @@ def add_train_args(p: argparse.ArgumentParser, *, epochs, lr: float, batch_size:
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
     g.add_argument("--batch-size", type=int, default=batch_size, help="mini-batch per worker (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=lr, help="SGD learning rate (default: %(default)s)")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (default: %(default)s)")
+    g.add_argument("--lr", type=U.finite_float, default=lr, help="SGD learning rate (default: %(default)s)")
+    g.add_argument("--momentum", type=U.finite_float, default=0.9, help="SGD momentum (default: %(default)s)")
+    g.add_argument("--weight-decay", type=U.finite_float, default=5e-4, help="SGD weight decay (default: %(default)s)")
 
 
 def add_loft_args(p: argparse.ArgumentParser) -> None:
@@ -35,9 +41,9 @@ def add_loft_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sync-every", type=int, default=15, help="K: local steps per round (default: %(default)s)")
     g.add_argument("--state", choices=("reset", "keep"), default="reset",
                    help="optimizer state across rounds: reset (official code) or keep (default: %(default)s)")
-    g.add_argument("--mask-ratio", type=float, default=0.5,
+    g.add_argument("--mask-ratio", type=U.finite_float, default=0.5,
                    help="pruning ratio whose keep-masks the Early-Bird criterion compares (default: %(default)s)")
-    g.add_argument("--footrule-threshold", type=float, default=0.1,
+    g.add_argument("--footrule-threshold", type=U.finite_float, default=0.1,
                    help="footrule criterion: consecutive distance <= this fraction of the first one "
                         "(default: %(default)s)")
     g.add_argument("--footrule-window", type=int, default=3,
@@ -59,7 +65,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="end pretraining when this criterion declares the ticket emerged")
     g.add_argument("--keep-epochs", default=None,
                    help="comma-separated epochs whose weights to keep as epoch_<e>.pt (for drawing/rewinding)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+                   "(implied when torchrun restarts the job)")
+    g.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                   help="also checkpoint mid-epoch, at the first sync boundary after every STEPS steps "
+                        "(default: at epoch ends only)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, metavar="K",
+                   help="keep the newest K checkpoints (default: %(default)s)")
     U.add_common(p)
     return p
 
@@ -73,8 +86,8 @@ def train_config(args, workers: int = 1, distributed: bool = False, *, schedule:
     U.check_positive(args.batch_size, "--batch-size")
     sync_every, state = getattr(args, "sync_every", 15), getattr(args, "state", "reset")
     U.check_positive(sync_every, "--sync-every")
-    if not lr > 0:
-        raise U.CLIError(f"the learning rate must be > 0, got {lr:g}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise U.CLIError(f"the learning rate must be a finite number > 0, got {lr:g}")
     for name in ("momentum", "weight_decay"):
         if not getattr(args, name) >= 0:
             raise U.CLIError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name):g}")
@@ -102,41 +115,55 @@ def run(args) -> int:
     keep = U.parse_list(args.keep_epochs, int, "--keep-epochs") if args.keep_epochs else []
     if any(not 1 <= e <= args.epochs for e in keep):
         raise U.CLIError(f"--keep-epochs must lie in 1..{args.epochs} (the epochs), got {keep}")
+    if args.checkpoint_every is not None:
+        U.check_positive(args.checkpoint_every, "--checkpoint-every")
+    U.check_positive(args.keep_checkpoints, "--keep-checkpoints")
     out_text = args.out or U.default_out("pretrain")
+    # A torchrun restart continues the run the first attempt started (if it got as far as writing config.json).
+    args.resume = args.resume or (restart_count() > 0 and (Path(out_text) / "config.json").is_file())
     U.check_out_free(out_text, resume=args.resume)
     dataset = U.load_dataset(args)
     spec = U.make_spec(args, dataset)
     rank = 0
     if args.distributed:
-        rank, world, device = engine.init_distributed(args.device)
+        try:
+            rank, world, device = engine.init_distributed(args.device)
+        except engine.NotUnderTorchrun as e:
+            raise U.CLIError(str(e)) from None
         if world != workers:
+            dist.destroy_process_group()
             raise U.CLIError(f"--workers {workers} but torchrun started {world} processes")
     else:
         device = U.resolve_device(args.device)
-    config = {"command": "pretrain", "dataset": args.dataset, "data_dir": args.data_dir, "spec": spec,
-              "train": cfg.to_dict(), "seed": args.seed, "emergence": emergence,
-              "stop_at_emergence": args.stop_at_emergence, "keep_epochs": keep, "device": str(device)}
-    out = Path(out_text)
-    if args.resume:  # every rank checks (read-only), so a refusal never leaves the others waiting
-        U.check_same_config(out_text, config, ("dataset", "spec", "train", "seed", "emergence",
-                                               "stop_at_emergence", "keep_epochs"))
-    if rank == 0:
-        out = U.prepare_out(out_text, resume=args.resume)
-        if not args.resume:
-            U.write_config(out, config)
-    if args.distributed:
-        dist.barrier()  # the output directory exists before any rank writes its checkpoint
-    quiet = args.quiet or rank != 0
-    summary = engine.pretrain_run(out, dataset=dataset, spec=spec, cfg=cfg, seed=args.seed, device=device,
-                                  emergence=emergence, stop_at=args.stop_at_emergence, keep_epochs=keep,
-                                  resume=args.resume, progress=U.show_progress(quiet),
-                                  log=None if quiet else (lambda m: print(m, flush=True)))
-    if rank == 0:
-        _print_summary(summary, quiet=args.quiet)
-    if args.distributed:
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
+    try:
+        config = {"command": "pretrain", "dataset": args.dataset, "data_dir": args.data_dir, "spec": spec,
+                  "train": cfg.to_dict(), "seed": args.seed, "emergence": emergence,
+                  "stop_at_emergence": args.stop_at_emergence, "keep_epochs": keep, "device": str(device)}
+        out = Path(out_text)
+        if args.resume:  # every rank checks (read-only), so a refusal never leaves the others waiting
+            U.check_same_config(out_text, config, ("dataset", "spec", "train", "seed", "emergence",
+                                                   "stop_at_emergence", "keep_epochs"))
+        if rank == 0:
+            out = U.prepare_out(out_text, resume=args.resume)
+            if not args.resume:
+                U.write_config(out, config)
+        if args.distributed:
+            dist.barrier()  # the output directory exists before any rank writes its checkpoint
+        quiet = args.quiet or rank != 0
+        summary = engine.pretrain_run(out, dataset=dataset, spec=spec, cfg=cfg, seed=args.seed, device=device,
+                                      emergence=emergence, stop_at=args.stop_at_emergence, keep_epochs=keep,
+                                      resume=args.resume, progress=U.show_progress(quiet),
+                                      log=None if quiet else (lambda m: print(m, flush=True)),
+                                      checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints)
+        if rank == 0:
+            _print_summary(summary, quiet=args.quiet)
+        if args.distributed:
+            dist.barrier()
+        return 0
+    finally:
+        # Also on errors: a process leaving with its process group alive can abort in the backend's threads.
+        if args.distributed and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _print_summary(s: dict, *, quiet: bool) -> None:

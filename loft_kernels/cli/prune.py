@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from .. import engine
+from ..io import CheckpointError
 from ..ops import pruned_count
-from ..tickets import count_params_flops, inference_speedup, prune
+from ..tickets import draw
 from . import _common as U
 
 HELP = "draw a ticket: keep the top (1 - ratio) filters of each group by L2 norm, physically remove the rest"
@@ -25,7 +26,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="pretrained model: a `loft pretrain` output directory (its model.pt) or a model file "
                         "(model.pt, epoch_<e>.pt, init.pt)")
-    p.add_argument("--ratio", type=float, default=0.5, help="pruning ratio in [0, 1) (default: %(default)s)")
+    p.add_argument("--ratio", type=U.finite_float, default=0.5, help="pruning ratio in [0, 1) (default: %(default)s)")
     p.add_argument("--speed-repeats", type=int, default=20,
                    help="repetitions of the inference-speedup measurement; 0 skips it (default: %(default)s)")
     U.add_common(p)
@@ -42,23 +43,9 @@ def model_file(path: str, what: str, default_name: str) -> Path:
     return p
 
 
-def draw(model, groups, ratio: float, example: torch.Tensor, *, speed_repeats: int = 0) -> tuple:
-    """(pruned model, kept, metrics) with params/FLOPs before and after and, if asked, the measured speedup."""
-    pruned, kept = prune(model, groups, ratio)
-    before, after = count_params_flops(model, example), count_params_flops(pruned, example)
-    metrics = {"ratio": ratio, "params_before": before["params"], "params_after": after["params"],
-               "flops_before": before["flops"], "flops_after": after["flops"],
-               **{f"kept:{g.name}": f"{len(kept[g.name])}/{g.n}" for g in groups}}
-    if speed_repeats:
-        sp = inference_speedup(model, pruned, example, repeats=speed_repeats)
-        metrics.update(inference_speedup=sp["speedup"], dense_forward_s=sp["baseline_s"],
-                       pruned_forward_s=sp["candidate_s"])
-    return pruned, kept, metrics
-
-
 def run(args) -> int:
     ratio = U.check_ratio(args.ratio, "--ratio")
-    U.check_positive(args.speed_repeats, "--speed-repeats", minimum=0)
+    U.check_non_negative(args.speed_repeats, "--speed-repeats")
     src = model_file(args.checkpoint, "--checkpoint", "model.pt")
     out_text = args.out or U.default_out("prune")
     U.check_out_free(out_text)
@@ -66,7 +53,7 @@ def run(args) -> int:
     try:
         obj = engine.load_model_file(src, "--checkpoint")
         model, groups = engine.full_model(obj)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError) as e:
         raise U.CLIError(str(e)) from None
     too_small = [g.name for g in groups if g.n - pruned_count(g.n, ratio) < 1]
     if too_small:

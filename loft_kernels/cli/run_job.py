@@ -22,9 +22,9 @@ import torch
 
 from .. import engine, report
 from ..comm_model import comm_cost
+from ..tickets import draw
 from . import _common as U
 from .pretrain import add_loft_args, add_train_args, emergence_options, train_config
-from .prune import draw
 
 HELP = "the main job: dense vs LoFT-2/4 pretraining, tickets pruned 50 and 80 percent, emergence, table, plots"
 

@@ -6,6 +6,7 @@ returns a smaller plain model; `rewind` gives the pruned structure the
 weights of another checkpoint; `count_params_flops` and `inference_speedup`
 measure what pruning bought.
 """
+from .draw import draw
 from .emergence import detect_emergence
 from .flops import count_params_flops, inference_speedup
 from .prune import group_scores, prune, select_filters, slice_state_dict
@@ -13,4 +14,4 @@ from .rewind import rewind
 from .tracker import DistanceSeries, FilterTracker
 
 __all__ = ["FilterTracker", "DistanceSeries", "detect_emergence", "prune", "group_scores", "select_filters",
-           "slice_state_dict", "rewind", "count_params_flops", "inference_speedup"]
+           "slice_state_dict", "rewind", "count_params_flops", "inference_speedup", "draw"]

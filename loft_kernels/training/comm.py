@@ -22,6 +22,7 @@ from torch import nn
 from .. import _checks as C
 from .groups import FilterGroup
 from .partition import check_groups
+from .submodel import full_size
 from .sync import KINDS, SyncPlan
 
 STATES = ("reset", "keep")
@@ -29,14 +30,14 @@ STATES = ("reset", "keep")
 
 def ring_all_reduce_bytes(nbytes: int, workers: int) -> int:
     """Bytes one rank sends (= receives) in a ring all_reduce of an `nbytes` buffer."""
-    nbytes = C.positive_int(nbytes, "nbytes", minimum=0)
+    nbytes = C.non_negative_int(nbytes, "nbytes")
     workers = C.positive_int(workers, "workers")
     return 2 * (workers - 1) * nbytes // workers
 
 
 def ring_all_gather_bytes(total_bytes: int, workers: int) -> int:
     """Bytes one rank sends (= receives) in a ring all_gather whose gathered result has `total_bytes`."""
-    total_bytes = C.positive_int(total_bytes, "total_bytes", minimum=0)
+    total_bytes = C.non_negative_int(total_bytes, "total_bytes")
     workers = C.positive_int(workers, "workers")
     return (workers - 1) * total_bytes // workers
 
@@ -123,7 +124,9 @@ def loft_sync_bytes(model: nn.Module, groups: Sequence[FilterGroup], workers: in
         state_keys = {n: [(f"state{i}", t[n].dtype) for i in range(state_per_param)]
                       for n in plan.shared_params + [s.name for s in plan.slot_params]}
     collectives = []
-    for (bucket, dtype), numel in plan.bucket_numels(model, state_keys).items():
+    with full_size(model):  # a worker's model mid-round: count the full-size tensors
+        numels = plan.bucket_numels(model, state_keys)
+    for (bucket, dtype), numel in numels.items():
         nbytes = numel * dtype.itemsize
         collectives.append(("all_gather", workers * nbytes) if bucket == "gather" else ("all_reduce", nbytes))
     return summarize(collectives, workers)

@@ -1,15 +1,17 @@
 """Loft layers: nn.Conv2d / nn.BatchNorm2d that can run on an active subset of filters.
 
-A LoFT worker computes only the filters it owns (DESIGN.md section 1): conv_a
+A LoFT worker computes only the filters it owns (docs/algorithm.md): conv_a
 produces the owned output channels, the norm normalises those, conv_b sums
 over those input channels. `LoftConv2d` and `LoftBatchNorm2d` are drop-in
 subclasses (same constructor, same state_dict) with an *active set*; with no
-active set they are exactly their nn parents. Gradients always land in the
-full-size parameters, zero outside the active rows/channels, so any optimizer
-sees ordinary parameters.
+active set they are exactly their nn parents. With an active set the full-size
+weights stay in place and gradients land in the full-size parameters, zero
+outside the active rows/channels (the `lk.partial_conv2d` contract).
 
-`activate(model, groups, assignment)` sets the active sets of a model from a
-worker's owned filters per group; `dense(model)` temporarily clears them.
+LoftOptimizer does not use active sets: it shrinks the partitioned tensors to
+the worker's compact blocks for a round (`training.submodel`). `activate(model,
+groups, assignment)` sets the active sets of a model from a worker's owned
+filters per group; `dense(model)` evaluates the full model in either case.
 """
 from __future__ import annotations
 
@@ -22,6 +24,13 @@ from torch import Tensor, nn
 
 from .. import _checks as C
 from ..ops.partial_conv import _partial_conv2d
+from .submodel import full_size, is_compact
+
+
+def _refuse_if_compact(module: nn.Module) -> None:
+    if is_compact(module):
+        raise RuntimeError(f"{type(module).__name__}: this layer is training as part of a LoftOptimizer's compact "
+                           f"sub-model this round; active sets apply to full-size layers only")
 
 
 class LoftConv2d(nn.Conv2d):
@@ -49,9 +58,13 @@ class LoftConv2d(nn.Conv2d):
         """Restrict to output filters `out_index` and input channels `in_index` (None = all)."""
         if self.groups != 1 and (out_index is not None or in_index is not None):
             raise ValueError(f"out_index/in_index need a conv with groups=1, this one has groups={self.groups}")
+        if out_index is not None or in_index is not None:
+            _refuse_if_compact(self)
         dev = self.weight.device
-        self._active_out = None if out_index is None else C.index(out_index, "out_index", self.out_channels, dev)
-        self._active_in = None if in_index is None else C.index(in_index, "in_index", self.in_channels, dev)
+        # Validated copies: a caller editing its tensor afterwards cannot slip unchecked indices in.
+        self._active_out = None if out_index is None else \
+            C.index(out_index, "out_index", self.out_channels, dev).clone()
+        self._active_in = None if in_index is None else C.index(in_index, "in_index", self.in_channels, dev).clone()
 
     def forward(self, input: Tensor) -> Tensor:
         if self._active_out is None and self._active_in is None:
@@ -85,10 +98,11 @@ class LoftBatchNorm2d(nn.BatchNorm2d):
         if index is None:
             self._active = None
             return
+        _refuse_if_compact(self)
         # With neither affine parameters nor running stats there is nothing to index: any device will do.
         held = [t for t in (self.weight, self.running_mean) if t is not None]
         dev = held[0].device if held else getattr(index, "device", None)
-        self._active = C.index(index, "index", self.num_features, dev)
+        self._active = C.index(index, "index", self.num_features, dev).clone()  # a copy the caller cannot edit
 
     def forward(self, input: Tensor) -> Tensor:
         idx = self._active
@@ -199,7 +213,12 @@ def activate(model: nn.Module, groups, assignment: Optional[Mapping[str, Tensor]
 
 @contextlib.contextmanager
 def dense(model: nn.Module):
-    """Context manager: every Loft layer of `model` computes all filters; active sets restored on exit."""
+    """Context manager: `model` computes all filters, as the full model.
+
+    Active sets are cleared and compact sub-model tensors (a LoftOptimizer
+    mid-round) show their full-size values: the owned blocks as trained so far,
+    the rest as at the last sync. Both are restored on exit.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     attrs = ("_active_out", "_active_in", "_active")
@@ -207,7 +226,8 @@ def dense(model: nn.Module):
     for m, _ in saved:
         _clear(m)
     try:
-        yield model
+        with full_size(model):
+            yield model
     finally:
         for m, state in saved:  # already validated when set: restore as they were
             for a in attrs:

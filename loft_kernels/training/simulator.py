@@ -1,32 +1,30 @@
 """LoftSimulator: S LoFT workers in one process, for one device.
 
-Each worker is a deep copy of the model with its own `LoftOptimizer` (same
-partition rule, same compact-view stepping as a distributed rank r), so
-simulated worker r owns exactly the filters of distributed rank r. The workers
-run one after another. Batching them through `grouped_partial_conv2d` was
-measured first (bench/measure_training.py, "layer"): on the 2-core CPU the
-grouped op's forward + backward for 4 workers took 0.84-1.08x the time of a loop
-of 4 `partial_conv2d` per PreActResNet-18 layer shape (noisy medians), i.e. no
-clear gain on the convolutions, while a batched step would also need every
-worker's own copy of the shared layers in the same launch; so the loop stays.
-A sync packs
-every worker's buffers as a rank would, combines them in process (sum / S,
-max, stack) and writes the result back into every worker; `comm_stats()`
-reports what one rank of the distributed run would have sent.
+Each worker is a compact sub-model with its own `LoftOptimizer` (same
+partition rule, same stepping as distributed rank r), so simulated worker r
+owns exactly the filters of distributed rank r. The workers' partitioned
+tensors are cut from one set of full-size masters, the simulator's `model`,
+and written back into it at the sync; the shared layers are each worker's own
+copy. Memory: the full model, S sub-models (each 1/S of the partitioned
+tensors plus its copy of the shared ones) and one worker's gradients at a time.
+The workers run one after another: batching them through
+`grouped_partial_conv2d` measured no clear gain on this CPU and would need
+every worker's shared layers in one launch.
 
-Memory: S + 1 copies of the model (the workers and `model`, the last synced
-full model), gradients for one worker at a time.
+A sync packs every worker's buffers as a rank would and combines them in
+process (sum / S, max); `comm_stats()` reports what one rank of the
+distributed run would have sent.
 """
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .. import _checks as C
-from .comm import STATES
+from .comm import STATES, make_plan
 from .groups import FilterGroup
 from .layers import activate
 from .optimizer import LoftOptimizer
@@ -64,14 +62,19 @@ class LoftSimulator:
         groups = check_groups(groups, workers)
         activate(model, groups, None)
         self.model = model
+        self._plan = make_plan(model, groups, workers)
+        tensors = self._plan.tensors(model)
+        masters = {s.name: tensors[s.name] for s in self._plan.slots} if workers > 1 else {}
+        self._checked: set = set()  # batch signatures that passed the dry run
         self.worker_models: list[nn.Module] = []
         self.optimizers: list[LoftOptimizer] = []
         for s in range(workers):
-            m = copy.deepcopy(model)
+            m = _copy_without(model, masters.values())
             base = optimizer_factory(list(m.parameters()))
             if not isinstance(base, torch.optim.Optimizer):
                 raise TypeError(f"optimizer_factory must return a torch.optim.Optimizer, got {type(base).__name__}")
-            opt = LoftOptimizer(base, m, groups, sync_every, seed, state, process_group=LocalGroup(s, workers))
+            opt = LoftOptimizer(base, m, groups, sync_every, seed, state,
+                                process_group=LocalGroup(s, workers, masters))
             opt._auto_sync = False
             self.worker_models.append(m)
             self.optimizers.append(opt)
@@ -92,8 +95,16 @@ class LoftSimulator:
         """Who owns which filters in `round` (equal to every distributed rank's `LoftOptimizer.partition`)."""
         return self.optimizers[0].partition(round)
 
-    def step(self, batches: Sequence, loss_fn: Callable) -> list[float]:
-        """One step of every worker: worker s trains on batches[s] = (inputs, targets); returns the S losses."""
+    def step(self, batches: Sequence, loss_fn: Callable, scalers: Optional[Sequence] = None) -> list[float]:
+        """One step of every worker: worker s trains on batches[s] = (inputs, targets); returns the S losses.
+
+        scalers: optional list of one `torch.amp.GradScaler` per worker (as each rank of a
+        distributed run has its own): the loss is scaled, `scaler.step` and `scaler.update`
+        run per worker. Call `step` inside `torch.autocast(...)` for mixed precision.
+        All or nothing: the batches are checked (and, for a batch shape not seen
+        before, run once through every worker without grad) before any worker steps,
+        so a bad batch raises with every worker unchanged.
+        """
         if isinstance(batches, (Tensor, str)) or not isinstance(batches, (list, tuple)):
             raise TypeError(f"batches must be a list of {self.workers} (inputs, targets) tuples, "
                             f"got {type(batches).__name__}")
@@ -105,22 +116,51 @@ class LoftSimulator:
                 raise TypeError(f"batches[{s}] must be an (inputs, targets) tuple, got {type(b).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (outputs, targets) -> loss, got {type(loss_fn).__name__}")
+        if scalers is not None:
+            if not isinstance(scalers, (list, tuple)) or len(scalers) != self.workers or \
+                    not all(isinstance(sc, torch.amp.GradScaler) for sc in scalers):
+                raise TypeError(f"scalers must be None or a list of {self.workers} torch.amp.GradScaler (one per "
+                                f"worker), got {scalers!r}")
+        self._dry_run(batches, loss_fn)
         losses = []
         for s, (inputs, targets) in enumerate(batches):
             m, opt = self.worker_models[s], self.optimizers[s]
             m.train(self.model.training)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(m(inputs), targets)
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise ValueError(f"loss_fn must return a scalar tensor, got "
-                                 f"{type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}")
-            loss.backward()
-            opt.step()
+            loss = _scalar(loss_fn(m(inputs), targets))
+            if scalers is None:
+                loss.backward()
+                opt.step()
+            else:
+                scalers[s].scale(loss).backward()
+                scalers[s].step(opt)
+                scalers[s].update()
             opt.zero_grad(set_to_none=True)  # only one worker's gradients alive at a time
             losses.append(float(loss.detach()))
         if self.step_in_round >= self.optimizers[0].sync_every:
             self._sync()
         return losses
+
+    def _dry_run(self, batches: Sequence, loss_fn: Callable) -> None:
+        """Run each worker once without grad (eval mode: no statistic moves) on a batch signature not seen yet."""
+        sig = tuple((type(x), getattr(x, "shape", None), getattr(x, "dtype", None), getattr(x, "device", None),
+                     type(y), getattr(y, "shape", None), getattr(y, "dtype", None)) for x, y in batches)
+        sig += (self.model.training,)
+        if sig in self._checked:
+            return
+        for s, (inputs, targets) in enumerate(batches):
+            m = self.worker_models[s]
+            mode = m.training
+            m.eval()
+            try:
+                with torch.no_grad():
+                    _scalar(loss_fn(m(inputs), targets))
+            except Exception as exc:
+                kind = TypeError if isinstance(exc, TypeError) else ValueError
+                raise kind(f"batches[{s}]: worker {s} cannot train on it ({exc}); no worker has stepped") from exc
+            finally:
+                m.train(mode)
+        self._checked.add(sig)
 
     def finalize(self) -> None:
         """Sync now if the round has unsynced steps; `model` is then the full LoFT model."""
@@ -132,7 +172,7 @@ class LoftSimulator:
         return self.optimizers[0].comm_stats()
 
     def state_dict(self) -> dict:
-        """The synced model, every worker's model and optimizer (mid-round they differ)."""
+        """The synced model, every worker's model (full-size) and optimizer (mid-round they differ)."""
         return {"model": self.model.state_dict(),
                 "worker_models": [m.state_dict() for m in self.worker_models],
                 "optimizers": [o.state_dict() for o in self.optimizers]}
@@ -144,19 +184,41 @@ class LoftSimulator:
         if len(state_dict["optimizers"]) != self.workers or len(state_dict["worker_models"]) != self.workers:
             raise ValueError(f"state_dict holds {len(state_dict['optimizers'])} workers, this simulator has "
                              f"{self.workers}")
-        self.model.load_state_dict(state_dict["model"])
+        self.model.load_state_dict(state_dict["model"])  # the masters
         for m, opt, msd, osd in zip(self.worker_models, self.optimizers, state_dict["worker_models"],
                                     state_dict["optimizers"]):
-            m.load_state_dict(msd)
+            # the optimizer first: it cuts the saved round's blocks from the masters, then the
+            # worker's own (mid-round) values are loaded into those blocks
             opt.load_state_dict(osd)
+            m.load_state_dict(msd)
 
     def _sync(self) -> None:
         if self.workers == 1:  # nothing to exchange: the one worker is the model
             self.optimizers[0]._sync()
             self.model.load_state_dict(self.worker_models[0].state_dict())
             return
-        payloads = [opt._pack() for opt in self.optimizers]
+        payloads = [opt._pack() for opt in self.optimizers]  # every worker's blocks are in the masters now
         result = simulate_exchange(payloads)
         for opt, payload in zip(self.optimizers, payloads):
             opt._finish_sync(payload, result)
-        self.model.load_state_dict(self.worker_models[0].state_dict())
+        # the partitioned tensors are the masters already; the shared ones come from any worker
+        mine, theirs = self._plan.tensors(self.model), self._plan.tensors(self.worker_models[0])
+        with torch.no_grad():
+            for n in self._plan.shared_params + self._plan.shared_buffers + self._plan.counters:
+                mine[n].copy_(theirs[n])
+
+
+def _scalar(loss) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise ValueError(f"loss_fn must return a scalar tensor, got "
+                         f"{type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}")
+    return loss
+
+
+def _copy_without(model: nn.Module, skip) -> nn.Module:
+    """A deep copy of `model` in which the tensors in `skip` become empty placeholders (no full-size copy)."""
+    memo = {}
+    for t in skip:
+        empty = t.new_empty(0)
+        memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ..ops import pack_rows, unpack_rows
 from .groups import FilterGroup
 from .partition import owned_count
+from .submodel import gather, scatter_  # noqa: F401 (re-exported: the sync's index helpers)
 
 KINDS = ("all_reduce", "all_gather")
 
@@ -46,26 +47,6 @@ class Slot:
         """(rows, cols) of this slot for a worker owning `owned` (group name -> index tensor)."""
         return (None if self.row_group is None else owned[self.row_group],
                 None if self.col_group is None else owned[self.col_group])
-
-
-def gather(t: Tensor, rows: Optional[Tensor], cols: Optional[Tensor]) -> Tensor:
-    """t[rows][:, cols] (None = all) as a new contiguous tensor."""
-    if rows is not None:
-        t = t.index_select(0, rows)
-    if cols is not None:
-        t = t.index_select(1, cols)
-    return t
-
-
-def scatter_(t: Tensor, rows: Optional[Tensor], cols: Optional[Tensor], value: Tensor) -> None:
-    """t[rows][:, cols] = value in place (inverse of `gather`)."""
-    with torch.no_grad():
-        if cols is None:
-            t.index_copy_(0, rows, value)
-        elif rows is None:
-            t.index_copy_(1, cols, value)
-        else:
-            t.index_put_((rows[:, None], cols[None, :]), value)
 
 
 def owned_numel(shape: Sequence[int], slot: Slot, sizes: dict, workers: int, rank: int) -> int:
@@ -109,6 +90,7 @@ class SyncPlan:
         self.counters = [n for n, b in buffers.items()
                          if not b.is_floating_point() and not b.is_complex() and b.dtype != torch.bool]
         self.slot_params = [s for s in slots if s.is_param]
+        self.trainable = self.shared_params + [s.name for s in self.slot_params]
 
     def tensors(self, model: nn.Module) -> dict[str, Tensor]:
         """Name -> current parameter/buffer tensor of `model` (a model of the same architecture)."""
@@ -221,10 +203,14 @@ class Payload:
 
 # --------------------------------------------------------- communicators ----
 class LocalGroup:
-    """Worker `rank` of `size` simulated in one process; `LoftSimulator` performs its exchanges."""
+    """Worker `rank` of `size` simulated in one process; `LoftSimulator` performs its exchanges.
 
-    def __init__(self, rank: int, size: int):
-        self.rank, self.size = rank, size
+    `masters`: tensor name -> the full-size partitioned tensor shared by all simulated
+    workers (the simulator's full model); each worker's compact blocks are cut from it.
+    """
+
+    def __init__(self, rank: int, size: int, masters: Optional[dict] = None):
+        self.rank, self.size, self.masters = rank, size, masters or {}
 
 
 def simulate_exchange(payloads: Sequence[Payload]) -> Payload:
@@ -243,7 +229,7 @@ def simulate_exchange(payloads: Sequence[Payload]) -> Payload:
     return out
 
 
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def distributed_exchange(payload: Payload, group, rank: int, size: int, what: str,
@@ -268,11 +254,18 @@ def distributed_exchange(payload: Payload, group, rank: int, size: int, what: st
             flat = buffers.get(dt)
             if flat is None or flat.numel() != size * buf.numel() or flat.device != buf.device:
                 flat = buffers[dt] = buf.new_empty(size * buf.numel())  # gloo takes the concatenated form only
-            works.append(_all_gather_single(flat, buf, group=group, async_op=True))
+            works.append(all_gather_single(flat, buf, group=group, async_op=True))
             out.gather[dt] = flat.view(size, buf.numel())
         for w in works:
             w.wait()
     except RuntimeError as exc:  # DistBackendError/DistNetworkError are RuntimeErrors
+        # Let every launched collective finish (they fail fast once a peer is gone) before raising: a process
+        # that exits with gloo work still in flight aborts in the backend's threads instead of reporting this.
+        for w in works:
+            try:
+                w.wait()
+            except RuntimeError:
+                pass
         raise RuntimeError(f"LoFT sync failed on rank {rank} of {size} during {what}: a peer process died, "
                            f"was killed or stalled past the process group's timeout ({exc})") from exc
     for buf in out.mean.values():

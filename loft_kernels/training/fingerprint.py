@@ -1,0 +1,83 @@
+"""One configuration across ranks: every LoFT rank must run the same workers, seed, schedule, model and groups.
+
+Ranks that disagree would partition differently or exchange buffers of
+different sizes, which diverges silently or aborts the backend. Each rank
+hashes every field of its configuration; one small all_gather of the hashes
+tells every rank which fields differ and which ranks hold which value, so all
+of them raise the same clear error instead of hanging or crashing.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.distributed as dist
+
+from .sync import all_gather_single
+
+FIELDS = ("workers", "seed", "sync_every", "state", "groups", "parameters", "buffers", "optimizer")
+
+
+def fingerprint(tensors: dict, param_names, groups, workers: int, seed: int, sync_every: int, state: str,
+                optimizer: torch.optim.Optimizer) -> dict:
+    """The configuration fields compared across ranks (plain Python values).
+
+    tensors: name -> full-size parameter or buffer of the model; param_names: which are parameters.
+    """
+    params = set(param_names)
+    return {
+        "workers": workers, "seed": seed, "sync_every": sync_every, "state": state,
+        "groups": [(g.name, g.n) for g in groups],
+        "parameters": [(n, tuple(t.shape), str(t.dtype)) for n, t in tensors.items() if n in params],
+        "buffers": [(n, tuple(t.shape), str(t.dtype)) for n, t in tensors.items() if n not in params],
+        "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+    }
+
+
+def _digest(value) -> int:
+    return int.from_bytes(hashlib.sha256(repr(value).encode()).digest()[:8], "little") & ((1 << 62) - 1)
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def differences(mine: dict, other: dict) -> list[str]:
+    """Fields whose values differ between two fingerprints (e.g. a saved one and this rank's)."""
+    return [f for f in FIELDS if _digest(mine.get(f)) != _digest(other.get(f))]
+
+
+def check_across_ranks(mine: dict, group, rank: int, size: int, *, what: str, local_error: str = "") -> None:
+    """Compare `mine` with every rank's fingerprint in one all_gather; raise the same ValueError on every rank.
+
+    `local_error`: a problem this rank found on its own (e.g. a checkpoint that does not
+    fit); it is reported by every rank, so no rank waits on a peer that gave up.
+    """
+    fields = list(mine)
+    codes = [_digest(mine[f]) for f in fields] + [1 if local_error else 0]
+    backend = str(dist.get_backend(group))
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+    local = torch.tensor(codes, dtype=torch.int64, device=device)
+    gathered = torch.empty(size * len(codes), dtype=torch.int64, device=device)
+    try:
+        all_gather_single(gathered, local, group=group)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{what}: rank {rank} of {size} could not compare its configuration with its peers "
+                           f"({exc})") from exc
+    table = gathered.view(size, len(codes)).tolist()
+    problems = []
+    for i, field in enumerate(fields):
+        holders: dict[int, list[int]] = {}
+        for r in range(size):
+            holders.setdefault(table[r][i], []).append(r)
+        if len(holders) > 1:
+            sets = "; ".join(f"ranks {rs}" for rs in holders.values())
+            problems.append(f"{field} differs across ranks ({sets} agree among themselves; this rank {rank} has "
+                            f"{field}={_describe(mine[field])})")
+    failed = [r for r in range(size) if table[r][-1]]
+    if failed:
+        problems.append(f"ranks {failed} reported: {local_error}" if local_error else
+                        f"ranks {failed} could not load their state (see their error)")
+    if problems:
+        raise ValueError(f"{what}: the LoFT configuration must be the same on every rank: " + "; ".join(problems))

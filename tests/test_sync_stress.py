@@ -1,0 +1,54 @@
+"""Repeated 2-process gloo syncs end cleanly: exit 0, or the dead-peer RuntimeError with exit 1; never an abort.
+
+A process that leaves while gloo work is still in flight, or with its process
+group alive, can die in the backend's threads with `terminate called without
+an active exception` (SIGABRT) instead of exiting or reporting its error. Slow:
+20 rounds of each case, run with `pytest -m slow tests/test_sync_stress.py`.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "LOFT_KERNELS_BACKEND": "torch"}
+ENV["PYTHONPATH"] = os.pathsep.join([str(HERE.parent)] + [p for p in (ENV.get("PYTHONPATH"),) if p])
+ROUNDS = 20
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pair(syncs: int, die_at=None):
+    port = _free_port()
+    extra = [] if die_at is None else [str(die_at)]
+    procs = [subprocess.Popen([sys.executable, str(HERE / "sync_stress.py"), str(r), str(port), str(syncs), *extra],
+                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+    try:
+        logs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [p.returncode for p in procs], logs
+
+
+@pytest.mark.parametrize("die_at", [None, 2], ids=["clean-exit", "peer-dies"])
+def test_sync_rounds_never_abort(die_at):
+    for i in range(ROUNDS):
+        codes, logs = _pair(4, die_at)
+        assert -signal.SIGABRT not in codes and not any("terminate called" in log for log in logs), (i, logs)
+        if die_at is None:
+            assert codes == [0, 0], (i, logs)
+        else:
+            assert codes == [1, 0] and "peer process died" in logs[0], (i, logs)
