@@ -9,11 +9,20 @@ import copy
 
 import pytest
 import torch
+from loft_reference import (  # noqa: F401 (fixture)
+    MODELS,
+    OPTIMIZERS,
+    batch,
+    loss_fn,
+    max_diff,
+    one_thread,
+    run_reference,
+    run_simulator,
+    sub_model,
+)
 
 import loft_kernels as lk
 from loft_kernels.training.partition import partition
-from loft_reference import (MODELS, OPTIMIZERS, batch, loss_fn, max_diff, one_thread,  # noqa: F401 (fixture)
-                            run_reference, run_simulator, sub_model)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,12 +7,11 @@ import copy
 
 import pytest
 import torch
+from test_groups_patterns import MobileNetV1
 from torch import nn
 
 import loft_kernels as lk
 from loft_kernels.tickets import FilterTracker, prune, rewind
-
-from test_groups_patterns import MobileNetV1
 
 
 def _randomise(model, seed=0):
@@ -119,3 +118,33 @@ def test_tracker_scores_linear_producers():
         w = model.get_submodule(g.producer).weight.detach().double()
         plain = [sum(v * v for v in w[j].tolist()) ** 0.5 for j in range(g.n)]
         torch.testing.assert_close(tracker.scores(0)[g.name].double(), torch.tensor(plain, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+def test_tracker_and_prune_read_a_worker_mid_round_at_full_size():
+    """A LoFT worker mid-round holds compact blocks; scores and tickets are of the full model (owned blocks as
+    trained so far, the rest as at the last sync), i.e. of the model its state_dict describes."""
+    from loft_reference import MODELS, OPTIMIZERS, batch, loss_fn
+
+    from loft_kernels.training.sync import LocalGroup
+
+    full, groups = MODELS["mobilenet"]()
+    model = copy.deepcopy(full).train()
+    opt = lk.LoftOptimizer(OPTIMIZERS["sgd"](model.parameters()), model, groups, sync_every=1 << 30,
+                           process_group=LocalGroup(1, 2))
+    x, y = batch(1, 0)
+    loss_fn(model(x), y).backward()
+    opt.step()
+    assert model.get_submodule(groups[0].producer).weight.shape[0] < groups[0].n  # compact now
+    plain = copy.deepcopy(full)
+    plain.load_state_dict(model.state_dict())  # the full-size view, in a plain model
+    tracker, reference = FilterTracker(model, groups), FilterTracker(plain, groups)
+    tracker.snapshot(1)
+    reference.snapshot(1)
+    for g in groups:
+        assert torch.equal(tracker.scores(1)[g.name], reference.scores(1)[g.name])
+    pruned, kept = prune(model, groups, 0.5)
+    want, want_kept = prune(plain, groups, 0.5)
+    assert all(torch.equal(kept[k], want_kept[k]) for k in kept)
+    for key, value in want.state_dict().items():
+        assert torch.equal(pruned.state_dict()[key], value), key
+    assert model.get_submodule(groups[0].producer).weight.shape[0] < groups[0].n  # still compact after

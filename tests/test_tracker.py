@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
+from naive import footrule
+from naive import mask_distance_matrix as naive_mask_matrix
 from torch import nn
 
 import loft_kernels as lk
 from loft_kernels.tickets import FilterTracker
-from naive import footrule, mask_distance_matrix as naive_mask_matrix
-
 
 Group = lk.FilterGroup  # (name, producer, members, consumer, n)
 

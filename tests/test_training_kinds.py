@@ -5,10 +5,10 @@ import copy
 
 import pytest
 import torch
-
-import loft_kernels as lk
 from loft_reference import MODELS, OPTIMIZERS, batch, loss_fn, max_diff, one_thread, run_reference, run_simulator  # noqa: F401
 from test_distributed import launch
+
+import loft_kernels as lk
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KINDS = ["mobilenet", "convnext"]  # depthwise members / Linear groups

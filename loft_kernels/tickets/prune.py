@@ -13,8 +13,9 @@ from . import _groups
 
 def group_scores(model: nn.Module, groups) -> dict[str, Tensor]:
     """Group name -> [n] float32 L2 norms of the producer rows (conv or linear; one `lk.filter_norms` call)."""
-    resolved = _groups.resolve(model, groups)
-    norms = filter_norms([r.producer.weight for r in resolved])
+    with _groups.full_view(model):
+        resolved = _groups.resolve(model, groups)
+        norms = filter_norms([r.producer.weight for r in resolved])
     return {r.group.name: s.detach().to("cpu", torch.float32) for r, s in zip(resolved, norms)}
 
 
@@ -101,16 +102,15 @@ def _slice(state_dict, groups, kept, what: str) -> dict[str, Tensor]:
 _PLAIN = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
 
 
-def _plain(m: nn.Module, out_size: int | None, in_size: int | None) -> nn.Module:
+def _plain(m: nn.Module, out_size: int | None, in_size: int | None, depthwise: bool = False) -> nn.Module:
     """A plain nn.Conv2d / nn.Linear / nn.BatchNorm2d with m's configuration and the given channel counts.
 
-    A depthwise conv (a member) gets out_size as its in/out channels and groups.
+    depthwise: m is a depthwise member; it becomes depthwise over out_size channels.
     """
     if isinstance(m, nn.Conv2d):
-        depthwise = m.groups != 1 and m.groups == m.in_channels == m.out_channels
         cin, cout, groups = in_size or m.in_channels, out_size or m.out_channels, m.groups
-        if depthwise and out_size is not None:
-            cin = groups = out_size
+        if depthwise:
+            cin = groups = cout
         new = nn.Conv2d(cin, cout, m.kernel_size, m.stride, m.padding, m.dilation, groups, m.bias is not None,
                         m.padding_mode, device=m.weight.device, dtype=m.weight.dtype)
     elif isinstance(m, nn.Linear):
@@ -134,15 +134,18 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
 def _build_pruned(model: nn.Module, groups, kept) -> nn.Module:
     """Deep copy of `model` with the pruned (or plain) modules swapped in and `kept` weights loaded.
 
-    Loft layers anywhere in the model become their plain nn equivalents.
+    Loft layers anywhere in the model become their plain nn equivalents. Sizes come from the
+    group records and values from `model.state_dict()`, both full-size also for a LoFT worker
+    mid-round (whose partitioned tensors are compact blocks until the sync).
     """
     resolved = [r.group for r in _groups.resolve(model, groups)]
     kept = _check_kept(kept, resolved)
-    out_size, in_size = {}, {}
+    out_size, in_size, depthwise = {}, {}, set()
     for g in resolved:
         for name in (g.producer, *(m.name for m in g.members)):
             out_size[name] = len(kept[g.name])
         in_size[g.consumer] = len(kept[g.name])
+        depthwise.update(g.depthwise)
     new = copy.deepcopy(model)
     for name, m in model.named_modules():
         loft = _groups.is_loft_layer(m)
@@ -151,7 +154,7 @@ def _build_pruned(model: nn.Module, groups, kept) -> nn.Module:
         if type(m) not in _PLAIN and not loft:
             raise TypeError(f"module {name!r} is a {type(m).__name__}; pruning rebuilds only nn.Conv2d, nn.Linear, "
                             "nn.BatchNorm2d and loft_kernels' Loft layers, so its behaviour would be lost")
-        _set_module(new, name, _plain(m, out_size.get(name), in_size.get(name)))
+        _set_module(new, name, _plain(m, out_size.get(name), in_size.get(name), name in depthwise))
     new.load_state_dict(slice_state_dict(model.state_dict(), resolved, kept))
     return new
 

@@ -62,8 +62,9 @@ class FilterTracker:
             raise ValueError(f"tag {tag!r} was already recorded; snapshot tags must be unique")
         # Re-resolve by name: modules may have been swapped since (a user's own surgery), so held references
         # could go stale; resolving also checks every group still has n filters.
-        resolved = _groups.resolve(self._model, self._groups)
-        norms = filter_norms([r.producer.weight for r in resolved])
+        with _groups.full_view(self._model):  # a LoFT worker mid-round holds compact blocks
+            resolved = _groups.resolve(self._model, self._groups)
+            norms = filter_norms([r.producer.weight for r in resolved])
         for per_group, s in zip(self._scores, norms):
             per_group.append(s.detach().to("cpu", torch.float32))
         self._tags.append(tag)
