@@ -2,7 +2,9 @@
 
 Group "conv <C>@<H>": the op on each backend with 1/4 of the output filters
 (a LoFT-4 worker's conv_a) and of the input channels (its conv_b), beside the
-dense conv (FLOP limit x 4) and the `weight * mask` conv. Group "grouped
+same conv on a physically sliced weight (the floor), the obvious
+`F.conv2d(x, w.index_select(0, rows))`, the dense conv (FLOP limit x 4) and the
+`weight * mask` conv. Group "grouped
 <C>@<H>": 4 workers' subsets in one grouped op against a loop of 4 partial convs.
 """
 import pytest
@@ -23,6 +25,24 @@ def fwd_bwd_flops(shape, fraction=1.0):
 def test_partial_conv2d(backend, device, run, shape, side):
     run(W.partial_setup([shape], device, side), f"conv {shape.c_out}@{shape.size}", backend=backend,
         subset=f"1/{W.WORKERS} {side}", flops=fwd_bwd_flops(shape, 1 / W.WORKERS))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_sliced_conv_baseline(run, device, shape):
+    run(W.sliced_setup([shape], device), f"conv {shape.c_out}@{shape.size}", baseline="conv on the sliced weight",
+        flops=fwd_bwd_flops(shape, 1 / W.WORKERS))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_index_select_conv_baseline(run, device, shape):
+    run(W.obvious_setup([shape], device), f"conv {shape.c_out}@{shape.size}",
+        baseline="F.conv2d(x, w.index_select(0, rows))", flops=fwd_bwd_flops(shape, 1 / W.WORKERS))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_grouped_sliced_baseline(run, device, shape):
+    run(W.sliced_setup([shape], device, W.WORKERS), f"grouped {shape.c_out}@{shape.size}", rounds=3,
+        baseline=f"{W.WORKERS} convs on sliced weights", flops=fwd_bwd_flops(shape))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)

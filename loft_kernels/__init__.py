@@ -1,8 +1,9 @@
 """loft_kernels: LoFT (filter-wise training for lottery tickets) for PyTorch, with fused kernels.
 
 Kernel ops (loft_kernels.ops) run on the backend picked per call by
-loft_kernels.backends; see `available_backends()` and `use_backend()`.
+loft_kernels.backends; see `available_backends()`, `backend_choices()` and `use_backend()`.
 """
+<<<<<<< HEAD
 from .backends import available_backends, use_backend
 from .ops import (
     filter_norms,
@@ -15,11 +16,16 @@ from .ops import (
     pruned_count,
     unpack_rows,
 )
+=======
+from .backends import available_backends, backend_choices, use_backend
+from .ops import (filter_norms, filter_stats, footrule_matrix, grouped_partial_conv2d, mask_distance_matrix,
+                  pack_rows, partial_conv2d, pruned_count, unpack_rows)
+>>>>>>> main
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "available_backends", "use_backend",
+    "available_backends", "backend_choices", "use_backend",
     "partial_conv2d", "grouped_partial_conv2d", "filter_norms", "filter_stats", "footrule_matrix",
     "mask_distance_matrix", "pruned_count", "pack_rows", "unpack_rows",
 ]

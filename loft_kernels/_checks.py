@@ -120,3 +120,35 @@ def tensor_list(value, name: str, *, floating: bool = False, min_ndim: int = 0) 
             raise ValueError(f"{name}[{i}] must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
         out.append(t)
     return out
+
+
+
+def has_internal_overlap(value: torch.Tensor) -> bool:
+    """True if two elements of `value` are the same memory location (an expanded or overlapping view)."""
+    dims = sorted((st, sz) for st, sz in zip(value.stride(), value.shape) if sz > 1)
+    if any(st == 0 for st, _ in dims):
+        return True
+    reach = 0  # largest offset reachable with the smaller-stride dims
+    for st, sz in dims:
+        if st <= reach:
+            break
+        reach += st * (sz - 1)
+    else:
+        return False
+    # Interleaved strides (only from as_strided): count the distinct element offsets.
+    offsets = torch.zeros((), dtype=torch.int64)
+    for st, sz in dims:
+        offsets = (offsets.unsqueeze(-1) + torch.arange(sz) * st).reshape(-1)
+    return offsets.unique().numel() < offsets.numel()
+
+
+def writable(value: torch.Tensor, name: str) -> None:
+    """Reject a destination whose elements share memory (e.g. `torch.zeros(1, 3).expand(8, 3)`).
+
+    Writing through such a view would silently keep only one of the writes to a
+    shared location; torch's own in-place ops refuse it the same way.
+    """
+    if has_internal_overlap(value):
+        raise ValueError(f"{name} has elements that share memory (an expanded or overlapping view, strides "
+                         f"{tuple(value.stride())} for shape {tuple(value.shape)}), so it cannot be written to; "
+                         f"pass a tensor that owns its memory (e.g. .clone())")

@@ -67,7 +67,9 @@ def cuda_skip_reason() -> str | None:
 
 
 def _sources(root: Path, with_cuda: bool) -> list[Path]:
-    files = sorted((root / "cpu").glob("*.cpp"))
+    # host/: ATen-side code shared by both builds (named *_host.cpp: object files are named by basename);
+    # cpu/: the CPU kernels and the module; cuda/: only with CUDA.
+    files = sorted((root / "host").glob("*.cpp")) + sorted((root / "cpu").glob("*.cpp"))
     if with_cuda:
         files += sorted((root / "cuda").glob("*.cu")) + sorted((root / "cuda").glob("*.cpp"))
     return files
@@ -86,8 +88,8 @@ def _cpu_identity() -> str:
 def build_name(root: Path, with_cuda: bool) -> str:
     """Extension name: a hash of sources, headers, flags, torch, Python and the CPU."""
     h = hashlib.sha256()
-    files = _sources(root, True) + sorted((root / "include").rglob("*.h")) + sorted((root / "cpu").glob("*.h")) \
-        + sorted((root / "cuda").glob("*.h"))
+    files = _sources(root, True) + sorted((root / "include").rglob("*.h")) + \
+        [h for part in ("host", "cpu", "cuda") for h in sorted((root / part).glob("*.h"))]
     for path in files:
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
@@ -106,7 +108,7 @@ def _build(verbose: bool):
     with_cuda = cuda_skip_reason() is None
     cflags = list(_CFLAGS) + (["-DLK_WITH_CUDA"] if with_cuda else [])
     return cpp_load(name=build_name(root, with_cuda), sources=[str(p) for p in _sources(root, with_cuda)],
-                    extra_include_paths=[str(root / "include")], extra_cflags=cflags,
+                    extra_include_paths=[str(root / "include"), str(root)], extra_cflags=cflags,
                     extra_cuda_cflags=list(_CUDA_FLAGS) if with_cuda else None, extra_ldflags=list(_LDFLAGS),
                     with_cuda=with_cuda, verbose=verbose)
 

@@ -1,6 +1,6 @@
 """Independent, deliberately naive references for the kernel ops (test-only).
 
-Written from the definitions in DESIGN.md / issue 2 with python loops and
+Written from the ops' definitions (docstrings in loft_kernels/ops) with python loops and
 F.conv2d, sharing no code with loft_kernels.
 """
 import math

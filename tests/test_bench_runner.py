@@ -2,8 +2,13 @@
 asserted: CI machines are shared), its table, goals and storage, and the interleaved timing helper."""
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from loft_kernels.benchmarks import runner
 from loft_kernels.benchmarks.result import Result, Spec, judge, valued
@@ -116,3 +121,13 @@ def test_timings_ratio_is_the_median_of_paired_ratios():
         interleaved({"a": lambda: (lambda: None)}, repeats=0)
     with pytest.raises(TypeError, match="entries"):
         interleaved({"a": 3}, repeats=1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path; this machine has a GPU")
+def test_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("\n") == 1 and proc.stdout.startswith("gpu_check: no CUDA GPU here")
+    assert not (tmp_path / "out").exists()

@@ -13,11 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import naive
 import pytest
 import torch
 
 import loft_kernels as lk
-import naive
 from loft_kernels import _ext
 from loft_kernels.backends import unavailable_reason
 
@@ -339,3 +339,51 @@ def test_kernels_refuse_out_of_range_indices():
                                     (0, 0), (1, 1), 1, True, True)
     with pytest.raises(RuntimeError, match=r"indices\[0\] has entry 4, out of range"):
         ext.pack_rows([torch.randn(4, 2)], [torch.tensor([4])], [0])
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("side", ["out", "in", "both"])
+def test_grouped_stacked_and_loop_formulations_agree_with_the_reference(dtype, side):
+    """Both ways the cpu backend can run the grouped op (it picks one per dtype and shape)."""
+    from loft_kernels.backends import cpu, reference
+    ext = _ext.load()
+    g = torch.Generator().manual_seed(12)
+    G, N, C, K = 3, 2, 6, 7
+    oi = torch.stack([torch.randperm(K, generator=g)[:3] for _ in range(G)]) if side != "in" else None
+    ii = torch.stack([torch.randperm(C, generator=g)[:4] for _ in range(G)]) if side != "out" else None
+    x = torch.randn(G, N, 4 if ii is not None else C, 7, 7, generator=g, dtype=torch.float64)
+    w, b = torch.randn(K, C, 3, 3, generator=g, dtype=torch.float64), torch.randn(K, generator=g, dtype=torch.float64)
+    grad = torch.randn(G, N, 3 if oi is not None else K, 4, 4, generator=g, dtype=torch.float64)
+    conf = ([2, 2], [1, 1], [1, 1])
+    want = reference.grouped_partial_conv2d(x, w, b, oi, ii, *conf)
+    want_grads = reference.grouped_partial_conv2d_backward(grad, x, w, oi, ii, True, *conf, True, True)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype in (torch.float32, torch.float64) else dict(rtol=3e-2, atol=1e-1)
+    for grouping in (cpu.STACKED, cpu.LOOP):
+        args = [t.to(dtype) for t in (x, w, b)]
+        y = ext.grouped_partial_conv2d(*args, oi, ii, *conf, grouping)
+        torch.testing.assert_close(y.double(), want, **tol)
+        grads = ext.grouped_partial_conv2d_backward(grad.to(dtype), args[0], args[1], oi, ii, True, *conf, True,
+                                                    True, grouping)
+        for got, ref in zip(grads, want_grads):
+            torch.testing.assert_close(got.double(), ref, **tol)
+
+
+def test_cpu_grouping_rule_follows_the_measurements():
+    from loft_kernels.backends import cpu
+    x = lambda dtype, size: torch.empty(4, 1, 1, size, size, dtype=dtype)  # noqa: E731
+    assert cpu.grouping(x(torch.float32, 32)) == cpu.grouping(x(torch.float32, 4)) == cpu.STACKED
+    assert cpu.grouping(x(torch.bfloat16, 8)) == cpu.STACKED and cpu.grouping(x(torch.bfloat16, 32)) == cpu.LOOP
+    assert cpu.grouping(x(torch.float64, 8)) == cpu.grouping(x(torch.float16, 8)) == cpu.LOOP
+
+
+@needs_ext
+def test_grouped_kernel_rejects_a_bad_grouping_and_malformed_indices():
+    ext = _ext.load()
+    x, w = torch.randn(2, 1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    with pytest.raises(RuntimeError, match="grouping must be 0"):
+        ext.grouped_partial_conv2d(x, w, None, torch.tensor([[0], [1]]), None, [1, 1], [0, 0], [1, 1], 5)
+    with pytest.raises(RuntimeError, match=r"out_index must be a contiguous int64 tensor of shape \[2, n > 0\]"):
+        ext.grouped_partial_conv2d(x, w, None, torch.tensor([[0, 1]]), None, [1, 1], [0, 0], [1, 1], 0)
+    with pytest.raises(RuntimeError, match="out_index has entry 3, out of range"):
+        ext.grouped_partial_conv2d(x, w, None, torch.tensor([[0], [3]]), None, [1, 1], [0, 0], [1, 1], 0)

@@ -1,9 +1,11 @@
 """pack_rows / unpack_rows on every backend against index_select + cat."""
+import itertools
+
 import pytest
 import torch
+from conftest import backend_accepts
 
 import loft_kernels as lk
-from conftest import backend_accepts
 
 
 def _case(device, dtype, g):
@@ -60,3 +62,39 @@ def test_unpack_into_parameters_under_grad_mode(backend, device):
     p = torch.nn.Parameter(torch.randn(4, 3, device=device))
     lk.unpack_rows(torch.ones(3, device=device), [p], [torch.tensor([2], device=device)])
     assert bool((p.data[2] == 1).all())
+
+
+def _self_overlapping(device):
+    return torch.zeros(1, 3, device=device).expand(8, 3)  # 8 rows, one row of memory
+
+
+def test_unpack_rows_rejects_self_overlapping_destination(backend, device):
+    t = _self_overlapping(device)
+    with pytest.raises(ValueError, match=r"tensors\[1\] has elements that share memory"):
+        lk.unpack_rows(torch.ones(9, device=device), [torch.zeros(4, 3, device=device), t],
+                       [torch.tensor([0], device=device), torch.tensor([1, 2], device=device)])
+    assert bool((t == 0).all())
+
+
+def test_unpack_rows_kernel_rejects_self_overlapping_destination_without_the_python_checks(backend, device):
+    """The registered op itself (what a compiled graph calls) refuses the write on every backend."""
+    t = _self_overlapping(device)
+    with pytest.raises((RuntimeError, ValueError), match="(share memory|more than one element)"):
+        torch.ops.loft_kernels.unpack_rows(torch.ones(6, device=device), [t],
+                                           [torch.tensor([1, 2], device=device)], [0])
+    assert bool((t == 0).all())
+
+
+def test_pack_rows_reads_a_self_overlapping_source(backend, device):
+    t = torch.arange(3.0, device=device).expand(8, 3)
+    i = torch.tensor([6, 1], device=device)
+    assert torch.equal(lk.pack_rows([t], [i]), t.index_select(0, i).reshape(-1))
+
+
+@pytest.mark.parametrize("shape,strides", [((8, 3), (0, 1)), ((4, 3), (1, 4)), ((3, 3), (1, 1)), ((2, 3), (3, 2)),
+                                           ((2, 2, 2), (4, 1, 2)), ((3, 2), (2, 3)), ((5,), (2,)), ((0, 4), (0, 1))])
+def test_internal_overlap_matches_counting_offsets(shape, strides):
+    from loft_kernels._checks import has_internal_overlap
+    t = torch.zeros(64).as_strided(shape, strides)
+    offsets = [sum(i * s for i, s in zip(ix, strides)) for ix in itertools.product(*map(range, shape))]
+    assert has_internal_overlap(t) == (len(set(offsets)) < len(offsets))

@@ -2,12 +2,12 @@
 import random
 import zlib
 
+import naive
 import pytest
 import torch
+from conftest import backend_accepts
 
 import loft_kernels as lk
-import naive
-from conftest import backend_accepts
 
 # Odd and prime shapes, every stride/padding/dilation/kernel/bias/subset variant;
 # a seeded sample of the full product keeps the run short while covering each value.
@@ -191,3 +191,24 @@ def test_grouped_partial_conv2d_gradcheck(backend, device):
     assert torch.autograd.gradcheck(
         lambda x, w, b: lk.grouped_partial_conv2d(x, w, b, 1, 1, out_index=oi, in_index=ii), (x, w, b),
         fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_autocast_convolves_in_its_dtype_like_conv2d(grouped):
+    """Under autocast the ops cast like F.conv2d: low-precision output, float32 gradients for float32 leaves."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 6, 6, 6, generator=g)[: 2 if grouped else 1]
+    x = (x if grouped else x[0]).requires_grad_()
+    w = torch.randn(8, 6, 3, 3, generator=g, requires_grad=True)
+    rows = torch.tensor([[1, 5, 6], [0, 2, 7]]) if grouped else torch.tensor([1, 5, 6])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = (lk.grouped_partial_conv2d if grouped else lk.partial_conv2d)(x, w, None, 1, 1, out_index=rows)
+        want = torch.stack([torch.nn.functional.conv2d(x[k], w[rows[k]], None, 1, 1) for k in range(2)]) \
+            if grouped else torch.nn.functional.conv2d(x, w[rows], None, 1, 1)
+    assert y.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want.float(), rtol=2e-2, atol=2e-2)
+    gx, gw = torch.autograd.grad(y.float().sum(), [x, w])
+    rx, rw = torch.autograd.grad(want.float().sum(), [x, w])
+    assert gx.dtype == gw.dtype == torch.float32
+    torch.testing.assert_close(gw, rw, rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(gx, rx, rtol=2e-2, atol=5e-2)

@@ -1,11 +1,10 @@
 """Property-based tests (hypothesis) for partial_conv2d and footrule_matrix."""
-import pytest
+import naive
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import loft_kernels as lk
-import naive
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 

@@ -1,12 +1,12 @@
 """filter_norms, filter_stats, footrule_matrix, mask_distance_matrix on every backend."""
 import math
 
+import naive
 import pytest
 import torch
+from conftest import backend_accepts
 
 import loft_kernels as lk
-import naive
-from conftest import backend_accepts
 
 SHAPES = [(13, 7, 3, 3), (1, 1, 1, 1), (64, 3, 5, 5), (17,), (5, 11), (3, 2, 1, 4), (0, 4), (2, 0)]
 

@@ -10,6 +10,7 @@ Every result is compared with a plain float64 computation written here.
 import math
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ def _on_triton():
 
 
 def _conv_module():
-    from loft_kernels.backends.triton import conv
+    from loft_kernels.backends.triton import partial_conv as conv
     return conv
 
 
@@ -411,7 +412,10 @@ def _aot_compile(kernel, types, constexprs, arch):
 
 def _compile_jobs():
     import triton.language as tl
-    from loft_kernels.backends.triton import conv, packing, ranking, stats
+
+    import loft_kernels.backends.triton.filter_stats as stats
+    from loft_kernels.backends.triton import packing, ranking
+    from loft_kernels.backends.triton import partial_conv as conv
     conv_flags = dict(KH=3, KW=3, HAS_OI=True, HAS_II=True, PRECISION="ieee", BLOCK_K=32)
 
     def conv_types(data, acc_ptr="x"):  # *data for tensors, *acc for gradient buffers, i64 indices
@@ -427,7 +431,7 @@ def _compile_jobs():
                   dict(tiles, ATOMIC=True)),
                  (f"{data}-bias", conv._bias_grad_kernel, conv_types(data, acc_name),
                   dict(HAS_OI=True, ACC=acc, BLOCK_J=32, BLOCK_P=128)),
-                 (f"{data}-stats", stats._row_stats_kernel, lambda n, d=data: f"*{d}" if n == "ref_ptr" else "*i64",
+                 (f"{data}-stats", stats._filter_stats_kernel, lambda n, d=data: f"*{d}" if n == "ref_ptr" else "*i64",
                   dict(STATS=True, ACC=acc, BLOCK_R=8, BLOCK_D=512))]
     jobs += [("ranking", ranking._rank_pair_kernel,
               lambda n: {"out_ptr": "*fp32", "T": "i32", "NMAX": "i32"}.get(n, "*i64"),
@@ -455,7 +459,9 @@ def test_kernels_compile_for_hopper(tmp_path):
     import triton.backends
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this triton build has no NVIDIA backend")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path))
+    repo = str(Path(__file__).resolve().parents[1])  # this checkout's package, not another installed copy
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
     done = subprocess.run([sys.executable, __file__, "--compile-for-hopper"], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "convert.h"
-#include "loft_kernels/row_stats.h"
+#include "loft_kernels/filter_stats.h"
 #include "ops.h"
 #include "parallel.h"
 
@@ -73,7 +73,7 @@ void for_rows(const RowTable& t, const F& f) {
 }
 
 template <typename scalar_t, typename acc_t>
-void row_stats(const scalar_t* a, const scalar_t* b, int64_t m, float* out) {
+void accumulate_row(const scalar_t* a, const scalar_t* b, int64_t m, float* out) {
   double total[kNumStats] = {0, 0, 0, 0};
   for (int64_t start = 0; start < m; start += kBlock) {
     const int64_t stop = std::min(m, start + kBlock);
@@ -165,7 +165,8 @@ Tensors filter_stats(const Tensors& a_in, const Tensors& b_in) {
     }
     for_rows(table, [&](int64_t r) {
       const int64_t i = table.tensor_of_row[r], off = table.first[r];
-      row_stats<scalar_t, acc_t>(pa[i] + off, pb[i] + off, table.length[r], dst[i] + table.out_row[r] * kNumStats);
+      accumulate_row<scalar_t, acc_t>(pa[i] + off, pb[i] + off, table.length[r],
+                                      dst[i] + table.out_row[r] * kNumStats);
     });
   });
   return out;

@@ -4,16 +4,19 @@
 // element once (tensor, outer, row, inner) and then walks runs of the inner
 // dimension in nested loops, copying elements as opaque words of the dtype's
 // size, so every dtype of that size (floats, ints, bool, complex) takes the same path.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <vector>
 
-#include "loft_kernels/pack.h"
+#include "host/packing.h"
+#include "loft_kernels/packing.h"
 #include "ops.h"
 #include "parallel.h"
 
 namespace loft_kernels {
+namespace cpu {
 namespace {
 
 constexpr int64_t kGrain = 1 << 17;  // elements per thread before going parallel
@@ -24,67 +27,9 @@ struct Word16 {
   uint64_t lo, hi;
 };
 
-// (size, stride) of dims [begin, end) merged into one, if their strides allow it.
-bool merge_dims(const at::Tensor& t, int64_t begin, int64_t end, int64_t& size, int64_t& stride) {
-  size = 1;
-  stride = 1;
-  bool first = true;
-  for (int64_t d = end - 1; d >= begin; --d) {  // innermost first
-    if (t.size(d) == 1) continue;
-    if (first) {
-      stride = t.stride(d);
-      first = false;
-    } else if (t.stride(d) != stride * size) {
-      return false;
-    }
-    size *= t.size(d);
-  }
-  return true;
-}
-
-}  // namespace
-
-PackPlan make_pack_plan(const std::vector<at::Tensor>& tensors, const std::vector<at::Tensor>& indices,
-                        const std::vector<int64_t>& dims) {
-  TORCH_CHECK(!tensors.empty() && tensors.size() == indices.size() && tensors.size() == dims.size(),
-              "tensors, indices and dims must be non-empty and of equal length");
-  PackPlan plan;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    at::Tensor t = tensors[i];
-    const int64_t d = dims[i];
-    TORCH_CHECK(d >= 0 && d < t.dim(), "dims[", i, "] out of range");
-    TORCH_CHECK(t.scalar_type() == tensors[0].scalar_type(), "all tensors must share one dtype");
-    TORCH_CHECK(indices[i].dim() == 1, "indices[", i, "] must be 1-D");
-    int64_t outer, so, inner, si;
-    if (!merge_dims(t, 0, d, outer, so) || !merge_dims(t, d + 1, t.dim(), inner, si)) {
-      t = t.contiguous();  // not expressible as [outer, size_d, inner]: work on a contiguous copy
-      merge_dims(t, 0, d, outer, so);
-      merge_dims(t, d + 1, t.dim(), inner, si);
-    }
-    const at::Tensor index = indices[i].to(at::kLong).contiguous();
-    const int64_t k = index.numel();
-    if (index.is_cpu()) {  // the kernels index raw memory with these (device indices were checked by the ops layer)
-      const int64_t* p = index.const_data_ptr<int64_t>();
-      for (int64_t j = 0; j < k; ++j) {
-        TORCH_CHECK(p[j] >= 0 && p[j] < t.size(d), "indices[", i, "] has entry ", p[j], ", out of range for size ",
-                    t.size(d));
-      }
-    }
-    plan.starts.push_back(plan.total);
-    plan.total += outer * k * inner;
-    plan.data.push_back(t);
-    plan.index.push_back(index);
-    plan.views.push_back(PackView{outer, k, inner, so, t.stride(d), si});
-  }
-  return plan;
-}
-
-namespace cpu {
-namespace {
-
 // Copy between flat[begin, end) and the planned tensors; kPack: tensors -> flat.
 template <typename word_t, bool kPack>
-void run_plan(const PackPlan& plan, word_t* flat) {
+void run_plan(const host::PackPlan& plan, word_t* flat) {
   const int64_t n = static_cast<int64_t>(plan.data.size());
   const PackView* views = plan.views.data();
   std::vector<word_t*> base;
@@ -128,7 +73,7 @@ void run_plan(const PackPlan& plan, word_t* flat) {
 }
 
 template <bool kPack>
-void run_plan_bytes(const PackPlan& plan, void* flat, int64_t element_size) {
+void run_plan_bytes(const host::PackPlan& plan, void* flat, int64_t element_size) {
   switch (element_size) {
     case 1: return run_plan<uint8_t, kPack>(plan, static_cast<uint8_t*>(flat));
     case 2: return run_plan<uint16_t, kPack>(plan, static_cast<uint16_t*>(flat));
@@ -142,14 +87,16 @@ void run_plan_bytes(const PackPlan& plan, void* flat, int64_t element_size) {
 }  // namespace
 
 at::Tensor pack_rows(const Tensors& tensors, const Tensors& indices, const Ints& dims) {
-  const PackPlan plan = make_pack_plan(tensors, indices, dims);
+  const host::PackPlan plan = host::make_pack_plan(tensors, indices, dims);
   at::Tensor flat = at::empty({plan.total}, tensors[0].options());
   run_plan_bytes<true>(plan, flat.data_ptr(), flat.element_size());
   return flat;
 }
 
 void unpack_rows(const at::Tensor& flat_in, const Tensors& tensors, const Tensors& indices, const Ints& dims) {
-  const PackPlan plan = make_pack_plan(tensors, indices, dims);
+  // A destination whose elements share memory would keep one arbitrary write per location.
+  for (const auto& t : tensors) at::assert_no_internal_overlap(t);
+  const host::PackPlan plan = host::make_pack_plan(tensors, indices, dims);
   const at::Tensor flat = flat_in.contiguous();
   TORCH_CHECK(flat.numel() == plan.total && flat.scalar_type() == tensors[0].scalar_type(),
               "flat must hold the packed rows: ", plan.total, " elements of ", tensors[0].scalar_type());

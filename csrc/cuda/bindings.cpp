@@ -2,6 +2,7 @@
 // Compiled only into the CUDA build of the extension (loft_kernels/_ext.py); bound as the
 // `cuda` submodule of the extension with the same signatures as the CPU functions.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -9,7 +10,8 @@
 
 #include <vector>
 
-#include "../cpu/ops.h"
+#include "host/packing.h"
+#include "host/partial_conv.h"
 #include "launchers.h"
 
 namespace loft_kernels {
@@ -44,7 +46,7 @@ const T* as(const at::Tensor& meta, int64_t offset) {
   return reinterpret_cast<const T*>(meta.const_data_ptr<int64_t>() + offset);
 }
 
-Tensors row_stats(const Tensors& a_in, const Tensors* b_in) {
+Tensors filter_stats_rows(const Tensors& a_in, const Tensors* b_in) {
   TORCH_CHECK(!a_in.empty(), "tensors must not be empty");
   const c10::cuda::CUDAGuard guard(a_in[0].device());
   Tensors a, b, out;
@@ -66,18 +68,18 @@ Tensors row_stats(const Tensors& a_in, const Tensors* b_in) {
   for (const auto* part : {&row_len, &pa, &pb, &po}) meta.insert(meta.end(), part->begin(), part->end());
   const at::Tensor d = to_device(meta, a[0].device());
   // Layout of d: row_start[n + 1], row_len[n], a[n], b[n], out[n].
-  launch_row_stats(dtype_of(a[0]), n, total_rows, as<int64_t>(d, 0), as<int64_t>(d, n + 1),
-                   as<const void*>(d, 2 * n + 1), b_in ? as<const void*>(d, 3 * n + 1) : nullptr,
-                   const_cast<float* const*>(as<float*>(d, 4 * n + 1)), stream());
+  launch_filter_stats(dtype_of(a[0]), n, total_rows, as<int64_t>(d, 0), as<int64_t>(d, n + 1),
+                      as<const void*>(d, 2 * n + 1), b_in ? as<const void*>(d, 3 * n + 1) : nullptr,
+                      const_cast<float* const*>(as<float*>(d, 4 * n + 1)), stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
-Tensors filter_norms(const Tensors& tensors) { return row_stats(tensors, nullptr); }
+Tensors filter_norms(const Tensors& tensors) { return filter_stats_rows(tensors, nullptr); }
 
 Tensors filter_stats(const Tensors& a, const Tensors& b) {
   TORCH_CHECK(a.size() == b.size(), "a and b must have the same length");
-  return row_stats(a, &b);
+  return filter_stats_rows(a, &b);
 }
 
 // Ranks of every layer (ATen's stable sort on the device), concatenated as int32,
@@ -128,7 +130,7 @@ at::Tensor mask_distance_matrix(const Tensors& scores, const std::vector<int64_t
   return out;
 }
 
-void run_pack(bool pack, const PackPlan& plan, void* flat, int64_t element_size, const at::Device& device) {
+void run_pack(bool pack, const host::PackPlan& plan, void* flat, int64_t element_size, const at::Device& device) {
   const int64_t n = static_cast<int64_t>(plan.data.size());
   static_assert(sizeof(PackView) == 6 * sizeof(int64_t), "PackView is six int64");
   // Layout: starts[n], views[6 n], idx[n], data[n].
@@ -146,7 +148,7 @@ void run_pack(bool pack, const PackPlan& plan, void* flat, int64_t element_size,
 
 at::Tensor pack_rows(const Tensors& tensors, const Tensors& indices, const std::vector<int64_t>& dims) {
   const c10::cuda::CUDAGuard guard(tensors[0].device());
-  const PackPlan plan = make_pack_plan(tensors, indices, dims);
+  const host::PackPlan plan = host::make_pack_plan(tensors, indices, dims);
   at::Tensor flat = at::empty({plan.total}, tensors[0].options());
   run_pack(true, plan, flat.data_ptr(), flat.element_size(), flat.device());
   return flat;
@@ -154,8 +156,9 @@ at::Tensor pack_rows(const Tensors& tensors, const Tensors& indices, const std::
 
 void unpack_rows(const at::Tensor& flat_in, const Tensors& tensors, const Tensors& indices,
                  const std::vector<int64_t>& dims) {
+  for (const auto& t : tensors) at::assert_no_internal_overlap(t);  // shared locations: one arbitrary write wins
   const c10::cuda::CUDAGuard guard(tensors[0].device());
-  const PackPlan plan = make_pack_plan(tensors, indices, dims);
+  const host::PackPlan plan = host::make_pack_plan(tensors, indices, dims);
   const at::Tensor flat = flat_in.contiguous();
   TORCH_CHECK(flat.numel() == plan.total, "flat must hold the ", plan.total, " packed elements");
   run_pack(false, plan, const_cast<void*>(flat.const_data_ptr()), flat.element_size(), flat.device());
@@ -164,9 +167,67 @@ void unpack_rows(const at::Tensor& flat_in, const Tensors& tensors, const Tensor
   }
 }
 
+// ---- partial convolutions: gather and scatter launches around cuDNN (csrc/host/partial_conv_host.cpp) ----
+void gather_weight(const ConvSlice& s, const at::Tensor& weight, const at::Tensor* bias, at::Tensor& w_sel,
+                   at::Tensor* b_sel) {
+  launch_gather_weight(dtype_of(weight), s, weight.const_data_ptr(), bias ? bias->const_data_ptr() : nullptr,
+                       w_sel.data_ptr(), b_sel ? b_sel->data_ptr() : nullptr, stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void scatter_grad(const ConvSlice& s, const int64_t* row_pos, const int64_t* col_pos, const at::Tensor& gw_sel,
+                  const at::Tensor* gb_sel, at::Tensor& gw, at::Tensor* gb) {
+  launch_scatter_grad(dtype_of(gw), s, row_pos, col_pos, gw_sel.const_data_ptr(),
+                      gb_sel ? gb_sel->const_data_ptr() : nullptr, gw.data_ptr(), gb ? gb->data_ptr() : nullptr,
+                      stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+const host::SliceKernels kSlice{&gather_weight, &scatter_grad};
+using host::Grads;
+using host::Ints;
+using host::OptTensor;
+
+at::Tensor partial_conv2d(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                          const OptTensor& out_index, const OptTensor& in_index, Ints stride, Ints padding,
+                          Ints dilation, int64_t groups) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return host::partial_conv2d(kSlice, x, weight, bias, out_index, in_index, stride, padding, dilation, groups);
+}
+
+Grads partial_conv2d_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                              const OptTensor& out_index, const OptTensor& in_index, bool has_bias, Ints stride,
+                              Ints padding, Ints dilation, int64_t groups, bool need_input, bool need_weight) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return host::partial_conv2d_backward(kSlice, grad, x, weight, out_index, in_index, has_bias, stride, padding,
+                                       dilation, groups, need_input, need_weight);
+}
+
+// cuDNN runs the G convolutions as one grouped convolution over the batches stacked along the channels.
+at::Tensor grouped_partial_conv2d(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                                  const OptTensor& out_index, const OptTensor& in_index, Ints stride,
+                                  Ints padding, Ints dilation) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return host::grouped_partial_conv2d(kSlice, host::Grouping::kStacked, x, weight, bias, out_index, in_index,
+                                      stride, padding, dilation);
+}
+
+Grads grouped_partial_conv2d_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                                      const OptTensor& out_index, const OptTensor& in_index, bool has_bias,
+                                      Ints stride, Ints padding, Ints dilation, bool need_input, bool need_weight) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return host::grouped_partial_conv2d_backward(kSlice, host::Grouping::kStacked, grad, x, weight, out_index,
+                                               in_index, has_bias, stride, padding, dilation, need_input,
+                                               need_weight);
+}
+
 }  // namespace
 
 void bind(pybind11::module& m) {
+  m.def("partial_conv2d", &partial_conv2d);
+  m.def("partial_conv2d_backward", &partial_conv2d_backward);
+  m.def("grouped_partial_conv2d", &grouped_partial_conv2d);
+  m.def("grouped_partial_conv2d_backward", &grouped_partial_conv2d_backward);
   m.def("filter_norms", &filter_norms);
   m.def("filter_stats", &filter_stats);
   m.def("footrule_matrix", &footrule_matrix);

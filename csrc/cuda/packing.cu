@@ -3,7 +3,7 @@
 #include <cuda_runtime.h>
 
 #include "launchers.h"
-#include "loft_kernels/pack.h"
+#include "loft_kernels/packing.h"
 
 namespace loft_kernels {
 namespace cuda {

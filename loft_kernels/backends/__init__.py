@@ -2,16 +2,19 @@
 
 Every op has a plain-PyTorch reference (`torch` backend, always present) and
 optional kernel backends: `cpu` (C++/OpenMP extension), `triton` and `cuda`.
-A backend module registers its implementations with `register(op, backend)`
-when imported and exposes `unavailable_reason() -> str | None`. Backend
-modules are imported lazily, on first dispatch or `available_backends()`, so
-`import loft_kernels` stays cheap and never compiles anything.
+Which backend implements which op, for which dtypes, is declared once in
+`table.OPS`; a backend module exposes `unavailable_reason() -> str | None` and
+the implementations under the ops' names (`implementation(name)` where they
+live elsewhere, e.g. in the compiled extension). Backend modules are imported
+lazily, on first dispatch or `available_backends()`, so `import loft_kernels`
+stays cheap and never compiles anything.
 
 Selection for each call: an explicit choice (`use_backend(name)` or the
-LOFT_KERNELS_BACKEND environment variable) is obeyed or fails loudly; the
-automatic choice takes the fastest backend that is available for the tensors'
-device and dtype, falling back to `torch` (with one warning when a kernel
-backend that should be there is missing).
+LOFT_KERNELS_BACKEND environment variable) is obeyed or fails loudly. The
+automatic choice on CPU tensors takes `cpu`, then `torch`; on CUDA tensors it
+takes only backends that passed the GPU check on that device class (see
+`choice.py`; `backend_choices()` says which and why). A kernel backend that
+should be there but is missing falls back to `torch` with one warning.
 """
 from __future__ import annotations
 
@@ -21,15 +24,16 @@ import importlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
+
+from . import choice, table
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 ENV_VAR = "LOFT_KERNELS_BACKEND"
 
-# Automatic preference per device type: first available wins.
-_PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+_CPU_PREFERENCE = ("cpu", "torch")  # automatic choice on CPU tensors: first available wins
 _MODULES = {"torch": "reference", "cpu": "cpu", "triton": "triton", "cuda": "cuda"}
 
 
@@ -50,15 +54,20 @@ _requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("loft_ke
 _ALL_FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
 
-def register(op: str, backend: str, dtypes: Iterable[torch.dtype] | None = _ALL_FLOATS):
-    """Decorator: `fn` implements `op` on `backend` for the given input dtypes (None: any)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def _dtypes(dtype_class: str, module) -> frozenset | None:
+    if dtype_class == table.FLOAT:
+        return _ALL_FLOATS
+    if dtype_class == table.ANY:
+        return None
+    return frozenset(module.DTYPE_CLASSES[dtype_class])  # a class the backend module defines
 
-    def deco(fn):
-        _impls[(op, backend)] = Impl(fn, None if dtypes is None else frozenset(dtypes))
-        return fn
-    return deco
+
+def _register_all(backend: str, module) -> None:
+    """Register every op the table gives `backend`, implemented under the op's name in `module`."""
+    lookup = getattr(module, "implementation", None)
+    for op in table.ops_of(backend):
+        fn = lookup(op.name) if lookup is not None else getattr(module, op.name)
+        _impls[(op.name, backend)] = Impl(fn, _dtypes(op.backends[backend], module))
 
 
 def unavailable_reason(backend: str) -> str | None:
@@ -69,6 +78,8 @@ def unavailable_reason(backend: str) -> str | None:
         try:
             module = importlib.import_module(f"{__name__}.{_MODULES[backend]}")
             reason = module.unavailable_reason()
+            if reason is None:
+                _register_all(backend, module)
         except Exception as exc:  # a broken optional backend must not break the package
             reason = f"importing its module failed: {type(exc).__name__}: {exc}"
         _reasons[backend] = reason
@@ -76,7 +87,10 @@ def unavailable_reason(backend: str) -> str | None:
 
 
 def available_backends() -> list[str]:
-    """Backends that work in this process (`triton` on CPU only under TRITON_INTERPRET=1)."""
+    """Backends that work in this process (`triton` on CPU only under TRITON_INTERPRET=1).
+
+    Which of them the automatic choice takes for each op on a device, and why: `backend_choices(device)`.
+    """
     return [b for b in BACKENDS if unavailable_reason(b) is None]
 
 
@@ -137,7 +151,8 @@ def select(op: str, device: torch.device, dtype: torch.dtype) -> tuple[str, Call
         if not impl.accepts(dtype):
             raise TypeError(f"backend {name!r} runs {op} for dtypes {sorted(map(str, impl.dtypes))}, not {dtype}")
         return name, impl.fn
-    for name in _PREFERENCE.get(device.type, ("torch",)):
+    order = choice.automatic_order(op, device) if device.type == "cuda" else _CPU_PREFERENCE
+    for name in order:
         reason = unavailable_reason(name)
         if reason is not None:
             if name not in _warned:
@@ -150,6 +165,26 @@ def select(op: str, device: torch.device, dtype: torch.dtype) -> tuple[str, Call
             return name, impl.fn
     unavailable_reason("torch")
     return "torch", _impls[(op, "torch")].fn
+
+
+def backend_choices(device="cpu", dtype: torch.dtype = torch.float32) -> dict[str, tuple[str, str]]:
+    """For each public op: (the backend the automatic choice takes on `device`, why)."""
+    device = torch.device(device)
+    out = {}
+    for public in table.public_ops():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            with use_backend("auto"):
+                name = select(public, device, dtype)[0]
+        if device.type == "cuda":
+            why = choice.automatic_reason(public, device)
+        else:
+            reason = unavailable_reason("cpu")
+            why = ("the C++/OpenMP kernels" if name == "cpu" else
+                   f"the reference: the cpu backend is unavailable ({reason})" if reason else
+                   f"the reference: the cpu backend does not run {public} for {dtype}")
+        out[public] = (name, why)
+    return out
 
 
 def dispatch(op: str, ref: torch.Tensor, *args):

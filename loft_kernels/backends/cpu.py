@@ -1,70 +1,59 @@
-"""The `cpu` backend: C++/OpenMP kernels from csrc/cpu, compiled on first use (loft_kernels._ext).
+"""The `cpu` backend: the C++/OpenMP kernels of csrc/cpu, compiled on first use (loft_kernels._ext).
 
-Each function has the signature of its counterpart in `reference.py`. The
-convolutions gather the weight slice and scatter its gradient in C++ and leave
-the arithmetic to ATen (oneDNN); the statistics, distance and packing ops are
-OpenMP kernels over the whole list of tensors at once.
+Every op of the table is the extension function of the same name, with the
+signature of its counterpart in `reference.py`; the grouped convolution adds
+the choice between its two formulations (below). The convolutions gather the
+weight slice and scatter its gradient in C++ and leave the arithmetic to ATen
+(oneDNN); the statistics, distance and packing ops are OpenMP kernels over the
+whole list of tensors at once.
 """
 from __future__ import annotations
 
+import torch
+
 from .. import _ext
-from . import register
+
+STACKED, LOOP = 0, 1  # the grouped convolution as one grouped conv over stacked channels / a loop of G convs
 
 
 def unavailable_reason() -> str | None:
     return _ext.unavailable_reason()
 
 
-@register("partial_conv2d", "cpu")
-def partial_conv2d(x, weight, bias, out_index, in_index, stride, padding, dilation, groups):
-    return _ext.load().partial_conv2d(x, weight, bias, out_index, in_index, stride, padding, dilation, groups)
+def grouping(x: torch.Tensor) -> int:
+    """Which grouped formulation is faster for x [G, N, C, H, W] with oneDNN (measured, docs/kernels.md).
+
+    float32: the stacked grouped convolution, 0.51-0.82x the loop's time on every
+    PreActResNet-18 block shape (4 groups of 1/4, batch 32, both index sides).
+    bfloat16: stacked on small maps (8x8: 0.38x), the loop on 32x32 (stacked 1.47x).
+    float16/float64 (ATen's non-oneDNN convolution): the loop (stacked 1.03-1.40x).
+    """
+    if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x.shape[3] * x.shape[4] <= 256):
+        return STACKED
+    return LOOP
 
 
-@register("partial_conv2d_backward", "cpu")
-def partial_conv2d_backward(grad, x, weight, out_index, in_index, has_bias, stride, padding, dilation, groups,
-                            need_input, need_weight):
-    return _ext.load().partial_conv2d_backward(grad, x, weight, out_index, in_index, has_bias, stride, padding,
-                                               dilation, groups, need_input, need_weight)
+def _grouped_partial_conv2d(x, weight, bias, out_index, in_index, stride, padding, dilation):
+    return _ext.load().grouped_partial_conv2d(x, weight, bias, out_index, in_index, stride, padding, dilation,
+                                              grouping(x))
 
 
-@register("grouped_partial_conv2d", "cpu")
-def grouped_partial_conv2d(x, weight, bias, out_index, in_index, stride, padding, dilation):
-    return _ext.load().grouped_partial_conv2d(x, weight, bias, out_index, in_index, stride, padding, dilation)
-
-
-@register("grouped_partial_conv2d_backward", "cpu")
-def grouped_partial_conv2d_backward(grad, x, weight, out_index, in_index, has_bias, stride, padding, dilation,
-                                    need_input, need_weight):
+def _grouped_partial_conv2d_backward(grad, x, weight, out_index, in_index, has_bias, stride, padding, dilation,
+                                     need_input, need_weight):
     return _ext.load().grouped_partial_conv2d_backward(grad, x, weight, out_index, in_index, has_bias, stride,
-                                                       padding, dilation, need_input, need_weight)
+                                                       padding, dilation, need_input, need_weight, grouping(x))
 
 
-@register("filter_norms", "cpu")
-def filter_norms(tensors):
-    return _ext.load().filter_norms(tensors)
+_ADAPTED = {"grouped_partial_conv2d": _grouped_partial_conv2d,
+            "grouped_partial_conv2d_backward": _grouped_partial_conv2d_backward}
 
 
-@register("filter_stats", "cpu")
-def filter_stats(a, b):
-    return _ext.load().filter_stats(a, b)
+def implementation(name: str):
+    """The implementation of op `name`: the extension's function, resolved (and built) on first call."""
+    if name in _ADAPTED:
+        return _ADAPTED[name]
 
-
-@register("footrule_matrix", "cpu")
-def footrule_matrix(scores):
-    return _ext.load().footrule_matrix(scores)
-
-
-@register("mask_distance_matrix", "cpu")
-def mask_distance_matrix(scores, keep):
-    return _ext.load().mask_distance_matrix(scores, keep)
-
-
-# Packing copies elements as opaque words, so every dtype works.
-@register("pack_rows", "cpu", dtypes=None)
-def pack_rows(tensors, indices, dims):
-    return _ext.load().pack_rows(tensors, indices, dims)
-
-
-@register("unpack_rows", "cpu", dtypes=None)
-def unpack_rows(flat, tensors, indices, dims):
-    _ext.load().unpack_rows(flat, tensors, indices, dims)
+    def call(*args):
+        return getattr(_ext.load(), name)(*args)
+    call.__name__ = call.__qualname__ = name
+    return call

@@ -1,15 +1,17 @@
-"""The `cuda` backend: CUDA C++ kernels from csrc/cuda, built into the extension only when torch has CUDA.
+"""The `cuda` backend: csrc/cuda, built into the extension only when torch has CUDA.
 
-Kernels: filter_norms/filter_stats (one warp per row over the whole list),
+Every op of the table is the function of the same name in the extension's
+`cuda` submodule, with the signature of its counterpart in `reference.py`:
+the partial convolutions (one launch gathers the weight slice of all groups,
+cuDNN convolves, the grouped op as one grouped convolution over the batches
+stacked along the channels, one launch scatters the weight and bias
+gradients), filter_norms/filter_stats (one warp per row over the whole list),
 footrule_matrix/mask_distance_matrix (one block per snapshot pair, ranks from
-ATen's stable sort) and pack_rows/unpack_rows (one thread per element). The
-convolutions are left to the `triton` backend on GPUs. Signatures match
-`reference.py`.
+ATen's stable sort) and pack_rows/unpack_rows (one thread per element).
 """
 from __future__ import annotations
 
 from .. import _ext
-from . import register
 
 
 def unavailable_reason() -> str | None:
@@ -24,36 +26,9 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _kernels():
-    return _ext.load().cuda
-
-
-@register("filter_norms", "cuda")
-def filter_norms(tensors):
-    return _kernels().filter_norms(tensors)
-
-
-@register("filter_stats", "cuda")
-def filter_stats(a, b):
-    return _kernels().filter_stats(a, b)
-
-
-@register("footrule_matrix", "cuda")
-def footrule_matrix(scores):
-    return _kernels().footrule_matrix(scores)
-
-
-@register("mask_distance_matrix", "cuda")
-def mask_distance_matrix(scores, keep):
-    return _kernels().mask_distance_matrix(scores, keep)
-
-
-# Packing copies elements as opaque words, so every dtype works.
-@register("pack_rows", "cuda", dtypes=None)
-def pack_rows(tensors, indices, dims):
-    return _kernels().pack_rows(tensors, indices, dims)
-
-
-@register("unpack_rows", "cuda", dtypes=None)
-def unpack_rows(flat, tensors, indices, dims):
-    _kernels().unpack_rows(flat, tensors, indices, dims)
+def implementation(name: str):
+    """The implementation of op `name`: resolved from the extension on first call."""
+    def call(*args):
+        return getattr(_ext.load().cuda, name)(*args)
+    call.__name__ = call.__qualname__ = name
+    return call

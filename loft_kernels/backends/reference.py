@@ -12,8 +12,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import register
-
 
 def unavailable_reason() -> str | None:
     return None
@@ -45,14 +43,12 @@ def scatter_bias_grad(grad_sel, out_index, n_out):
     return torch.zeros(n_out, dtype=grad_sel.dtype, device=grad_sel.device).index_copy_(0, out_index, grad_sel)
 
 
-@register("partial_conv2d", "torch")
 def partial_conv2d(x, weight, bias, out_index, in_index, stride, padding, dilation, groups):
     w = select_weight(weight, out_index, in_index)
     b = None if bias is None else (bias if out_index is None else bias.index_select(0, out_index))
     return F.conv2d(x, w, b, stride, padding, dilation, groups)
 
 
-@register("partial_conv2d_backward", "torch")
 def partial_conv2d_backward(grad, x, weight, out_index, in_index, has_bias, stride, padding, dilation, groups,
                             need_input, need_weight):
     w = select_weight(weight, out_index, in_index)
@@ -70,13 +66,11 @@ def _row(index, g):
     return None if index is None else index[g]
 
 
-@register("grouped_partial_conv2d", "torch")
 def grouped_partial_conv2d(x, weight, bias, out_index, in_index, stride, padding, dilation):
     return torch.stack([partial_conv2d(x[g], weight, bias, _row(out_index, g), _row(in_index, g),
                                        stride, padding, dilation, 1) for g in range(x.shape[0])])
 
 
-@register("grouped_partial_conv2d_backward", "torch")
 def grouped_partial_conv2d_backward(grad, x, weight, out_index, in_index, has_bias, stride, padding, dilation,
                                     need_input, need_weight):
     gxs, gw, gb = [], None, None
@@ -100,12 +94,10 @@ def _rows(t):
     return t.reshape(t.shape[0], math.prod(t.shape[1:])).to(_acc_dtype(t))
 
 
-@register("filter_norms", "torch")
 def filter_norms(tensors):
     return [torch.linalg.vector_norm(_rows(t), dim=1).float() for t in tensors]
 
 
-@register("filter_stats", "torch")
 def filter_stats(a, b):
     out = []
     for ta, tb in zip(a, b):
@@ -122,7 +114,6 @@ def ranks(scores):
     return torch.empty_like(order).scatter_(1, order, positions)
 
 
-@register("footrule_matrix", "torch")
 def footrule_matrix(scores):
     out = []
     for s in scores:
@@ -134,7 +125,6 @@ def footrule_matrix(scores):
     return torch.stack(out).float()
 
 
-@register("mask_distance_matrix", "torch")
 def mask_distance_matrix(scores, keep):
     out = []
     for s, k in zip(scores, keep):
@@ -143,12 +133,10 @@ def mask_distance_matrix(scores, keep):
     return torch.stack(out).float()
 
 
-@register("pack_rows", "torch", dtypes=None)
 def pack_rows(tensors, indices, dims):
     return torch.cat([t.index_select(d, i).reshape(-1) for t, i, d in zip(tensors, indices, dims)])
 
 
-@register("unpack_rows", "torch", dtypes=None)
 def unpack_rows(flat, tensors, indices, dims):
     offset = 0
     for t, i, d in zip(tensors, indices, dims):

@@ -1,8 +1,13 @@
-"""P1, P2: the partial convolutions against the dense FLOP limit and the simulations they replace.
+"""P1, P2: the partial convolutions against their floors: the same convolutions on physically sliced weights.
 
 Shapes: one stride-1 3x3 block conv of each PreActResNet-18 stage (64@32x32,
 128@16x16, 256@8x8, 512@4x4), batch 32; every timed call runs forward and
-backward (input and weight gradients) through all four.
+backward (input and weight gradients) through all four. The floor ("sliced")
+convolves a weight that already holds only the selected filters and writes
+its gradient into a full-size tensor, as the ops' contract demands; nothing
+can do the op's job with less work. The earlier yardsticks (the dense conv's
+FLOP share, the `weight * mask` simulation, the dense conv of equal FLOPs)
+are kept as extra ratios in each row's note.
 """
 from __future__ import annotations
 
@@ -15,38 +20,51 @@ from .shapes import block_convs
 from .timing import interleaved
 
 P1 = (
-    Spec("P1a", "partial_conv2d fwd+bwd, 1/4 of the filters", "dense conv fwd+bwd x 1/4 (FLOP limit)",
-         1.15, "ratio <= 1.15 (within 15 % of the FLOP limit)"),
-    Spec("P1b", "partial_conv2d fwd+bwd, 1/4 of the filters", "conv with weight * mask fwd+bwd",
-         1 / 3, "ratio <= 0.333 (>= 3x faster than the mask)"),
+    Spec("P1a", "partial_conv2d fwd+bwd, 1/4 of the filters", "conv on the sliced weight, grad into full size",
+         1.10, "ratio <= 1.10"),
+    Spec("P1b", "partial_conv2d fwd+bwd, 1/4 of the filters", "F.conv2d(x, w.index_select(0, rows)) fwd+bwd",
+         0.95, "ratio <= 0.95"),
 )
 P2 = (
-    Spec("P2a", "grouped_partial_conv2d fwd+bwd, 4 groups of 1/4", "dense conv fwd+bwd of equal FLOPs",
-         1.15, "ratio <= 1.15"),
+    Spec("P2a", "grouped_partial_conv2d fwd+bwd, 4 groups of 1/4", "4 convs on sliced weights, grads into full size",
+         1.10, "ratio <= 1.10"),
     Spec("P2b", "grouped_partial_conv2d fwd+bwd, 4 groups of 1/4", "loop of 4 partial_conv2d fwd+bwd",
-         1.0, "ratio <= 1.0 (not slower than the loop)"),
+         1.0, "ratio <= 1.0 (GPU: <= 0.8)"),
 )
+GPU_P2B_LIMIT = 0.8  # on a GPU the one grouped launch must clearly beat four
+
+
+def _ratios(t, cand: str, **bases) -> str:
+    return "; ".join(f"{text}: {t.ratio(cand, key, scale):.3f}x" for text, (key, scale) in bases.items())
 
 
 def p1(cfg: Config) -> list[Result]:
     dev, shapes = cfg.device, block_convs()
     reps = cfg.reps(full=20, quick=4)
-    t = interleaved({"partial": W.partial_setup(shapes, dev), "dense": W.dense_setup(shapes, dev),
+    t = interleaved({"partial": W.partial_setup(shapes, dev), "sliced": W.sliced_setup(shapes, dev),
+                     "obvious": W.obvious_setup(shapes, dev), "dense": W.dense_setup(shapes, dev),
                      "masked": W.masked_setup(shapes, dev)}, reps, warmup=cfg.warmup, device=dev)
     backend = select("partial_conv2d", dev, torch.float32)[0]
-    return [timed(P1[0], t, "partial", "dense", scale=1 / W.WORKERS, backend=backend, repeats=reps),
-            timed(P1[1], t, "partial", "masked", backend=backend, repeats=reps)]
+    note = "other yardsticks: " + _ratios(t, "partial", **{"dense conv x 1/4 (FLOP share)": ("dense", 1 / W.WORKERS),
+                                                             "weight * mask conv": ("masked", 1.0)})
+    return [timed(P1[0], t, "partial", "sliced", backend=backend, repeats=reps, note=note),
+            timed(P1[1], t, "partial", "obvious", backend=backend, repeats=reps, note=note)]
 
 
 def p2(cfg: Config) -> list[Result]:
     # 4 groups of 32 samples x 1/4 of the filters = the FLOPs of one dense conv on 32 samples
     dev, shapes = cfg.device, block_convs()
     reps = cfg.reps(full=12, quick=2)
-    t = interleaved({"grouped": W.grouped_setup(shapes, dev), "loop": W.grouped_setup(shapes, dev, loop=True),
-                     "dense": W.dense_setup(shapes, dev)}, reps, warmup=cfg.warmup, device=dev)
+    t = interleaved({"grouped": W.grouped_setup(shapes, dev), "sliced": W.sliced_setup(shapes, dev, W.WORKERS),
+                     "loop": W.grouped_setup(shapes, dev, loop=True), "dense": W.dense_setup(shapes, dev)},
+                    reps, warmup=cfg.warmup, device=dev)
     backend = select("grouped_partial_conv2d", dev, torch.float32)[0]
-    return [timed(P2[0], t, "grouped", "dense", backend=backend, repeats=reps),
-            timed(P2[1], t, "grouped", "loop", backend=backend, repeats=reps)]
+    note = "other yardsticks: " + _ratios(t, "grouped", **{"dense conv of equal FLOPs": ("dense", 1.0)})
+    loop_spec = P2[1]
+    if dev.type == "cuda":
+        loop_spec = Spec(loop_spec.id, loop_spec.name, loop_spec.baseline, GPU_P2B_LIMIT, "ratio <= 0.8 (GPU)")
+    return [timed(P2[0], t, "grouped", "sliced", backend=backend, repeats=reps, note=note),
+            timed(loop_spec, t, "grouped", "loop", backend=backend, repeats=reps, note=note)]
 
 
 CASES = {"P1": (P1, p1), "P2": (P2, p2)}

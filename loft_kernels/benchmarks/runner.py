@@ -1,6 +1,6 @@
 """The ratio benchmark runner: `loft bench [--quick] [--json FILE]` (also `python -m loft_kernels.benchmarks`).
 
-Runs cases P1..P7 (issue 5), each comparing a candidate with a named baseline
+Runs cases P1..P7, each comparing a candidate with a named baseline
 or limit inside this process (timing.py), prints a table and writes JSON
     {"machine": {...}, "results": [{"id", "name", "candidate_ms", "baseline_ms",
                                     "ratio", "limit", "goal", "met", ...}, ...]}
@@ -98,7 +98,8 @@ def format_table(report: dict) -> str:
         name = r["name"] + (f" [{r['backend']}]" if r.get("backend") else "")
         lines.append(f"| {r['id']} | {name} | {r['baseline']} | {cand} | {base} | {_fmt(r['ratio'], 3)} | "
                      f"{r['goal']} | {_status(r)} |")
-    return "\n".join(lines) + "\n"
+    notes = [f"- {r['id']}: {r['note']}" for r in report["results"] if r.get("note")]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def format_header(report: dict) -> str:

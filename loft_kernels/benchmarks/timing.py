@@ -5,7 +5,7 @@ baselines are timed inside one process, round-robin in the same repetition
 loop (the starting entry rotates every repetition), each run on inputs made
 fresh for it by an untimed `setup`. A ratio is the median over repetitions of
 the per-repetition ratio, which cancels slow drift that a ratio of two
-separate medians would not (DESIGN.md section 4).
+separate medians would not.
 """
 from __future__ import annotations
 

@@ -17,8 +17,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import reference
-from ..ops import (filter_norms, filter_stats, footrule_matrix, grouped_partial_conv2d, mask_distance_matrix,
-                   pack_rows, partial_conv2d, unpack_rows)
+from ..ops import (
+    filter_norms,
+    filter_stats,
+    footrule_matrix,
+    grouped_partial_conv2d,
+    mask_distance_matrix,
+    pack_rows,
+    partial_conv2d,
+    unpack_rows,
+)
 from .shapes import BATCH, ConvShape, conv_snapshot, group_sizes
 
 WORKERS = 4  # a subset is 1/4 of the filters: one LoFT-4 worker's share
@@ -65,6 +73,42 @@ def masked_setup(shapes: Sequence[ConvShape], device):
                          torch.randn(BATCH, s.c_out, s.size, s.size, device=device), s))
         return lambda: [_grad(F.conv2d(x, w * m[:, None, None, None], None, s.stride, s.padding), (x, w), g)
                         for x, w, m, g, s in args]
+    return setup
+
+
+def sliced_setup(shapes: Sequence[ConvShape], device, groups: int = 1):
+    """The floor of the partial convs: `groups` convs (each its own batch) on physically sliced weights (1/4 of
+    the filters each, own leaves), forward + backward, the weight gradients then written into one full-size
+    tensor (the partial ops' contract: a full-size gradient, zero outside the selected rows)."""
+    def setup():
+        args = []
+        for s in shapes:
+            idx = disjoint_subsets(s.c_out, WORKERS, device)[:groups]
+            xs = [leaf(BATCH, s.c_in, s.size, s.size, device=device) for _ in range(groups)]
+            ws = [leaf(idx.shape[1], s.c_in, s.kernel, s.kernel, device=device) for _ in range(groups)]
+            gs = [torch.randn(BATCH, idx.shape[1], s.size, s.size, device=device) for _ in range(groups)]
+            args.append((xs, ws, gs, idx, s))
+
+        def run():
+            for xs, ws, gs, idx, s in args:
+                full = torch.zeros(s.c_out, s.c_in, s.kernel, s.kernel, device=device)
+                for x, w, g, rows in zip(xs, ws, gs, idx):
+                    _, gw = _grad(F.conv2d(x, w, None, s.stride, s.padding), (x, w), g)
+                    full.index_add_(0, rows, gw)
+        return run
+    return setup
+
+
+def obvious_setup(shapes: Sequence[ConvShape], device):
+    """The obvious PyTorch code for 1/4 of the filters: `F.conv2d(x, w.index_select(0, rows))`, fwd + bwd."""
+    def setup():
+        args = []
+        for s in shapes:
+            rows = disjoint_subsets(s.c_out, WORKERS, device)[0]
+            args.append((leaf(BATCH, s.c_in, s.size, s.size, device=device), conv_weight(s, device), rows,
+                         torch.randn(BATCH, rows.numel(), s.size, s.size, device=device), s))
+        return lambda: [_grad(F.conv2d(x, w.index_select(0, rows), None, s.stride, s.padding), (x, w), g)
+                        for x, w, rows, g, s in args]
     return setup
 
 

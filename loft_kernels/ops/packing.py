@@ -77,6 +77,8 @@ def pack_rows(tensors: list[Tensor], indices: list[Tensor], dims: Optional[list[
 def unpack_rows(flat: Tensor, tensors: list[Tensor], indices: list[Tensor], dims: Optional[list[int]] = None) -> None:
     """Write a `pack_rows` buffer back into the tensors in place (outside autograd)."""
     tensors, indices, dims = _check(tensors, indices, dims)
+    for i, t in enumerate(tensors):
+        C.writable(t, f"tensors[{i}]")
     C.tensor(flat, "flat", ndim=1)
     C.same_device_dtype(tensors[0], "tensors[0]", flat, "flat")
     want = _packed_numel(tensors, indices, dims)

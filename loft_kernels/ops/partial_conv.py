@@ -137,6 +137,19 @@ _grouped_op.register_autograd(_grouped_backward, setup_context=_grouped_setup_co
 
 
 # ------------------------------------------------------- public functions ----
+def _autocast(x, weight, bias):
+    """Under autocast, convolve in autocast's dtype as F.conv2d does (gradients flow back through the cast).
+
+    The custom ops have no autocast kernel of their own, so without this a layer
+    after an autocast convolution would hand a low-precision x to a float32 weight.
+    """
+    if not isinstance(x, Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(x.device.type)
+    cast = [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in (x, weight, bias)]
+    return tuple(cast)
+
+
 def _conv_args(x, weight, bias, stride, padding, dilation, spatial):
     """Validate the conv arguments; returns (x, stride, padding, dilation) with padding resolved.
 
@@ -198,6 +211,7 @@ def _partial_conv2d(x, weight, bias, stride, padding, dilation, groups, out_inde
     Loft layers validate their index sets once in `set_active` and call this on every
     forward without the scan (on a GPU it would cost a host sync per layer per step).
     """
+    x, weight, bias = _autocast(x, weight, bias)
     C.tensor(x, "x", ndim=(3, 4), floating=True)
     unbatched = x.dim() == 3
     if unbatched:
@@ -234,6 +248,7 @@ def grouped_partial_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = N
     group g equal to `partial_conv2d(x[g], weight, bias, ..., out_index=out_index[g],
     in_index=in_index[g])`. Weight gradients of overlapping rows add up.
     """
+    x, weight, bias = _autocast(x, weight, bias)
     C.tensor(x, "x", ndim=5, floating=True)
     G, N = x.shape[:2]
     if G == 0 or N == 0:

@@ -102,8 +102,8 @@ class LoftSimulator:
         distributed run has its own): the loss is scaled, `scaler.step` and `scaler.update`
         run per worker. Call `step` inside `torch.autocast(...)` for mixed precision.
         All or nothing: the batches are checked (and, for a batch shape not seen
-        before, run once through every worker without grad) before any worker steps,
-        so a bad batch raises with every worker unchanged.
+        before, run once through every worker's forward without grad) before any
+        worker steps, so a batch the model cannot take raises with every worker unchanged.
         """
         if isinstance(batches, (Tensor, str)) or not isinstance(batches, (list, tuple)):
             raise TypeError(f"batches must be a list of {self.workers} (inputs, targets) tuples, "
@@ -121,7 +121,7 @@ class LoftSimulator:
                     not all(isinstance(sc, torch.amp.GradScaler) for sc in scalers):
                 raise TypeError(f"scalers must be None or a list of {self.workers} torch.amp.GradScaler (one per "
                                 f"worker), got {scalers!r}")
-        self._dry_run(batches, loss_fn)
+        self._dry_run(batches)
         losses = []
         for s, (inputs, targets) in enumerate(batches):
             m, opt = self.worker_models[s], self.optimizers[s]
@@ -141,8 +141,9 @@ class LoftSimulator:
             self._sync()
         return losses
 
-    def _dry_run(self, batches: Sequence, loss_fn: Callable) -> None:
-        """Run each worker once without grad (eval mode: no statistic moves) on a batch signature not seen yet."""
+    def _dry_run(self, batches: Sequence) -> None:
+        """Run each worker's forward once without grad (eval mode: no statistic moves) on a batch signature
+        not seen yet. The loss function is not called: it may count or log (its own side effects)."""
         sig = tuple((type(x), getattr(x, "shape", None), getattr(x, "dtype", None), getattr(x, "device", None),
                      type(y), getattr(y, "shape", None), getattr(y, "dtype", None)) for x, y in batches)
         sig += (self.model.training,)
@@ -154,7 +155,7 @@ class LoftSimulator:
             m.eval()
             try:
                 with torch.no_grad():
-                    _scalar(loss_fn(m(inputs), targets))
+                    m(inputs)
             except Exception as exc:
                 kind = TypeError if isinstance(exc, TypeError) else ValueError
                 raise kind(f"batches[{s}]: worker {s} cannot train on it ({exc}); no worker has stepped") from exc

@@ -6,13 +6,19 @@ kernel-definition time whether to compile or interpret). Under the interpreter
 only float32/float64 arithmetic is reliable, so the arithmetic ops register
 those dtypes only there; see `_common.FLOAT_DTYPES`.
 
-Modules: `conv` (implicit-GEMM partial and grouped partial convolution,
-forward and backward), `stats` (segmented per-filter norms and statistics),
-`ranking` (footrule and mask-distance matrices), `packing` (pack/unpack rows).
+Modules, one per op family: `partial_conv` (implicit-GEMM partial and grouped
+partial convolution, forward and backward), `filter_stats` (segmented
+per-filter norms and statistics), `ranking` (footrule and mask-distance
+matrices), `packing` (pack/unpack rows). The registry finds each op under its
+name here (see ..table).
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
+
+from .. import table
 
 try:
     import triton  # noqa: F401
@@ -31,5 +37,13 @@ def unavailable_reason() -> str | None:
     return "no CUDA GPU is available and TRITON_INTERPRET=1 (Triton's CPU interpreter) is not set"
 
 
+def implementation(name: str):
+    """Op `name` from the module of its family (table.OPS)."""
+    return getattr(importlib.import_module(f".{table.BY_NAME[name].family}", __name__), name)
+
+
 if _IMPORT_ERROR is None:
-    from . import conv, packing, ranking, stats  # noqa: F401,E402  (importing registers the impls)
+    from ._common import FLOAT_DTYPES as _FLOAT_DTYPES  # noqa: E402
+    from .packing import PACK_DTYPES as _PACK_DTYPES  # noqa: E402
+
+    DTYPE_CLASSES = {table.TRITON_FLOAT: _FLOAT_DTYPES, table.TRITON_WORDS: _PACK_DTYPES}

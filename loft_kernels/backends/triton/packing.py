@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import register
+from ..._checks import writable
 from ._common import block_programs, check_table_device, int_table
 
 _WORDS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -73,7 +73,6 @@ def _copy_rows(flat, tensors, indices, dims, unpack: bool):
     _rows_copy_kernel[(len(seg),)](_words(flat), *tables, UNPACK=unpack, BLOCK=_BLOCK)
 
 
-@register("pack_rows", "triton", dtypes=PACK_DTYPES)
 def pack_rows(tensors, indices, dims):
     tensors = [t.contiguous() for t in tensors]  # kept alive until the copy is enqueued
     total = sum(t.numel() // t.shape[d] * i.numel() for t, i, d in zip(tensors, indices, dims))
@@ -82,8 +81,9 @@ def pack_rows(tensors, indices, dims):
     return flat
 
 
-@register("unpack_rows", "triton", dtypes=PACK_DTYPES)
 def unpack_rows(flat, tensors, indices, dims):
+    for i, t in enumerate(tensors):
+        writable(t, f"tensors[{i}]")
     # The kernel writes contiguous memory; a non-contiguous target gets a contiguous
     # stand-in that is copied back afterwards.
     targets = [t if t.is_contiguous() else t.contiguous() for t in tensors]

@@ -11,9 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import register
 from ..reference import ranks
-from ._common import ANY_FLOAT, pow2_clamp
+from ._common import pow2_clamp
 
 
 @triton.jit
@@ -75,11 +74,9 @@ def _pair_matrix(scores, keep):
     return out
 
 
-@register("footrule_matrix", "triton", dtypes=ANY_FLOAT)
 def footrule_matrix(scores):
     return _pair_matrix(scores, None)
 
 
-@register("mask_distance_matrix", "triton", dtypes=ANY_FLOAT)
 def mask_distance_matrix(scores, keep):
     return _pair_matrix(scores, keep)

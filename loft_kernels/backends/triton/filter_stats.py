@@ -11,13 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import register
-from ._common import (FLOAT_DTYPES, acc_dtype, block_programs, check_table_device, int_table, launch_opts,
-                      pow2_clamp)
+from ._common import acc_dtype, block_programs, check_table_device, int_table, launch_opts, pow2_clamp
 
 
 @triton.jit
-def _row_stats_kernel(a_tbl, b_tbl, out_tbl, rows_tbl, len_tbl, prog_seg, prog_row, ref_ptr,
+def _filter_stats_kernel(a_tbl, b_tbl, out_tbl, rows_tbl, len_tbl, prog_seg, prog_row, ref_ptr,
                       STATS: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     seg = tl.load(prog_seg + pid)
@@ -55,7 +53,7 @@ def _row_stats_kernel(a_tbl, b_tbl, out_tbl, rows_tbl, len_tbl, prog_seg, prog_r
         tl.store(out + rows, tl.sqrt(tl.sum(aa, axis=1)).to(tl.float32), mask=r_mask)
 
 
-def _row_stats(a, b, stats: bool):
+def _filter_stats(a, b, stats: bool):
     check_table_device(a[0].device, "filter_stats" if stats else "filter_norms")
     a = [t.contiguous() for t in a]
     b = None if b is None else [t.contiguous() for t in b]
@@ -71,16 +69,14 @@ def _row_stats(a, b, stats: bool):
     tables = int_table([[t.data_ptr() for t in a], [t.data_ptr() for t in (b or a)], [o.data_ptr() for o in outs],
                         n_rows, lengths, seg, first], device)
     # 8 warps: a 4096-element tile with up to four accumulators stays in registers
-    _row_stats_kernel[(len(seg),)](*tables, a[0], STATS=stats, ACC=acc_dtype(a[0].dtype),
+    _filter_stats_kernel[(len(seg),)](*tables, a[0], STATS=stats, ACC=acc_dtype(a[0].dtype),
                                    BLOCK_R=block_r, BLOCK_D=block_d, **launch_opts(num_warps=8))
     return outs
 
 
-@register("filter_norms", "triton", dtypes=FLOAT_DTYPES)
 def filter_norms(tensors):
-    return _row_stats(tensors, None, stats=False)
+    return _filter_stats(tensors, None, stats=False)
 
 
-@register("filter_stats", "triton", dtypes=FLOAT_DTYPES)
 def filter_stats(a, b):
-    return _row_stats(a, b, stats=True)
+    return _filter_stats(a, b, stats=True)

@@ -4,7 +4,7 @@
 #include <cuda_runtime.h>
 
 #include "launchers.h"
-#include "loft_kernels/row_stats.h"
+#include "loft_kernels/filter_stats.h"
 
 namespace loft_kernels {
 namespace cuda {
@@ -28,7 +28,7 @@ __device__ inline acc_t warp_sum(acc_t v) {
 }
 
 template <typename scalar_t>
-__global__ void row_stats_kernel(int64_t n, int64_t total_rows, const int64_t* row_start, const int64_t* row_len,
+__global__ void filter_stats_kernel(int64_t n, int64_t total_rows, const int64_t* row_start, const int64_t* row_len,
                                  const void* const* a, const void* const* b, float* const* out) {
   using acc_t = typename Acc<scalar_t>::type;
   const int lane = threadIdx.x % kWarp;
@@ -67,13 +67,14 @@ void launch(int64_t n, int64_t total_rows, const int64_t* row_start, const int64
   const int64_t rows_per_block = kThreads / kWarp;
   const int64_t blocks = (total_rows + rows_per_block - 1) / rows_per_block;
   const unsigned grid = static_cast<unsigned>(blocks < 65535 ? blocks : 65535);  // grid-stride beyond that
-  row_stats_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(n, total_rows, row_start, row_len, a, b, out);
+  filter_stats_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(n, total_rows, row_start, row_len, a, b, out);
 }
 
 }  // namespace
 
-void launch_row_stats(DType dtype, int64_t n, int64_t total_rows, const int64_t* row_start, const int64_t* row_len,
-                      const void* const* a, const void* const* b, float* const* out, void* stream) {
+void launch_filter_stats(DType dtype, int64_t n, int64_t total_rows, const int64_t* row_start,
+                         const int64_t* row_len, const void* const* a, const void* const* b, float* const* out,
+                         void* stream) {
   if (total_rows == 0) return;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
