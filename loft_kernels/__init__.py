@@ -3,8 +3,7 @@
 Kernel ops (loft_kernels.ops) run on the backend picked per call by
 loft_kernels.backends; see `available_backends()`, `backend_choices()` and `use_backend()`.
 """
-<<<<<<< HEAD
-from .backends import available_backends, use_backend
+from .backends import available_backends, backend_choices, use_backend
 from .ops import (
     filter_norms,
     filter_stats,
@@ -16,11 +15,6 @@ from .ops import (
     pruned_count,
     unpack_rows,
 )
-=======
-from .backends import available_backends, backend_choices, use_backend
-from .ops import (filter_norms, filter_stats, footrule_matrix, grouped_partial_conv2d, mask_distance_matrix,
-                  pack_rows, partial_conv2d, pruned_count, unpack_rows)
->>>>>>> main
 
 __version__ = "0.1.0"
 
