@@ -210,6 +210,13 @@ def test_user_models(case):
         assert lk.find_filter_groups(model, x, tracer=tracer) == expected, tracer
 
 
+def test_reasons_name_user_subclasses():
+    fn, modules, _ = CASES["subclass_conv"]
+    reasons = lk.explain_groups(Net(fn, **copy.deepcopy(modules)), torch.randn(2, 3, 6, 6)).reasons
+    assert "SubConv is a subclass of nn.Conv2d" in reasons["a"]
+    assert "SubConv is a user subclass of an nn layer" in reasons["c"]
+
+
 def test_tied_weights_are_not_partitioned():
     a, b, c = conv(3, 4), conv(4, 4), conv(4, 2)
     model = Net(lambda m, x: m.c(F.relu(m.b(F.relu(m.a(x))))), a=a, b=b, c=c)

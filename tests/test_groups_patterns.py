@@ -252,7 +252,7 @@ PATTERNS = {
     "shufflenet_v2_unit": (ShuffleUnit, IMG, [group("conv1", [("bn1", BN), ("dw", DW), ("bn2", BN)], "conv2", 4)],
                            {"stem": "split", "conv2": "concat", "dw": "depthwise"}),
     "shared_weights": (Shared, IMG, [], {"a": "called more than once", "shared": "called more than once"}),
-    "depthwise_multiplier_2": (Multiplier, IMG, [], {"a": "channel multiplier 2"}),
+    "depthwise_multiplier_2": (Multiplier, IMG, [], {"a": "channel multiplier 2", "dw": "channel multiplier 2"}),
     "head_after_spatial_mean": (lambda: HeadAfterMean(), IMG, [], {"conv": "global pooling into a head"}),
     "layernorm_over_channels": (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4), nn.Conv2d(4, 2, 1)),
                                 IMG, [], {"0": "GroupNorm"}),

@@ -200,6 +200,8 @@ class _Walk:
                 return f"BatchNorm2d over a layout whose channels are in dim {cdim}"
             members.append(Member(name))
             return None
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+            return f"{type(m).__name__} is a user subclass of an nn layer; its forward may differ"
         if isinstance(m, nn.LayerNorm):
             return "LayerNorm normalises over the channels (mixes them)"
         if isinstance(m, nn.GroupNorm):
@@ -253,6 +255,8 @@ def _producer_reason(m: nn.Module) -> Optional[str]:
     if isinstance(m, nn.Conv2d) and m.groups != 1:
         if m.in_channels == m.out_channels == m.groups:
             return "depthwise conv: it can only be a per-channel member inside another layer's group, never a producer"
+        if m.groups == m.in_channels:
+            return f"depthwise conv with channel multiplier {m.out_channels // m.in_channels}: not partitionable"
         return f"grouped conv (groups={m.groups}): its filters read only their block's channels; not partitionable"
     return None
 
