@@ -131,3 +131,18 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_0(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("\n") == 1 and proc.stdout.startswith("gpu_check: no CUDA GPU here")
     assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_orders_correct_backends_fastest_first_and_renders():
+    from loft_kernels.benchmarks import gpu_check
+    ops = {"filter_stats": {"cuda": {"error": {"fp32": 1e-7}, "correct": True, "ms": 2.0},
+                            "triton": {"error": {"fp32": 1e-7}, "correct": True, "ms": 1.0},
+                            "torch": {"error": {"fp32": 0.0}, "correct": True}},
+           "partial_conv2d": {"cuda": {"error": {"fp32": 1e-7}, "correct": True, "ms": 3.0},
+                              "triton": {"error": {"fp32": 0.5}, "correct": False, "ms": 0.1},
+                              "torch": {"error": {}, "correct": False, "skipped": "pretend"}}}
+    assert gpu_check.orders(ops) == {"filter_stats": ["triton", "cuda", "torch"], "partial_conv2d": ["cuda"]}
+    text = gpu_check._markdown({"device": "Fake GPU", "date": "today", "torch": "x", "ops": ops,
+                                "orders": gpu_check.orders(ops)})
+    assert "| partial_conv2d | triton | 5.0e-01 | - | - | False | 0.100 | - |" in text
+    assert "filter_stats: triton" in text and "pretend" in text

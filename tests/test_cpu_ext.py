@@ -372,9 +372,10 @@ def test_grouped_stacked_and_loop_formulations_agree_with_the_reference(dtype, s
 def test_cpu_grouping_rule_follows_the_measurements():
     from loft_kernels.backends import cpu
     x = lambda dtype, size: torch.empty(4, 1, 1, size, size, dtype=dtype)  # noqa: E731
-    assert cpu.grouping(x(torch.float32, 32)) == cpu.grouping(x(torch.float32, 4)) == cpu.STACKED
-    assert cpu.grouping(x(torch.bfloat16, 8)) == cpu.STACKED and cpu.grouping(x(torch.bfloat16, 32)) == cpu.LOOP
-    assert cpu.grouping(x(torch.float64, 8)) == cpu.grouping(x(torch.float16, 8)) == cpu.LOOP
+    assert cpu.grouping(x(torch.float32, 32)) == cpu.grouping(x(torch.float32, 4)) == cpu.LOOP
+    assert cpu.grouping(x(torch.bfloat16, 8)) == cpu.grouping(x(torch.bfloat16, 32)) == cpu.LOOP
+    assert cpu.grouping(x(torch.float64, 32)) == cpu.STACKED and cpu.grouping(x(torch.float64, 8)) == cpu.LOOP
+    assert cpu.grouping(x(torch.float16, 32)) == cpu.LOOP
 
 
 @needs_ext

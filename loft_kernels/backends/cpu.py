@@ -21,14 +21,16 @@ def unavailable_reason() -> str | None:
 
 
 def grouping(x: torch.Tensor) -> int:
-    """Which grouped formulation is faster for x [G, N, C, H, W] with oneDNN (measured, docs/kernels.md).
+    """Which grouped formulation is faster for x [G, N, C, H, W] on the CPU (measured, docs/kernels.md).
 
-    float32: the stacked grouped convolution, 0.51-0.82x the loop's time on every
-    PreActResNet-18 block shape (4 groups of 1/4, batch 32, both index sides).
-    bfloat16: stacked on small maps (8x8: 0.38x), the loop on 32x32 (stacked 1.47x).
-    float16/float64 (ATen's non-oneDNN convolution): the loop (stacked 1.03-1.40x).
+    Measured single-threaded (other jobs' load on a shared machine distorts
+    multi-threaded timings far more than the difference), 4 groups of 1/4 of the
+    filters, PreActResNet-18 block shapes: float32 on every shape and both index
+    sides, the loop (stacked 1.04-1.42x its time); bfloat16 the loop (stacked
+    1.13-2.04x); float64 the stacked grouped convolution on 32x32 maps (0.84x),
+    a tie on 8x8 (1.00x); float16 the loop (1.03-1.10x).
     """
-    if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x.shape[3] * x.shape[4] <= 256):
+    if x.dtype == torch.float64 and x.shape[3] * x.shape[4] >= 1024:
         return STACKED
     return LOOP
 
