@@ -24,9 +24,9 @@ __all__ = [
     "mask_distance_matrix", "pruned_count", "pack_rows", "unpack_rows",
 ]
 
-from .io import atomic_save, load_checkpoint
+from .io import CheckpointError, atomic_save, load_checkpoint
 
-__all__ += ["atomic_save", "load_checkpoint"]
+__all__ += ["atomic_save", "load_checkpoint", "CheckpointError"]
 
 # --- LoFT training: nn layers, filter groups, model zoo (loft_kernels.training, loft_kernels.models) ---
 from .models import (
@@ -86,16 +86,22 @@ from .tickets import (
     FilterTracker,
     count_params_flops,
     detect_emergence,
+    draw,
     inference_speedup,
     prune,
     rewind,
     select_filters,
 )
 
-__all__ += ["FilterTracker", "detect_emergence", "prune", "rewind", "select_filters", "count_params_flops",
+__all__ += ["FilterTracker", "detect_emergence", "prune", "draw", "rewind", "select_filters", "count_params_flops",
             "inference_speedup", "get_dataset", "Dataset", "BatchLoader", "write_fake_cifar"]
 
 # --- Communication model (loft_kernels.comm_model) ---
 from .comm_model import CommCost, comm_cost
 
 __all__ += ["comm_cost", "CommCost"]
+
+# --- Fault tolerance: elastic checkpoint sets for torchrun restarts (loft_kernels.elastic) ---
+from .elastic import ElasticCheckpoint  # noqa: E402
+
+__all__ += ["ElasticCheckpoint"]

@@ -11,14 +11,7 @@ from test_distributed import launch
 import loft_kernels as lk
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-# LoftOptimizer's group check still accepts only LoftConv2d producers and consumers; once it validates with
-# loft_kernels.filter_group.resolve_groups the Linear groups train and this strict xfail turns into a failure.
-LINEAR_PENDING = pytest.mark.xfail(strict=True, raises=TypeError,
-                                   reason="LoftOptimizer does not accept LoftLinear groups yet")
-KINDS = ["mobilenet", pytest.param("convnext", marks=LINEAR_PENDING)]  # depthwise members / Linear groups
-# Over gloo the ranks exit with that TypeError, so the test fails on their exit codes.
-KINDS_GLOO = ["mobilenet", pytest.param("convnext", marks=pytest.mark.xfail(strict=True, raises=AssertionError,
-                                                                            reason=LINEAR_PENDING.kwargs["reason"]))]
+KINDS = ["mobilenet", "convnext"]  # depthwise members / Linear groups
 
 
 def test_the_kinds_are_what_these_tests_exercise():
@@ -62,7 +55,7 @@ def test_one_worker_is_plain_training(model_name):
 
 @pytest.mark.distributed
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-@pytest.mark.parametrize("model_name", KINDS_GLOO)
+@pytest.mark.parametrize("model_name", KINDS)
 def test_two_gloo_processes_match_simulator_and_reference(model_name, tmp_path):
     config = dict(model=model_name, optimizer="sgd", sync_every=2, seed=5, state="keep", steps=5)
     codes, results, logs = launch(2, config, tmp_path)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _checks as C
+from .submodel import refuse_active_sets
 
 
 class LoftLinear(nn.Linear):
@@ -40,9 +41,13 @@ class LoftLinear(nn.Linear):
 
     def set_active(self, out_index: Optional[Tensor] = None, in_index: Optional[Tensor] = None) -> None:
         """Restrict to output features `out_index` and input features `in_index` (None = all)."""
+        if out_index is not None or in_index is not None:
+            refuse_active_sets(self)
         dev = self.weight.device
-        self._active_out = None if out_index is None else C.index(out_index, "out_index", self.out_features, dev)
-        self._active_in = None if in_index is None else C.index(in_index, "in_index", self.in_features, dev)
+        # Validated copies: a caller editing its tensor afterwards cannot slip unchecked indices in.
+        self._active_out = None if out_index is None else \
+            C.index(out_index, "out_index", self.out_features, dev).clone()
+        self._active_in = None if in_index is None else C.index(in_index, "in_index", self.in_features, dev).clone()
 
     def forward(self, input: Tensor) -> Tensor:
         out_idx, in_idx = self._active_out, self._active_in

@@ -43,7 +43,7 @@ def partition(groups: Sequence[FilterGroup], workers: int, seed: int, round: int
     workers = C.positive_int(workers, "workers")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    round = C.positive_int(round, "round", minimum=0)
+    round = C.non_negative_int(round, "round")
     groups = check_groups(groups, workers)
     out = {}
     for g in groups:
