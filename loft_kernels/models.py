@@ -1,4 +1,5 @@
-"""A small model zoo for CIFAR-sized inputs: pre-/post-activation ResNets, VGG, WideResNet.
+"""A small model zoo for CIFAR-sized inputs: pre-/post-activation ResNets, VGG, WideResNet
+(and, from models_modern, MobileNetV2 and a ConvNeXt-style network).
 
 Written the usual way (kuangliu/pytorch-cifar, torchvision, xternalz/WideResNet):
 3x3 stride-1 stem without max-pool, stages `layer1..layerN` of blocks
@@ -19,28 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks as C
-
-
-def _width(width) -> float:
-    if isinstance(width, bool) or not isinstance(width, numbers.Real):
-        raise TypeError(f"width must be a positive number, got {type(width).__name__}")
-    if not width > 0:
-        raise ValueError(f"width must be > 0, got {width}")
-    return float(width)
-
-
-def _scaled(channels: int, width: float) -> int:
-    return max(1, int(round(channels * width)))
-
-
-def _depths(depths, name: str = "depths") -> tuple[int, ...]:
-    if not isinstance(depths, (list, tuple)) or not depths:
-        raise TypeError(f"{name} must be a non-empty tuple of block counts per stage, got {depths!r}")
-    return tuple(C.positive_int(d, f"{name}[{i}]") for i, d in enumerate(depths))
-
-
-def _common(num_classes, in_channels, width) -> tuple[int, int, float]:
-    return (C.positive_int(num_classes, "num_classes"), C.positive_int(in_channels, "in_channels"), _width(width))
+from ._model_args import _common, _depths, _scaled
+from .models_modern import convnext_cifar, mobilenet_v2
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -304,6 +285,7 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     "preact_resnet": preact_resnet, "preact_resnet18": preact_resnet18, "preact_resnet34": preact_resnet34,
     "resnet": resnet, "resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50,
     "vgg": vgg, "vgg11": vgg11, "vgg16": vgg16, "wide_resnet": wide_resnet,
+    "mobilenet_v2": mobilenet_v2, "convnext_cifar": convnext_cifar,
 }
 
 

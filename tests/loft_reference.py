@@ -1,9 +1,10 @@
 """Test helpers: a plainly written LoFT reference, shared fixtures, and the distributed worker entry point.
 
-The reference implements DESIGN.md section 1 the obvious way and shares no
-code with loft_kernels.training beyond the partition rule: every round each
-worker gets a deep copy of the full model *physically sliced* to its filters
-(smaller nn.Conv2d / nn.BatchNorm2d modules), its own optimizer, and trains K
+The reference implements the LoFT round (partition, dispatch, K local steps,
+sync) the obvious way and shares no code with loft_kernels.training beyond the
+partition rule: every round each worker gets a deep copy of the full model *physically sliced* to its filters
+(smaller nn.Conv2d / nn.Linear / nn.BatchNorm2d modules; a depthwise member
+becomes a depthwise conv over the owned channels), its own optimizer, and trains K
 steps; the sync averages shared tensors (max for integer buffers) and writes
 each worker's slices back by index.
 """
@@ -48,7 +49,23 @@ def tiny_vgg(seed: int = 0):
     return lk.convert(model, torch.randn(2, 3, 8, 8))
 
 
-MODELS = {"preact": tiny_preact, "vgg": tiny_vgg}
+def tiny_mobilenet(seed: int = 0):
+    """MobileNetV2 blocks (expand -> bn -> relu6 -> depthwise -> bn -> relu6 -> project): groups of 8, 32, 48."""
+    from loft_kernels.models_modern import MobileNetV2
+    torch.manual_seed(seed)
+    model = MobileNetV2(num_classes=5, width=0.25, cfg=((1, 8, 1, 1), (4, 12, 2, 2)))
+    return lk.convert(model, torch.randn(2, 3, 8, 8))
+
+
+def tiny_convnext(seed: int = 0):
+    """ConvNeXt-style blocks whose channels-last MLPs (Linear -> GELU -> Linear) are groups of 32 and 64."""
+    from loft_kernels.models_modern import ConvNeXt
+    torch.manual_seed(seed)
+    model = ConvNeXt(depths=(1, 1), dims=(8, 16), num_classes=5, layer_scale=1.0)
+    return lk.convert(model, torch.randn(2, 3, 8, 8))
+
+
+MODELS = {"preact": tiny_preact, "vgg": tiny_vgg, "mobilenet": tiny_mobilenet, "convnext": tiny_convnext}
 OPTIMIZERS = {
     "sgd": functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4),
     "adam": functools.partial(torch.optim.Adam, lr=1e-2),
@@ -71,22 +88,24 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _indices(groups, owned):
-    """module name -> index sets: conv out rows, conv in columns, norm channels."""
-    rows, cols, chans = {}, {}, {}
+    """module name -> index sets: producer out rows, consumer in columns, norm channels, depthwise channels."""
+    rows, cols, chans, depthwise = {}, {}, {}, {}
     for g in groups:
-        rows[g.conv_a] = owned[g.name]
-        cols[g.conv_b] = owned[g.name]
-        for nm in g.norms:
-            chans[nm] = owned[g.name]
-    return rows, cols, chans
+        rows[g.producer] = owned[g.name]
+        cols[g.consumer] = owned[g.name]
+        for m in g.members:
+            (chans if m.kind == "batchnorm" else depthwise)[m.name] = owned[g.name]
+    return rows, cols, chans, depthwise
 
 
 def tensor_index(name: str, groups, owned):
     """(rows, cols) of a full-model tensor that is sliced for a worker, or None if it is shared."""
-    rows, cols, chans = _indices(groups, owned)
+    rows, cols, chans, depthwise = _indices(groups, owned)
     module, _, attr = name.rpartition(".")
     if module in chans and attr in ("weight", "bias", "running_mean", "running_var"):
         return chans[module], None
+    if module in depthwise and attr in ("weight", "bias"):
+        return depthwise[module], None
     if module in rows or module in cols:
         if attr == "weight":
             return rows.get(module), cols.get(module)
@@ -114,17 +133,31 @@ def _put(t, rows, cols, value):
 def sub_model(full: nn.Module, groups, owned) -> nn.Module:
     """A deep copy of `full` with every group physically sliced to the worker's `owned` filters."""
     sub = copy.deepcopy(full)
-    rows, cols, chans = _indices(groups, owned)
+    rows, cols, chans, depthwise = _indices(groups, owned)
     for name in set(rows) | set(cols):
         old = sub.get_submodule(name)
-        r = rows.get(name, torch.arange(old.out_channels))
-        c = cols.get(name, torch.arange(old.in_channels))
-        new = nn.Conv2d(len(c), len(r), old.kernel_size, old.stride, old.padding, old.dilation,
-                        bias=old.bias is not None, padding_mode=old.padding_mode)
+        if isinstance(old, nn.Linear):
+            r = rows.get(name, torch.arange(old.out_features))
+            c = cols.get(name, torch.arange(old.in_features))
+            new = nn.Linear(len(c), len(r), bias=old.bias is not None)
+        else:
+            r = rows.get(name, torch.arange(old.out_channels))
+            c = cols.get(name, torch.arange(old.in_channels))
+            new = nn.Conv2d(len(c), len(r), old.kernel_size, old.stride, old.padding, old.dilation,
+                            bias=old.bias is not None, padding_mode=old.padding_mode)
         with torch.no_grad():
             new.weight.copy_(old.weight[r][:, c])
             if old.bias is not None:
                 new.bias.copy_(old.bias[r])
+        _set_module(sub, name, new)
+    for name, idx in depthwise.items():  # depthwise kernel j travels with filter j
+        old = sub.get_submodule(name)
+        new = nn.Conv2d(len(idx), len(idx), old.kernel_size, old.stride, old.padding, old.dilation, groups=len(idx),
+                        bias=old.bias is not None, padding_mode=old.padding_mode)
+        with torch.no_grad():
+            new.weight.copy_(old.weight[idx])
+            if old.bias is not None:
+                new.bias.copy_(old.bias[idx])
         _set_module(sub, name, new)
     for name, idx in chans.items():
         old = sub.get_submodule(name)

@@ -272,7 +272,7 @@ BAD = [
     (["pretrain", "--workers", "2", "--distributed"], "torchrun"),
     (["pretrain", "--epochs", "3", "--keep-epochs", "5"], "--keep-epochs must lie in 1..3"),
     (["pretrain", "--device", "tpu:0"], "--device"),
-    (["pretrain", "--lr", "0"], "learning rate must be > 0"),
+    (["pretrain", "--lr", "0"], "learning rate must be a finite number > 0"),
     (["prune", "--checkpoint", "{tmp}/missing.pt"], "does not exist"),
     (["prune", "--checkpoint", "{pre}", "--ratio", "1.5"], r"--ratio must lie in \[0, 1\)"),
     (["prune", "--checkpoint", "{pre}", "--ratio", "-0.1"], r"--ratio must lie in \[0, 1\)"),
@@ -358,7 +358,8 @@ def test_resume_from_a_truncated_checkpoint_is_a_user_error(capsys, tmp_path):
     out = tmp_path / "run"
     assert cli(capsys, "pretrain", *TINY, "--epochs", "2", "--out", out, "--quiet")[0] == 0
     (out / "summary.json").unlink()  # as if killed before the end
-    ckpts = sorted(out.glob("checkpoints/*/rank0.pt"))
+    ckpts = sorted(out.glob("checkpoints/*/rank0-of-1.pt"))
+    assert len(ckpts) == 2  # the newest two sets are kept
     for ck in ckpts:
         ck.write_bytes(ck.read_bytes()[:100])
     rc, _, err = cli(capsys, "pretrain", *TINY, "--epochs", "2", "--out", out, "--quiet", "--resume")

@@ -272,3 +272,58 @@ def test_loft_groups_that_do_not_fit_the_workers():
     model = OneGroup()
     with pytest.raises(ValueError, match="groups"):
         comm_cost(model, X, "loft", 8, 4, 10, groups=block_group(model))  # n = 6 < 8 workers
+
+
+# ------------------------------------------------------- loft, new kinds ----
+class DepthwiseGroup(nn.Module):
+    """stem -> pw1 -> bn1 -> relu6 -> dw -> bn2 -> relu6 -> pw2 -> pool -> head; the pw1 group has n = 6."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.pw1, self.bn1 = nn.Conv2d(4, 6, 1, bias=False), nn.BatchNorm2d(6)
+        self.dw, self.bn2 = nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False), nn.BatchNorm2d(6)
+        self.pw2 = nn.Conv2d(6, 4, 1, bias=False)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = F.relu6(self.bn2(self.dw(F.relu6(self.bn1(self.pw1(self.stem(x)))))))
+        return self.head(F.adaptive_avg_pool2d(self.pw2(x), 1).flatten(1))
+
+
+class LinearGroup(nn.Module):
+    """stem -> spatial mean -> fc1 -> gelu -> fc2: the fc1 group has n = 6 (Linear producer and consumer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(self.stem(x).mean((2, 3)))))
+
+
+@pytest.mark.parametrize("model_cls, group_name, per_sync", [
+    # shared: stem 36 + head 10 floats = 184 bytes (mean), two num_batches_tracked = 16 bytes (max); a filter:
+    # pw1 row 4 + bn1 4 + dw kernel 9 + bn2 4 + pw2 column 4 = 25 floats; 3 per rank -> a rank sends 300 bytes.
+    (DepthwiseGroup, "pw1", 184 + 16 + 300),
+    # shared: stem 36 + fc2 bias 2 floats = 152 bytes (mean), no counters; a filter: fc1 row 4 + fc1 bias 1 +
+    # fc2 column 2 = 7 floats; 3 per rank -> a rank sends 84 bytes.
+    (LinearGroup, "fc1", 152 + 84),
+])
+def test_loft_by_hand_new_kinds(model_cls, group_name, per_sync):
+    model = model_cls()
+    groups = [g for g in lk.find_filter_groups(model, X) if g.name == group_name]
+    assert len(groups) == 1 and groups[0].n == 6
+    c = comm_cost(model, X, "loft", 2, 4, 16, sync_every=2, state="reset", groups=groups)  # 2 steps, 1 sync
+    assert c.events == 1 and c.per_rank_bytes == per_sync and c.total_bytes == 2 * per_sync
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "convnext_cifar"])
+def test_every_method_on_the_new_zoo_models(name):
+    model, x = lk.get_model(name, width=0.125), torch.randn(2, 3, 32, 32)
+    costs = {m: comm_cost(model, x, m, 2, 8, 64, sync_every=2) for m in ("ddp", "localsgd", "gpipe", "loft")}
+    assert all(c.total_bytes > 0 for c in costs.values())
+    # LoFT sends each partitioned filter once (gathered) instead of all-reducing it: less than local SGD.
+    assert costs["loft"].total_bytes < costs["localsgd"].total_bytes
+    assert costs["loft"].details["groups"] == [g.name for g in lk.find_filter_groups(model, x)]

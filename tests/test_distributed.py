@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from loft_reference import MODELS, OPTIMIZERS, max_diff, one_thread, run_reference, run_simulator  # noqa: F401
 
 import loft_kernels as lk
-from loft_reference import MODELS, OPTIMIZERS, max_diff, one_thread, run_reference, run_simulator  # noqa: F401
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.distributed,
               pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")]

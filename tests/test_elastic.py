@@ -28,6 +28,8 @@ from loft_kernels.io import CheckpointError
 torch.set_num_threads(1)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "LOFT_KERNELS_BACKEND": "torch"}
 ENV.pop("TORCHELASTIC_RESTART_COUNT", None)
+ENV["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1])] +
+                                    [p for p in (ENV.get("PYTHONPATH"),) if p])  # this checkout's package
 
 
 @pytest.fixture(scope="module")

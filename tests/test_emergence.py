@@ -1,10 +1,9 @@
 """detect_emergence on hand-made distance matrices and hand-made score sequences with known answers."""
-import dataclasses
-
 import pytest
 import torch
 from torch import nn
 
+import loft_kernels as lk
 from loft_kernels.tickets import FilterTracker, detect_emergence
 
 
@@ -62,13 +61,7 @@ def test_mask_criterion_previous_four():
     assert detect_emergence(m, "mask", mask_threshold=0.09) is None
 
 
-@dataclasses.dataclass(frozen=True)
-class Group:
-    name: str
-    conv_a: str
-    norms: tuple
-    conv_b: str
-    n: int
+Group = lk.FilterGroup  # (name, producer, members, consumer, n)
 
 
 def _set_norms(conv, norms):

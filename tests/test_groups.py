@@ -24,7 +24,20 @@ def block_groups(depths, planes, convs):
 
 
 def _as_tuples(groups):
-    return [(g.name, g.conv_a, g.norms, g.conv_b, g.n) for g in groups]
+    return [(g.name, g.producer, g.members, g.consumer, g.n) for g in groups]
+
+
+def mobilenet_groups(width):
+    """MobileNetV2 (32x32 table): one group per block, expand conv1 -> bn1, depthwise conv2, bn2 -> project conv3."""
+    table = [(1, 16, 1), (6, 24, 2), (6, 32, 3), (6, 64, 4), (6, 96, 3), (6, 160, 3), (6, 320, 1)]
+    out, cin, i = [], max(1, round(32 * width)), 0
+    for t, c, count in table:
+        for _ in range(count):
+            p = f"layers.{i}"
+            members = (lk.Member(f"{p}.bn1"), lk.Member(f"{p}.conv2", "depthwise"), lk.Member(f"{p}.bn2"))
+            out.append(lk.FilterGroup(f"{p}.conv1", f"{p}.conv1", members, f"{p}.conv3", t * cin))
+            cin, i = max(1, round(c * width)), i + 1
+    return out
 
 
 # ------------------------------------------------------------ model zoo ----
@@ -59,6 +72,11 @@ ZOO_EXPECTED = {
                                   G("features.30", ["features.31"], "features.34", 64),
                                   G("features.34", ["features.35"], "features.37", 64),
                                   G("features.37", ["features.38"], "features.40", 64)]),
+    "mobilenet_v2": (dict(width=0.125), mobilenet_groups(0.125)),
+    # Each block's channels-last MLP; the depthwise conv is followed by LayerNorm (mixes channels).
+    "convnext_cifar": (dict(width=0.125), [lk.FilterGroup(f"stages.{s}.{b}.pwconv1", f"stages.{s}.{b}.pwconv1", (),
+                                                          f"stages.{s}.{b}.pwconv2", 4 * d)
+                                           for s, d in enumerate((8, 16, 32)) for b in range(2)]),
 }
 
 
@@ -66,10 +84,11 @@ ZOO_EXPECTED = {
 def test_zoo_groups_exact(name):
     kw, expected = ZOO_EXPECTED[name]
     model = lk.get_model(name, **kw)
-    x = X32 if name.startswith("vgg") else X8
+    x = X8 if "resnet" in name else X32
     groups = lk.find_filter_groups(model, x)
     assert _as_tuples(groups) == _as_tuples(expected)
     assert groups == expected
+    assert lk.find_filter_groups(model, x, tracer="autograd") == expected
     # After convert (Loft layers are leaves of the trace too) discovery finds the same groups.
     _, converted = lk.convert(model, x)
     assert converted == expected
@@ -160,13 +179,15 @@ CASES = {
                       [G("a", [], "b", 4)]),
     "shared_activation_output": (lambda m, x: (lambda h: m.b(h) * m.c(h))(F.relu(m.a(x))),
                                  dict(a=conv(3, 4), b=conv(4, 2), c=conv(4, 2)), []),
-    "depthwise_conv_b": (lambda m, x: m.c(F.relu(m.dw(F.relu(m.a(x))))),
-                         dict(a=conv(3, 4), dw=conv(4, 4, groups=4), c=conv(4, 2)), []),
+    "depthwise_member": (lambda m, x: m.c(F.relu(m.dw(F.relu(m.a(x))))),
+                         dict(a=conv(3, 4), dw=conv(4, 4, groups=4), c=conv(4, 2)),
+                         [lk.FilterGroup("a", "a", (lk.Member("dw", "depthwise"),), "c", 4)]),
     "grouped_conv_a": (lambda m, x: m.b(F.relu(m.a(x))), dict(a=conv(4, 4, groups=2), b=conv(4, 2)), []),
     "softmax_over_channels": (lambda m, x: m.b(F.softmax(m.a(x), dim=1)), dict(a=conv(3, 4), b=conv(4, 2)), []),
     "reshape": (lambda m, x: m.b(m.a(x).reshape(x.shape[0], 4, 6, 6)), dict(a=conv(3, 4), b=conv(4, 2)), []),
+    # A size query is no data flow: the group stands.
     "size_query": (lambda m, x: (lambda h: m.b(F.relu(h)) * h.size(1))(m.a(x)),
-                   dict(a=conv(3, 4), b=conv(4, 2)), []),
+                   dict(a=conv(3, 4), b=conv(4, 2)), [G("a", [], "b", 4)]),
     "reused_conv_b": (lambda m, x: m.b(F.relu(m.b(F.relu(m.a(x))))), dict(a=conv(3, 4), b=conv(4, 4)),
                       []),
     "shared_norm": (lambda m, x: m.c(m.bn(m.a(x))) + m.d(m.bn(m.b(x))),
@@ -184,8 +205,16 @@ CASES = {
 def test_user_models(case):
     fn, modules, expected = CASES[case]
     model = Net(fn, **copy.deepcopy(modules))
-    assert lk.find_filter_groups(model, torch.randn(2, 3, 6, 6) if case != "grouped_conv_a"
-                                 else torch.randn(2, 4, 6, 6)) == expected
+    x = torch.randn(2, 3, 6, 6) if case != "grouped_conv_a" else torch.randn(2, 4, 6, 6)
+    for tracer in ("fx", "autograd"):
+        assert lk.find_filter_groups(model, x, tracer=tracer) == expected, tracer
+
+
+def test_reasons_name_user_subclasses():
+    fn, modules, _ = CASES["subclass_conv"]
+    reasons = lk.explain_groups(Net(fn, **copy.deepcopy(modules)), torch.randn(2, 3, 6, 6)).reasons
+    assert "SubConv is a subclass of nn.Conv2d" in reasons["a"]
+    assert "SubConv is a user subclass of an nn layer" in reasons["c"]
 
 
 def test_tied_weights_are_not_partitioned():
@@ -209,10 +238,16 @@ def test_find_filter_groups_bad_input():
         lk.find_filter_groups(model, None)
     with pytest.raises(ValueError, match="example_input"):
         lk.find_filter_groups(model, torch.randn(2, 5, 32, 32))  # wrong channel count
-    untraceable = Net(lambda m, x: m.b(F.relu(m.a(x))) if x.sum() > 0 else m.b(m.a(x)),
-                      a=conv(3, 4), b=conv(4, 2))
+    data_dependent = Net(lambda m, x: m.b(F.relu(m.a(x))) if x.sum() > 0 else m.b(m.a(x)),
+                         a=conv(3, 4), b=conv(4, 2))
     with pytest.raises(ValueError, match="traced with torch.fx"):
-        lk.find_filter_groups(untraceable, torch.randn(1, 3, 4, 4))
+        lk.find_filter_groups(data_dependent, torch.randn(1, 3, 4, 4), tracer="fx")
+    # Neither tracer: the forward cuts the autograd graph.
+    detached = Net(lambda m, x: m.b(F.relu(m.a(x))).detach() if x.sum() > 0 else x, a=conv(3, 4), b=conv(4, 2))
+    with pytest.raises(ValueError, match="torch.fx failed .* autograd"):
+        lk.find_filter_groups(detached, torch.ones(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="tracer must be one of"):
+        lk.find_filter_groups(model, X32, tracer="export")
 
 
 def test_filter_group_validation_and_tensors():

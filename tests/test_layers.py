@@ -397,7 +397,7 @@ def test_activate_bad_input():
         lk.activate(model, GROUPS, good)  # plain nn layers
     with pytest.raises(ValueError, match="does not have"):
         lk.activate(loft, [lk.FilterGroup("x", "nope", (), "conv1", 6)], {"x": torch.tensor([0])})
-    with pytest.raises(ValueError, match="has n=5 filters but module 'conv0' has 6"):
+    with pytest.raises(ValueError, match="has n=5 filters but its producer 'conv0' has 6"):
         lk.activate(loft, [lk.FilterGroup("conv0", "conv0", ("bn0",), "conv1", 5)], {"conv0": torch.tensor([0])})
     with pytest.raises(TypeError, match="model"):
         with lk.dense(None):

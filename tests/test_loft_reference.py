@@ -5,12 +5,24 @@ the simulator runs LoftOptimizer's compact views on Loft layers. Same partition,
 same data, same arithmetic per filter, so they agree to float rounding (in
 practice bit for bit in one process).
 """
+import copy
+
 import pytest
 import torch
+from loft_reference import (  # noqa: F401 (fixture)
+    MODELS,
+    OPTIMIZERS,
+    batch,
+    loss_fn,
+    max_diff,
+    one_thread,
+    run_reference,
+    run_simulator,
+    sub_model,
+)
 
 import loft_kernels as lk
-from loft_reference import (MODELS, OPTIMIZERS, batch, loss_fn, max_diff, one_thread,  # noqa: F401 (fixture)
-                            run_reference, run_simulator)
+from loft_kernels.training.partition import partition
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,3 +75,67 @@ def test_simulator_model_is_dense_and_evaluates_as_full_model():
     w.eval()
     with torch.no_grad(), lk.dense(w):
         assert torch.equal(w(x), out)
+
+
+# ------------------------------------------- the reference on the new kinds ----
+def _masked(full, groups, owned):
+    """The full model with every filter outside `owned` zeroed: producer rows/bias, BN affine, depthwise bias."""
+    m = copy.deepcopy(full)
+    with torch.no_grad():
+        for g in groups:
+            drop = [j for j in range(g.n) if j not in set(owned[g.name].tolist())]
+            producer = m.get_submodule(g.producer)
+            producer.weight[drop] = 0
+            if producer.bias is not None:
+                producer.bias[drop] = 0
+            for member in g.members:
+                layer = m.get_submodule(member.name)
+                if member.kind == "batchnorm":
+                    layer.weight[drop] = 0
+                    layer.bias[drop] = 0
+                elif layer.bias is not None:
+                    layer.bias[drop] = 0
+    return m
+
+
+@pytest.mark.parametrize("model_name", ["mobilenet", "convnext", "preact"])
+def test_reference_sub_model_computes_the_masked_full_model(model_name):
+    """A worker's physically sliced sub-model == the full model with the other workers' filters zeroed (eval)."""
+    model, groups = MODELS[model_name]()
+    for m in model.modules():  # non-trivial statistics so every channel matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            torch.nn.init.uniform_(m.weight, -1, 1)
+    model.eval()
+    parts = partition(groups, 3, seed=1, round=0)
+    x = batch(0, 0)[0]
+    for s in range(3):
+        owned = {name: parts[name][s] for name in parts}
+        sub = sub_model(model, groups, owned).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(sub(x), _masked(model, groups, owned)(x), rtol=1e-4, atol=1e-5)
+        for g in groups:
+            for member in g.members:
+                if member.kind == "depthwise":
+                    dwc = sub.get_submodule(member.name)
+                    assert dwc.groups == dwc.in_channels == dwc.out_channels == len(owned[g.name])
+
+
+@pytest.mark.parametrize("model_name", ["mobilenet", "convnext"])
+def test_reference_with_one_worker_is_plain_training(model_name):
+    model, groups = MODELS[model_name]()
+    steps = 4
+    ref = run_reference(model, groups, OPTIMIZERS["sgd"], 1, 2, 0, "keep", steps)
+    plain = copy.deepcopy(model)
+    lk.activate(plain, groups, None)
+    plain.train()
+    opt = OPTIMIZERS["sgd"](plain.parameters())
+    for t in range(steps):
+        x, y = batch(0, t)
+        opt.zero_grad()
+        loss_fn(plain(x), y).backward()
+        opt.step()
+    diff, where = max_diff(ref[-1], plain.state_dict())
+    assert diff <= 1e-5, f"{where} differs by {diff}"
+    assert max_diff(ref[-1], model.state_dict())[0] > 1e-3

@@ -123,3 +123,53 @@ def test_get_model_and_bad_input():
         lk.vgg(cfg=[8, "X"])
     with pytest.raises(TypeError, match="unexpected keyword"):
         lk.get_model("resnet18", depth=3)
+
+
+def test_mobilenet_v2_parameter_count_by_hand():
+    # stem 3x3 conv + bn; per block: expand 1x1, bn, depthwise 3x3, bn, project 1x1, bn (+ 1x1 conv/bn shortcut
+    # when stride 1 and the width changes); last 1x1 to 1280 + bn; linear.
+    table = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+    total, cin = 3 * 32 * 9 + 2 * 32, 32
+    for t, c, count, stride in table:
+        for b in range(count):
+            planes = t * cin
+            total += cin * planes + 2 * planes + planes * 9 + 2 * planes + planes * c + 2 * c
+            if (stride if b == 0 else 1) == 1 and cin != c:
+                total += cin * c + 2 * c
+            cin = c
+    total += 320 * 1280 + 2 * 1280 + 1280 * 10 + 10
+    with torch.device("meta"):
+        model = lk.mobilenet_v2()
+    assert sum(p.numel() for p in model.parameters()) == total == 2_296_922
+
+
+def test_convnext_cifar_parameter_count_by_hand():
+    dims, depths = (64, 128, 256), (2, 2, 2)
+    total = 3 * 64 * 4 + 64 + 2 * 64  # patchify stem conv (bias) + channels-first LayerNorm
+    for s, (d, depth) in enumerate(zip(dims, depths)):
+        if s:
+            total += 2 * dims[s - 1] + dims[s - 1] * d * 4 + d  # LayerNorm + 2x2 stride-2 conv
+        # depthwise 7x7 (bias), LayerNorm, Linear d -> 4d, Linear 4d -> d, layer scale
+        total += depth * (49 * d + d + 2 * d + 4 * d * d + 4 * d + 4 * d * d + d + d)
+    total += 2 * 256 + 256 * 10 + 10
+    with torch.device("meta"):
+        model = lk.get_model("convnext_cifar")
+    assert sum(p.numel() for p in model.parameters()) == total
+
+
+def test_new_zoo_models_shapes_and_width():
+    m = lk.get_model("mobilenet_v2", width=0.5, num_classes=3, in_channels=1)
+    assert m.conv1.out_channels == 16 and m.layers[1].conv2.groups == m.layers[1].conv2.in_channels == 48
+    assert m.linear.in_features == 640 and m(torch.randn(2, 1, 32, 32)).shape == (2, 3)
+    c = lk.get_model("convnext_cifar", width=0.25, num_classes=4)
+    assert c.stages[0][0].pwconv1.out_features == 64 and c.stages[2][1].dwconv.groups == 64
+    assert c(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+    with pytest.raises(ValueError, match="dims must give one width per stage"):
+        lk.convnext_cifar(depths=(1, 1), dims=(8,))
+
+
+@pytest.mark.parametrize("width", [float("inf"), float("nan"), -1.0])
+def test_width_must_be_finite_and_positive(width):
+    for name in ("resnet18", "mobilenet_v2", "convnext_cifar"):
+        with pytest.raises(ValueError, match="width must be a finite number > 0"):
+            lk.get_model(name, width=width)

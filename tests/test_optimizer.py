@@ -6,11 +6,11 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from loft_reference import MODELS, OPTIMIZERS, batch, loss_fn, one_thread  # noqa: F401 (fixture)
 from torch import nn
 
 import loft_kernels as lk
 from loft_kernels.training.partition import owned_count
-from loft_reference import MODELS, OPTIMIZERS, batch, loss_fn, one_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -332,9 +332,10 @@ def test_bad_input():
         ok(groups=groups[0])
     with pytest.raises(ValueError, match="groups"):
         ok(groups=[])
-    plain = lk.preact_resnet((1, 1, 1, 1), num_classes=5, width=0.1)
-    with pytest.raises(TypeError, match="groups.*lk.convert"):
-        lk.LoftOptimizer(sgd(plain.parameters()), plain, groups)
+    plain = lk.preact_resnet((1, 1, 1, 1), num_classes=5, width=0.1)  # unconverted layers train as sub-models too
+    lk.LoftOptimizer(sgd(plain.parameters()), plain, groups)
+    with pytest.raises(ValueError, match="groups.*does not have"):
+        lk.LoftOptimizer(sgd(plain.parameters()), plain, [lk.FilterGroup("x", "nope", (), "conv1", 6)])
     wrong_n = [lk.FilterGroup(g.name, g.conv_a, g.norms, g.conv_b, g.n - 1) for g in groups]
     with pytest.raises(ValueError, match="groups"):
         ok(groups=wrong_n)

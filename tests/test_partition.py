@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import loft_kernels as lk
-from loft_kernels.training.partition import owned_count
+from loft_kernels.training.partition import check_groups, owned_count
 
 
 def groups_of(*sizes):
@@ -75,3 +75,15 @@ def test_bad_input():
         lk.partition([], 2, 0, 0)
     with pytest.raises(ValueError, match="duplicate"):
         lk.partition([gs[0], gs[0]], 2, 0, 0)
+
+
+def test_check_groups_is_the_group_record_validation():
+    a = lk.FilterGroup("a", "conv1", (lk.Member("dw", "depthwise"), "bn"), "conv2", 4)
+    b = lk.FilterGroup("b", "conv2", (), "conv3", 4)
+    assert check_groups([a, b], 4) == [a, b]  # conv2 is a's consumer and b's producer: different sides
+    with pytest.raises(ValueError, match="output channels in both group"):
+        check_groups([a, lk.FilterGroup("c", "x", ("bn",), "y", 4)], 2)
+    with pytest.raises(ValueError, match="fewer filters than workers=5"):
+        check_groups([a], 5)
+    with pytest.raises(TypeError, match=r"groups\[0\] must be a FilterGroup"):
+        check_groups([("a", "conv1")], 2)

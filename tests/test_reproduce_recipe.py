@@ -14,6 +14,8 @@ import loft_kernels as lk
 torch.set_num_threads(1)  # tiny models: a second thread only adds contention on the shared CI cores
 RECIPE = Path(__file__).resolve().parents[1] / "python" / "reproduce_cifar.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# The recipe runs as a script (sys.path[0] = python/): make it import this checkout, not another installed copy.
+ENV["PYTHONPATH"] = os.pathsep.join([str(RECIPE.parents[1])] + [p for p in (ENV.get("PYTHONPATH"),) if p])
 SMALL = ["--width", "0.0625", "--epochs", "2", "--finetune-epochs", "1", "--max-steps", "2", "--batch-size", "8",
          "--device", "cpu"]
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from loft_reference import MODELS, one_thread, train_with_checkpoints  # noqa: F401 (fixture)
 
 import loft_kernels as lk
-from loft_reference import MODELS, one_thread, train_with_checkpoints  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HERE = Path(__file__).resolve().parent

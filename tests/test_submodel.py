@@ -5,11 +5,11 @@ import copy
 
 import pytest
 import torch
+from loft_reference import MODELS, OPTIMIZERS, batch, loss_fn, one_thread, sub_model  # noqa: F401
 from torch import nn
 
 import loft_kernels as lk
 from loft_kernels.training.sync import LocalGroup
-from loft_reference import MODELS, OPTIMIZERS, batch, loss_fn, one_thread, sub_model  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NEVER = 1 << 30
@@ -287,3 +287,18 @@ def test_set_active_is_refused_on_a_compact_layer():
     with pytest.raises(RuntimeError, match="compact sub-model"):
         conv.set_active(out_index=torch.tensor([0]))
     lk.activate(model, groups, None)  # clearing is always allowed
+
+
+def test_state_dict_and_nested_dense_inside_dense():
+    full, model, opt, _ = worker()
+    x, y = batch(1, 0)
+    loss_fn(model(x), y).backward()
+    opt.step()
+    outside = model.state_dict()
+    with lk.dense(model):
+        inside = model.state_dict()
+        with lk.dense(model):
+            assert all(torch.equal(v, model.state_dict()[k]) for k, v in inside.items())
+        model.load_state_dict(inside)
+    assert all(torch.equal(v, inside[k]) for k, v in outside.items())
+    assert all(b.param.shape != full.get_parameter(b.slot.name).shape for b in opt._rs.blocks)

@@ -4,20 +4,14 @@ import math
 
 import pytest
 import torch
+from naive import footrule
+from naive import mask_distance_matrix as naive_mask_matrix
 from torch import nn
 
 import loft_kernels as lk
 from loft_kernels.tickets import FilterTracker
-from naive import footrule, mask_distance_matrix as naive_mask_matrix
 
-
-@dataclasses.dataclass(frozen=True)
-class Group:
-    name: str
-    conv_a: str
-    norms: tuple
-    conv_b: str
-    n: int
+Group = lk.FilterGroup  # (name, producer, members, consumer, n)
 
 
 def _model():
@@ -151,7 +145,7 @@ def test_bad_input():
         FilterTracker(model, [])
     with pytest.raises(ValueError, match="has 6 output channels"):
         FilterTracker(model, [dataclasses.replace(GROUPS[0], n=5)])
-    with pytest.raises(ValueError, match="used by two groups"):
+    with pytest.raises(ValueError, match="duplicate group name 'a'"):
         FilterTracker(model, [GROUPS[0], dataclasses.replace(GROUPS[1], name="a")])
     with pytest.raises(TypeError, match="state must be a dict"):
         tracker.load_state_dict([1])

@@ -1,6 +1,6 @@
 """The `loft` command line (also `python -m loft_kernels`).
 
-Subcommands: pretrain, prune, finetune, distance, run (the main job), bench.
+Subcommands: pretrain, prune, finetune, distance, groups, run (the main job), bench.
 `loft <subcommand> --help` documents each. User errors (bad values, missing
 or unreadable files, unknown names, an unusable --out) print one
 `loft <subcommand>: error: ...` line and exit with status 2, before anything
@@ -16,7 +16,7 @@ from .._optional import missing_message
 from ..io import CheckpointError
 from ._common import CLIError
 
-_COMMANDS = ("pretrain", "prune", "finetune", "distance", "run", "bench")
+_COMMANDS = ("pretrain", "prune", "finetune", "distance", "groups", "run", "bench")
 
 
 def _module(name: str):

@@ -5,8 +5,9 @@ LoFT paper). --rewind-from MODEL_FILE re-initialises the pruned structure
 from another checkpoint of the same pretraining run (init.pt: the initial
 weights; epoch_<e>.pt: those of epoch e), cut by the ticket's kept filters.
 SGD with cosine learning-rate annealing. Writes to --out: config.json,
-metrics.json/metrics.csv per epoch, checkpoint.pt after every epoch (for
---resume), and at the end model.pt (the fine-tuned ticket) and summary.json.
+metrics.json/metrics.csv per epoch, a checkpoint set in checkpoints/ after
+every epoch (for --resume), and at the end model.pt (the fine-tuned ticket)
+and summary.json.
 """
 from __future__ import annotations
 

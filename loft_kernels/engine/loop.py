@@ -32,7 +32,7 @@ def fit(trainer: Trainer, *, epochs: int, start_epoch: int = 0, history: Optiona
         if stats is not None:
             row["comm_bytes_sent"] = int(stats["bytes_sent"])
         if tracker is not None:
-            tracker.snapshot(e + 1)
+            tracker.snapshot(e + 1)  # ranks the full model also while a LoFT rank holds its compact sub-model
         history.append(row)
         if on_epoch is not None and on_epoch(e + 1, history):
             break

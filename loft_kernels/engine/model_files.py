@@ -39,12 +39,12 @@ def model_spec(name: str, dataset: Dataset, *, width: float = 1.0, policy: str =
 
 
 def groups_to_list(groups) -> list[dict]:
-    return [{"name": g.name, "conv_a": g.conv_a, "norms": list(g.norms), "conv_b": g.conv_b, "n": int(g.n)}
-            for g in groups]
+    return [g.to_dict() for g in groups]
 
 
 def groups_from_list(items) -> list[FilterGroup]:
-    return [FilterGroup(d["name"], d["conv_a"], tuple(d["norms"]), d["conv_b"], int(d["n"])) for d in items]
+    """Groups saved by `groups_to_list` (also the older conv_a/norms/conv_b form)."""
+    return [FilterGroup.from_dict(d) for d in items]
 
 
 def save_model(path, model: nn.Module, spec: dict, groups, **extra) -> None:

@@ -1,7 +1,6 @@
 """The pretraining job: a resumable run directory with metrics, tracker snapshots, emergence and a summary."""
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
@@ -124,7 +123,10 @@ def pretrain_run(out, *, dataset: Dataset, spec: dict, cfg: TrainConfig, seed: i
                       on_step=ckpts.on_step(lambda: extra(done["history"])))
     seconds = time.perf_counter() - t_start
     stats = trainer.comm_stats()
-    recal = evaluate(recalibrate_bn(copy.deepcopy(trainer.model), trainer.loader), dataset.test_x, dataset.test_y,
+    with torch.random.fork_rng(devices=[]):  # a full-size copy (state_dict is full-size even mid-round)
+        full_copy = build_model(spec)[0].to(trainer.device)
+    full_copy.load_state_dict(trainer.model.state_dict())
+    recal = evaluate(recalibrate_bn(full_copy, trainer.loader), dataset.test_x, dataset.test_y,
                      device=trainer.device)
     mean_epoch = sum(r["seconds"] for r in history) / len(history)
     summary = {

@@ -157,15 +157,18 @@ class SimulatedLoftTrainer(Trainer):
         return self.sim.step_in_round == 0
 
     def _step(self, batches):
-        stats = [0, 0]
+        calls = []
 
-        def loss_fn(out, y):  # also counts correct predictions of every worker
-            stats[0] += int((out.detach().argmax(1) == y).sum())
-            stats[1] += len(y)
+        def loss_fn(out, y):  # also counts correct predictions
+            calls.append((int((out.detach().argmax(1) == y).sum()), len(y)))
             return F.cross_entropy(out, y)
 
         losses = self.sim.step(list(batches), loss_fn)
-        return sum(float(loss) * len(b[1]) for loss, b in zip(losses, batches)), stats[0], stats[1]
+        # The simulator may call loss_fn before the step too (a no-grad trial run of a new batch shape):
+        # the last S calls are the workers' training steps.
+        stats = calls[-self.cfg.workers:]
+        return (sum(float(loss) * len(b[1]) for loss, b in zip(losses, batches)), sum(c for c, _ in stats),
+                sum(n for _, n in stats))
 
     def _end_epoch(self):
         self.sim.finalize()

@@ -22,7 +22,7 @@ def pruned_count(n: int, ratio: float) -> int:
     binary floating point and must prune 29). Every part of the library that
     turns a ratio into a count calls this.
     """
-    n = C.positive_int(n, "n", minimum=0)
+    n = C.non_negative_int(n, "n")
     ratio = C.ratio(ratio)
     return min(n, int(math.floor(ratio * n + 1e-9)))
 

@@ -10,14 +10,13 @@ from .. import _checks as C
 from ..ops import filter_norms, pruned_count
 from . import _groups
 
-_NORM_KEYS = ("weight", "bias", "running_mean", "running_var")
-
 
 def group_scores(model: nn.Module, groups) -> dict[str, Tensor]:
-    """Group name -> [n] float32 L2 norms of the conv_a rows (one `lk.filter_norms` call)."""
-    resolved = _groups.resolve(model, groups)
-    norms = filter_norms([model.get_submodule(g.conv_a).weight for g in resolved])
-    return {g.name: s.detach().to("cpu", torch.float32) for g, s in zip(resolved, norms)}
+    """Group name -> [n] float32 L2 norms of the producer rows (conv or linear; one `lk.filter_norms` call)."""
+    with _groups.full_view(model):
+        resolved = _groups.resolve(model, groups)
+        norms = filter_norms([r.producer.weight for r in resolved])
+    return {r.group.name: s.detach().to("cpu", torch.float32) for r, s in zip(resolved, norms)}
 
 
 def select_filters(scores, groups, ratio: float) -> dict[str, Tensor]:
@@ -66,10 +65,11 @@ def _check_kept(kept, groups) -> dict[str, Tensor]:
 def slice_state_dict(state_dict, groups, kept) -> dict[str, Tensor]:
     """A full-size state dict (keys as in the model `groups` describe) cut down to the `kept` filters.
 
-    conv_a rows and bias, each norm's weight/bias/running stats and conv_b
-    input channels are sliced; every other entry is passed through. This is
-    the one place that maps full-size tensors to the pruned structure:
-    `prune` and `rewind` both use it.
+    Every tensor a group lists in `FilterGroup.filter_keys` is cut along its
+    filter dim: producer rows and bias, each member's channels (BatchNorm
+    weight/bias/running stats, depthwise weight/bias), consumer input columns;
+    every other entry is passed through. This is the one place that maps
+    full-size tensors to the pruned structure: `prune` and `rewind` both use it.
     """
     return _slice(state_dict, groups, kept, "state_dict")
 
@@ -81,12 +81,9 @@ def _slice(state_dict, groups, kept, what: str) -> dict[str, Tensor]:
     kept = _check_kept(kept, groups)
     plan: dict[str, list[tuple[int, Tensor, str, int]]] = {}  # key -> [(dim, kept, group, n)]
     for g in groups:
-        keys = [(f"{g.conv_a}.weight", 0), (f"{g.conv_a}.bias", 0)]
-        keys += [(f"{norm}.{k}", 0) for norm in g.norms for k in _NORM_KEYS]
-        keys += [(f"{name}.weight", 1) for name in g.conv_b]
-        for key, dim in keys:
+        for key, dim in g.filter_keys():
             plan.setdefault(key, []).append((dim, kept[g.name], g.name, g.n))
-    required = {f"{g.conv_a}.weight" for g in groups} | {f"{b}.weight" for g in groups for b in g.conv_b}
+    required = {f"{g.producer}.weight" for g in groups} | {f"{g.consumer}.weight" for g in groups}
     missing = sorted(required - state_dict.keys())
     if missing:
         raise ValueError(f"{what} lacks {missing}; it must come from the model the groups describe")
@@ -102,15 +99,22 @@ def _slice(state_dict, groups, kept, what: str) -> dict[str, Tensor]:
     return out
 
 
-def _is_loft_layer(m: nn.Module) -> bool:
-    return type(m).__module__.startswith("loft_kernels.") and isinstance(m, (nn.Conv2d, nn.BatchNorm2d))
+_PLAIN = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
 
 
-def _plain(m: nn.Module, out_size: int | None, in_size: int | None) -> nn.Module:
-    """A plain nn.Conv2d / nn.BatchNorm2d with m's configuration and the given channel counts."""
+def _plain(m: nn.Module, out_size: int | None, in_size: int | None, depthwise: bool = False) -> nn.Module:
+    """A plain nn.Conv2d / nn.Linear / nn.BatchNorm2d with m's configuration and the given channel counts.
+
+    depthwise: m is a depthwise member; it becomes depthwise over out_size channels.
+    """
     if isinstance(m, nn.Conv2d):
-        new = nn.Conv2d(in_size or m.in_channels, out_size or m.out_channels, m.kernel_size, m.stride, m.padding,
-                        m.dilation, m.groups, m.bias is not None, m.padding_mode,
+        cin, cout, groups = in_size or m.in_channels, out_size or m.out_channels, m.groups
+        if depthwise:
+            cin = groups = cout
+        new = nn.Conv2d(cin, cout, m.kernel_size, m.stride, m.padding, m.dilation, groups, m.bias is not None,
+                        m.padding_mode, device=m.weight.device, dtype=m.weight.dtype)
+    elif isinstance(m, nn.Linear):
+        new = nn.Linear(in_size or m.in_features, out_size or m.out_features, m.bias is not None,
                         device=m.weight.device, dtype=m.weight.dtype)
     else:
         ref = next((t for t in (m.weight, m.running_mean) if t is not None), None)
@@ -130,25 +134,27 @@ def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
 def _build_pruned(model: nn.Module, groups, kept) -> nn.Module:
     """Deep copy of `model` with the pruned (or plain) modules swapped in and `kept` weights loaded.
 
-    Loft layers anywhere in the model become their plain nn equivalents.
+    Loft layers anywhere in the model become their plain nn equivalents. Sizes come from the
+    group records and values from `model.state_dict()`, both full-size also for a LoFT worker
+    mid-round (whose partitioned tensors are compact blocks until the sync).
     """
-    resolved = _groups.resolve(model, groups)
+    resolved = [r.group for r in _groups.resolve(model, groups)]
     kept = _check_kept(kept, resolved)
-    out_size, in_size = {}, {}
+    out_size, in_size, depthwise = {}, {}, set()
     for g in resolved:
-        for name in (g.conv_a, *g.norms):
+        for name in (g.producer, *(m.name for m in g.members)):
             out_size[name] = len(kept[g.name])
-        for name in g.conv_b:
-            in_size[name] = len(kept[g.name])
+        in_size[g.consumer] = len(kept[g.name])
+        depthwise.update(g.depthwise)
     new = copy.deepcopy(model)
     for name, m in model.named_modules():
-        touched = name in out_size or name in in_size
-        if not (touched or _is_loft_layer(m)):
+        loft = _groups.is_loft_layer(m)
+        if not (name in out_size or name in in_size or loft):
             continue
-        if type(m) not in (nn.Conv2d, nn.BatchNorm2d) and not _is_loft_layer(m):
-            raise TypeError(f"module {name!r} is a {type(m).__name__}; pruning rebuilds only nn.Conv2d, "
+        if type(m) not in _PLAIN and not loft:
+            raise TypeError(f"module {name!r} is a {type(m).__name__}; pruning rebuilds only nn.Conv2d, nn.Linear, "
                             "nn.BatchNorm2d and loft_kernels' Loft layers, so its behaviour would be lost")
-        _set_module(new, name, _plain(m, out_size.get(name), in_size.get(name)))
+        _set_module(new, name, _plain(m, out_size.get(name), in_size.get(name), name in depthwise))
     new.load_state_dict(slice_state_dict(model.state_dict(), resolved, kept))
     return new
 
@@ -156,21 +162,22 @@ def _build_pruned(model: nn.Module, groups, kept) -> nn.Module:
 def prune(model: nn.Module, groups, ratio: float, criterion="l2") -> tuple[nn.Module, dict[str, Tensor]]:
     """Draw the ticket: keep the top `n - lk.pruned_count(n, ratio)` filters of each group, cut out the rest.
 
-    criterion "l2" ranks filters by the L2 norm of their conv_a row (the
+    criterion "l2" ranks filters by the L2 norm of their producer row (the
     LoFT paper); a dict group name -> [n] scores (e.g. `tracker.scores(tag)`)
     ranks by those instead. Ties keep the lower index. Note: the official LoFT
     prune script keeps the *smallest*-norm filters, an apparent slip; we keep
     the largest, as the paper describes.
 
-    Returns (pruned, kept): `pruned` is a deep copy with conv_a rows and bias,
-    the norms' channels (weight, bias, running_mean, running_var) and conv_b
-    input channels physically removed, made of plain nn.Conv2d/nn.BatchNorm2d
-    (Loft layers replaced); `model` is left untouched. `kept` maps group name
-    -> sorted int64 kept indices. With zero-preserving per-channel ops between
-    conv_a and conv_b (BN, ReLU), `pruned` computes exactly what `model` does
-    with the removed filters' conv_a rows, bias and BN affine parameters zeroed.
+    Returns (pruned, kept): `pruned` is a deep copy with the removed filters
+    physically cut out of every tensor of their group (producer rows and bias,
+    BatchNorm channels, depthwise kernels, consumer input columns), made of plain
+    nn.Conv2d/nn.Linear/nn.BatchNorm2d (Loft layers replaced); `model` is left
+    untouched. `kept` maps group name -> sorted int64 kept indices. With
+    zero-preserving per-channel ops in between (BN, ReLU, GELU, depthwise conv),
+    `pruned` computes exactly what `model` does with the removed filters'
+    producer rows, bias, BN affine parameters and depthwise bias zeroed.
     """
-    resolved = _groups.resolve(model, groups)
+    groups = [r.group for r in _groups.resolve(model, groups)]
     ratio = C.ratio(ratio)
     if isinstance(criterion, str):
         if criterion != "l2":
@@ -180,5 +187,5 @@ def prune(model: nn.Module, groups, ratio: float, criterion="l2") -> tuple[nn.Mo
         scores = criterion
     else:
         raise TypeError(f"criterion must be 'l2' or a dict of per-group scores, got {type(criterion).__name__}")
-    kept = select_filters(scores, resolved, ratio)
+    kept = select_filters(scores, groups, ratio)
     return _build_pruned(model, groups, kept), kept

@@ -9,7 +9,6 @@ from torch import Tensor, nn
 
 from .. import _checks as C
 from ..ops import filter_norms, footrule_matrix, mask_distance_matrix
-from ..training.submodel import full_size
 from . import _groups
 
 
@@ -31,14 +30,15 @@ def _check_tag(tag, name: str = "tag"):
 class FilterTracker:
     """Records the importance of every filter of `groups` at named snapshots.
 
-    Importance of filter j of a group = L2 norm of row j of its conv_a weight,
+    Importance of filter j of a group = L2 norm of row j of its producer's weight
+    (a conv's or a Linear's),
     computed for all groups in one `lk.filter_norms` call. Only these scores
     (CPU float32) are kept, never weight copies, so tracking every epoch costs
     sum(n) floats per snapshot.
     """
 
     def __init__(self, model: nn.Module, groups):
-        self._groups = _groups.resolve(model, groups)
+        self._groups = [r.group for r in _groups.resolve(model, groups)]
         self._model = model
         self._tags: list = []
         self._scores: list[list[Tensor]] = [[] for _ in self._groups]  # per group, per snapshot [n]
@@ -56,20 +56,15 @@ class FilterTracker:
         return len(self._tags)
 
     def snapshot(self, tag) -> None:
-        """Record the current conv_a row norms under `tag` (an int such as the epoch, or a str)."""
+        """Record the current producer row norms under `tag` (an int such as the epoch, or a str)."""
         tag = _check_tag(tag)
         if tag in self._tags:
             raise ValueError(f"tag {tag!r} was already recorded; snapshot tags must be unique")
-        # Re-resolve by name: lk.convert swaps modules in place, so held references could go stale.
-        weights = []
-        with full_size(self._model):  # a LoFT worker mid-round holds compact blocks: rank the full model
-            for g in self._groups:
-                conv = _groups.module(self._model, g.conv_a, f"group {g.name!r} conv_a", nn.Conv2d)
-                if conv.weight.shape[0] != g.n:
-                    raise ValueError(f"group {g.name!r}: conv_a {g.conv_a!r} now has {conv.weight.shape[0]} "
-                                     f"filters, the tracker was built for {g.n}")
-                weights.append(conv.weight)
-            norms = filter_norms(weights)
+        # Re-resolve by name: modules may have been swapped since (a user's own surgery), so held references
+        # could go stale; resolving also checks every group still has n filters.
+        with _groups.full_view(self._model):  # a LoFT worker mid-round holds compact blocks
+            resolved = _groups.resolve(self._model, self._groups)
+            norms = filter_norms([r.producer.weight for r in resolved])
         for per_group, s in zip(self._scores, norms):
             per_group.append(s.detach().to("cpu", torch.float32))
         self._tags.append(tag)

@@ -23,14 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _checks as C
+from ..filter_group import check_group_list, resolve_groups
 from ..ops.partial_conv import _partial_conv2d
-from .submodel import full_size, is_compact
-
-
-def _refuse_if_compact(module: nn.Module) -> None:
-    if is_compact(module):
-        raise RuntimeError(f"{type(module).__name__}: this layer is training as part of a LoftOptimizer's compact "
-                           f"sub-model this round; active sets apply to full-size layers only")
+from .linear import LoftLinear
+from .submodel import full_size, refuse_active_sets
 
 
 class LoftConv2d(nn.Conv2d):
@@ -59,7 +55,7 @@ class LoftConv2d(nn.Conv2d):
         if self.groups != 1 and (out_index is not None or in_index is not None):
             raise ValueError(f"out_index/in_index need a conv with groups=1, this one has groups={self.groups}")
         if out_index is not None or in_index is not None:
-            _refuse_if_compact(self)
+            refuse_active_sets(self)
         dev = self.weight.device
         # Validated copies: a caller editing its tensor afterwards cannot slip unchecked indices in.
         self._active_out = None if out_index is None else \
@@ -98,7 +94,7 @@ class LoftBatchNorm2d(nn.BatchNorm2d):
         if index is None:
             self._active = None
             return
-        _refuse_if_compact(self)
+        refuse_active_sets(self)
         # With neither affine parameters nor running stats there is nothing to index: any device will do.
         held = [t for t in (self.weight, self.running_mean) if t is not None]
         dev = held[0].device if held else getattr(index, "device", None)
@@ -131,55 +127,48 @@ class LoftBatchNorm2d(nn.BatchNorm2d):
         return out
 
 
+_LOFT_LAYERS = (LoftConv2d, LoftBatchNorm2d, LoftLinear)
+
+
 def _loft_layers(model: nn.Module) -> Iterator[nn.Module]:
-    return (m for m in model.modules() if isinstance(m, (LoftConv2d, LoftBatchNorm2d)))
+    return (m for m in model.modules() if isinstance(m, _LOFT_LAYERS))
 
 
 def _clear(module: nn.Module) -> None:
-    if isinstance(module, LoftConv2d):
-        module.set_active(None, None)
-    else:
+    if isinstance(module, LoftBatchNorm2d):
         module.set_active(None)
+    else:
+        module.set_active(None, None)
 
 
-def _module(model: nn.Module, name: str, kind: type, group: str) -> nn.Module:
-    try:
-        m = model.get_submodule(name)
-    except AttributeError as e:
-        raise ValueError(f"groups: group {group!r} names module {name!r}, which the model does not have") from e
-    if not isinstance(m, kind):
-        raise TypeError(f"groups: group {group!r}: module {name!r} is {type(m).__name__}, not {kind.__name__}; "
-                        f"call lk.convert(model, ...) first")
-    return m
+def _require_loft(group: str, role: str, name: str, m: nn.Module, kinds: tuple) -> None:
+    if not isinstance(m, kinds):
+        raise TypeError(f"groups: group {group!r}: {role} {name!r} is {type(m).__name__}, not a Loft layer "
+                        f"({' or '.join(k.__name__ for k in kinds)}); call lk.convert(model, ...) first")
 
 
 def activate(model: nn.Module, groups, assignment: Optional[Mapping[str, Tensor]]) -> None:
     """Make `model` compute only the filters in `assignment` (group name -> 1-D index tensor).
 
-    For each group: conv_a.set_active(out_index=idx), every norm .set_active(idx),
-    conv_b.set_active(in_index=idx); a conv that is conv_b of one group and conv_a
-    of another gets both. Loft layers outside the groups are cleared.
-    `assignment=None` clears every Loft layer of the model (dense).
+    For each group: producer.set_active(out_index=idx), every norm .set_active(idx),
+    consumer.set_active(in_index=idx); a layer that is the consumer of one group and
+    the producer of another gets both. Loft layers outside the groups are cleared.
+    `assignment=None` clears every Loft layer of the model (dense). Groups with a
+    depthwise member cannot use active sets (LoftOptimizer trains them as compact
+    sub-models instead).
     """
-    from .groups import FilterGroup  # groups imports this module
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(groups, FilterGroup) or not isinstance(groups, (list, tuple)):
-        raise TypeError(f"groups must be a list of FilterGroup, got {type(groups).__name__}")
-    for i, g in enumerate(groups):
-        if not isinstance(g, FilterGroup):
-            raise TypeError(f"groups[{i}] must be a FilterGroup, got {type(g).__name__}")
     if assignment is None:
+        check_group_list(groups)
         for m in _loft_layers(model):
             _clear(m)
         return
+    resolved = resolve_groups(model, groups)
     if not isinstance(assignment, Mapping):
         raise TypeError(f"assignment must be a dict of group name -> index tensor or None, "
                         f"got {type(assignment).__name__}")
-    names = [g.name for g in groups]
-    if len(set(names)) != len(names):
-        raise ValueError("groups has duplicate group names")
+    names = [r.group.name for r in resolved]
     unknown = sorted(set(assignment) - set(names), key=str)
     missing = [n for n in names if n not in assignment]
     if unknown:
@@ -190,19 +179,21 @@ def activate(model: nn.Module, groups, assignment: Optional[Mapping[str, Tensor]
     outs: dict[str, Tensor] = {}
     ins: dict[str, Tensor] = {}
     norms: dict[str, Tensor] = {}
-    for g in groups:
-        conv_a = _module(model, g.conv_a, LoftConv2d, g.name)
-        sizes = {g.conv_a: conv_a.out_channels, g.conv_b: _module(model, g.conv_b, LoftConv2d, g.name).in_channels}
-        sizes.update({nm: _module(model, nm, LoftBatchNorm2d, g.name).num_features for nm in g.norms})
-        for nm, size in sizes.items():
-            if size != g.n:
-                raise ValueError(f"groups: group {g.name!r} has n={g.n} filters but module {nm!r} has {size} "
-                                 f"channels there; were the groups found on another model?")
-        idx = C.index(assignment[g.name], f"assignment[{g.name!r}]", g.n, conv_a.weight.device)
-        outs[g.conv_a] = idx
-        ins[g.conv_b] = idx
-        for nm in g.norms:
-            norms[nm] = idx
+    for r in resolved:
+        g = r.group
+        if g.depthwise:
+            raise ValueError(f"groups: group {g.name!r} has depthwise members {list(g.depthwise)}; active sets "
+                             f"run on groups=1 layers only (LoftOptimizer trains such groups as compact "
+                             f"sub-models)")
+        _require_loft(g.name, "producer", g.producer, r.producer, (LoftConv2d, LoftLinear))
+        _require_loft(g.name, "consumer", g.consumer, r.consumer, (LoftConv2d, LoftLinear))
+        for member, m in zip(g.members, r.members):
+            _require_loft(g.name, "member", member.name, m, (LoftBatchNorm2d,))
+        idx = C.index(assignment[g.name], f"assignment[{g.name!r}]", g.n, r.producer.weight.device)
+        outs[g.producer] = idx
+        ins[g.consumer] = idx
+        for member in g.members:
+            norms[member.name] = idx
     for m in _loft_layers(model):
         _clear(m)
     for name in {**outs, **ins}:

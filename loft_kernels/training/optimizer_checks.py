@@ -7,8 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .groups import FilterGroup
-from .layers import LoftBatchNorm2d, LoftConv2d, _module
+from ..filter_group import FilterGroup, resolve_groups
 from .sync import LocalGroup
 
 # Optimizers whose update of one element reads only that element's gradient and state, so stepping a
@@ -19,18 +18,12 @@ ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim
 
 
 def check_loft_groups(model: nn.Module, groups: Sequence[FilterGroup]) -> None:
-    """Every group names Loft layers of `model` whose sizes match its n (else TypeError/ValueError naming groups)."""
-    for g in groups:
-        conv_a, conv_b = _module(model, g.conv_a, LoftConv2d, g.name), _module(model, g.conv_b, LoftConv2d, g.name)
-        if conv_a.out_channels != g.n or conv_b.in_channels != g.n or conv_b.groups != 1:
-            raise ValueError(f"groups: group {g.name!r} has n={g.n} but {g.conv_a!r} has {conv_a.out_channels} "
-                             f"output channels and {g.conv_b!r} {conv_b.in_channels} input channels "
-                             f"(groups={conv_b.groups})")
-        for nm in g.norms:
-            norm = _module(model, nm, LoftBatchNorm2d, g.name)
-            if norm.num_features != g.n:
-                raise ValueError(f"groups: group {g.name!r} has n={g.n} but norm {nm!r} has "
-                                 f"{norm.num_features} channels")
+    """The groups fit `model` (modules exist, have the kind their role needs and n channels there).
+
+    Any such model trains: a worker's sub-model is cut from the tensors themselves, so
+    plain nn layers work as well as converted Loft layers.
+    """
+    resolve_groups(model, groups)
 
 
 def check_params(model: nn.Module, base: torch.optim.Optimizer) -> None:

@@ -1,9 +1,9 @@
 """The LoFT partition: which worker owns which filters of each group in a round.
 
 Every rank (and every simulated worker) computes the same partition from
-(seed, round) alone, so agreeing on it costs no communication (DESIGN.md
-section 1, step 1). For each group a random permutation of its n filters is
-dealt round-robin: worker s gets perm[s::S], i.e. n//S or n//S + 1 filters
+(seed, round) alone, so agreeing on it, the first step of every LoFT round,
+costs no communication. For each group a random permutation of its n filters
+is dealt round-robin: worker s gets perm[s::S], i.e. n//S or n//S + 1 filters
 (workers s < n % S get the extra one), returned sorted ascending.
 
 The permutation of a group is seeded by (seed, round, group name) through a
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks as C
-from .groups import FilterGroup
+from ..filter_group import FilterGroup, check_group_list
 
 
 def _group_seed(seed: int, round: int, name: str) -> int:
@@ -28,24 +28,9 @@ def _group_seed(seed: int, round: int, name: str) -> int:
 
 
 def check_groups(groups, workers: int) -> list[FilterGroup]:
-    """Validate a list of FilterGroup for S workers: unique names, n >= S (else some worker owns nothing)."""
-    if isinstance(groups, FilterGroup) or not isinstance(groups, (list, tuple)):
-        raise TypeError(f"groups must be a list of FilterGroup, got {type(groups).__name__}")
-    if not groups:
-        raise ValueError("groups must not be empty: LoFT needs at least one filter group to partition "
-                         "(see lk.convert)")
-    for i, g in enumerate(groups):
-        if not isinstance(g, FilterGroup):
-            raise TypeError(f"groups[{i}] must be a FilterGroup, got {type(g).__name__}")
-    names = [g.name for g in groups]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"groups has duplicate group names {dup}")
-    small = [f"{g.name!r} (n={g.n})" for g in groups if g.n < workers]
-    if small:
-        raise ValueError(f"groups: {', '.join(small)} have fewer filters than workers={workers}; every worker "
-                         f"must own at least one filter of every group (exclude those groups or use fewer workers)")
-    return list(groups)
+    """Validate a list of FilterGroup for S workers: unique names, disjoint roles, n >= S (else some worker owns
+    nothing). No model is needed; `loft_kernels.filter_group.resolve_groups` also checks them against one."""
+    return check_group_list(groups, workers)
 
 
 def owned_count(n: int, workers: int, rank: int) -> int:
@@ -58,7 +43,7 @@ def partition(groups: Sequence[FilterGroup], workers: int, seed: int, round: int
     workers = C.positive_int(workers, "workers")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    round = C.positive_int(round, "round", minimum=0)
+    round = C.non_negative_int(round, "round")
     groups = check_groups(groups, workers)
     out = {}
     for g in groups:

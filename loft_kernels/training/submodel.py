@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 _RECORDS = "_loft_compact"      # module attribute: attr name -> _Compact
 _HOOKED = "_loft_compact_hooks"  # module attribute: the hooks below are registered
+_FULL_VIEW = "_loft_full_view"    # module attribute: inside `full_size`, the data is the full-size value
 
 
 @dataclass
@@ -68,6 +69,13 @@ def _records(module: nn.Module) -> dict:
 def is_compact(module: nn.Module) -> bool:
     """Whether `module` holds compact (shrunk) tensors now."""
     return bool(_records(module))
+
+
+def refuse_active_sets(module: nn.Module) -> None:
+    """Active sets (the full-size path of the Loft layers) cannot apply to a layer that is compact now."""
+    if is_compact(module):
+        raise RuntimeError(f"{type(module).__name__}: this layer is training as part of a LoftOptimizer's compact "
+                           f"sub-model this round; active sets apply to full-size layers only")
 
 
 def compact_modules(model: nn.Module) -> Iterator[nn.Module]:
@@ -150,7 +158,8 @@ def full_size(model: nn.Module):
     block are kept; a shared master is not written.
     """
     saved = []
-    for m in list(compact_modules(model)):
+    for m in [m for m in compact_modules(model) if not m.__dict__.get(_FULL_VIEW)]:  # nested: the outer one holds
+        m.__dict__[_FULL_VIEW] = True
         for attr, rec in _records(m).items():
             t = _tensor(m, attr)
             saved.append((m, attr, rec, t, t.data))
@@ -165,10 +174,13 @@ def full_size(model: nn.Module):
             t.data = compact
             if rec.groups is not None:
                 m.groups = len(rec.rows)
+            m.__dict__.pop(_FULL_VIEW, None)
 
 
 # ------------------------------------------------------------- hooks ----
 def _state_dict_hook(module, state_dict, prefix, local_metadata):
+    if module.__dict__.get(_FULL_VIEW):
+        return  # the data already is the full-size value
     for attr, rec in _records(module).items():
         if prefix + attr in state_dict:
             state_dict[prefix + attr] = _merged(module, attr, rec).detach()
@@ -177,6 +189,8 @@ def _state_dict_hook(module, state_dict, prefix, local_metadata):
 def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                    error_msgs):
     # Load full-size values into the master (a scratch copy of a shared one); the post hook gathers the blocks.
+    if module.__dict__.get(_FULL_VIEW):
+        return  # load into the full-size view; leaving `full_size` cuts the blocks from it
     pending = {}
     for attr, rec in _records(module).items():
         t = _tensor(module, attr)

@@ -1,0 +1,315 @@
+"""Filter-group discovery: follow each conv/linear's output channels through the model's data flow.
+
+A group (see loft_kernels.filter_group) is a producer (groups=1 nn.Conv2d or
+nn.Linear) whose output channels flow only through per-channel operations into
+exactly one consumer (groups=1 nn.Conv2d or nn.Linear). Per-channel here means
+output channel j depends on input channel j alone and the op runs the same on a
+subset of channels: elementwise activations, dropout, spatial pooling, BatchNorm2d
+and depthwise convs (channel multiplier 1; they become members cut with the
+group), layout permutes/transposes (the walk tracks which dim holds the
+channels, so a channels-last Linear after a conv is found), and means over
+non-channel dims that keep the rank. What stops a walk is reported as the reason: a residual add,
+a concat, a reshape, a channel shuffle, a split, a channel-attention (SE) scale,
+LayerNorm/GroupNorm/softmax over channels, a grouped conv (it mixes the
+channels of each block: not partitionable), a layer called twice or with tied
+weights.
+
+The model is traced with torch.fx, and with the autograd graph of one forward
+when fx cannot trace it (see loft_kernels.training.trace). The example input is
+run once in eval mode (no running statistic moves, no dropout).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..filter_group import DEPTHWISE, FilterGroup, Member
+from . import trace
+from .layers import LoftBatchNorm2d, LoftConv2d, dense
+from .linear import LoftLinear
+
+CONVS = (nn.Conv2d, LoftConv2d)
+LINEARS = (nn.Linear, LoftLinear)
+NORMS = (nn.BatchNorm2d, LoftBatchNorm2d)
+_ELEMENTWISE = {"relu", "relu6", "hardtanh", "gelu", "silu", "leaky_relu", "elu", "hardswish", "hardsigmoid",
+                "mish", "sigmoid", "tanh", "dropout", "identity"}
+_SPATIAL = {"max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "dropout2d"}
+_ARITHMETIC = {"add", "sub", "mul", "div"}
+_COMBINE_REASONS = {"add": "residual add (summed with another tensor)", "sub": "combined with another tensor (sub)",
+                    "mul": "multiplied by another tensor (a channel-attention/SE scale or a gate)",
+                    "div": "divided by another tensor", "cat": "concat with other tensors"}
+_OP_REASONS = {"reshape": "reshape (view/flatten: channel j no longer maps to one channel, e.g. a head or a "
+                          "channel shuffle)",
+               "split": "split/chunk of the channels", "softmax": "softmax (mixes channels)",
+               "layer_norm": "layer_norm (normalises over channels: mixes them)"}
+
+
+@dataclass
+class GroupReport:
+    """What discovery found: the groups, and for every other conv/linear why it is no group's producer."""
+    groups: list
+    reasons: dict = field(default_factory=dict)  # module name -> reason
+    tracer: str = "torch.fx"
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.groups)} filter group(s) (traced with {self.tracer}):"]
+        for g in self.groups:
+            members = "".join(f" -> {m.name} [{m.kind}]" for m in g.members)
+            lines.append(f"  {g.name}: {g.producer}{members} -> {g.consumer}  (n={g.n})")
+        if self.reasons:
+            lines.append("not a group:")
+            lines += [f"  {name}: {why}" for name, why in self.reasons.items()]
+        return "\n".join(lines)
+
+
+def _example_args(example_input) -> tuple:
+    if isinstance(example_input, Tensor):
+        return (example_input,)
+    if isinstance(example_input, (tuple, list)) and example_input and \
+            all(isinstance(t, Tensor) for t in example_input):
+        return tuple(example_input)
+    raise TypeError(f"example_input must be a torch.Tensor or a tuple of tensors (the forward's positional "
+                    f"arguments), got {type(example_input).__name__}")
+
+
+class ExampleInputError(ValueError):
+    """The model failed to run on the example input: no tracer can help, so it is reported as it is."""
+
+
+def _safe_runner(model: nn.Module):
+    """run(fn, grad=False): fn() in eval mode, dense, model flags restored; a failure names example_input."""
+    def run(fn, grad: bool = False):
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            with torch.set_grad_enabled(grad), dense(model):
+                fn()
+        except Exception as e:
+            raise ExampleInputError(f"example_input: the model failed to run on it ({type(e).__name__}: {e})") from e
+        finally:
+            for m, mode in modes:
+                m.training = mode
+    return run
+
+
+TRACERS = ("auto", "fx", "autograd")
+
+
+def _trace(model: nn.Module, args: tuple, tracer: str) -> trace.FlowGraph:
+    run = _safe_runner(model)
+    if tracer == "autograd":
+        return trace.autograd_graph(model, args, run)
+    try:
+        return trace.fx_graph(model, args, run)
+    except ExampleInputError:
+        raise
+    except Exception as e:  # fx raises many kinds (TraceError, TypeError on proxy iteration, ...)
+        if tracer == "fx":
+            raise ValueError(f"model could not be traced with torch.fx ({type(e).__name__}: {e})") from e
+        fx_error = e
+    try:
+        return trace.autograd_graph(model, args, run)
+    except ExampleInputError:
+        raise
+    except ValueError as e:
+        raise ValueError(f"model could not be traced: torch.fx failed ({type(fx_error).__name__}: {fx_error}) and "
+                         f"so did the autograd graph of one forward ({e})") from e
+
+
+def _norm_dims(dims, ndim: int) -> tuple:
+    return tuple(d % ndim for d in dims)
+
+
+class _Walk:
+    """Follows a producer's output channels through the graph, tracking the dim that holds them."""
+
+    def __init__(self, modules: dict, exclusive):
+        self.modules, self.exclusive = modules, exclusive
+
+    def run(self, start: trace.FlowNode, n: int, cdim: int, ndim: int):
+        """(members, consumer name) if the n channels (in dim cdim of ndim) reach one consumer, else the reason."""
+        node, members, path = start, [], [start.target]
+        while True:
+            if not node.users:
+                return f"{' -> '.join(path)}: feeds nothing but the model output (the head)"
+            if len(node.users) > 1:
+                return f"{' -> '.join(path)}: output used by {len(node.users)} ops ({self._names(node.users)})" + \
+                    self._branch_hint(node.users)
+            user = node.users[0]
+            where = f"{' -> '.join(path)} -> {user.target}"
+            if user.kind == "output":
+                return f"{' -> '.join(path)}: feeds the model output (the head)"
+            others = [i for i in user.inputs if i is not node]
+            if others and all(i.kind == "param" for i in others):
+                return f"{where}: {user.target} with parameter {others[0].target} (a per-channel scale or " \
+                    "shift outside any layer, e.g. a layer scale)"
+            if others:
+                return f"{where}: {_COMBINE_REASONS.get(user.target, f'combined with another tensor by {user.target}')}"
+            if user.kind == "module":
+                step = self._module(user, n, cdim, ndim, members)
+                if isinstance(step, str):
+                    return f"{where}: {step}"
+                if step is not None:
+                    return members, step[1]
+            else:
+                step = self._op(user, cdim, ndim)
+                if isinstance(step, str):
+                    return f"{where}: {step}"
+                cdim, ndim = step
+            node = user
+            path.append(user.target)
+
+    @staticmethod
+    def _names(users) -> str:
+        return ", ".join(u.target for u in users)
+
+    @staticmethod
+    def _branch_hint(users) -> str:
+        ops = {u.target for u in users}
+        if "add" in ops:
+            return " - a residual add"
+        if "mul" in ops:
+            return " - a channel-attention (SE) scale computed from all channels multiplies it"
+        return ""
+
+    def _module(self, user: trace.FlowNode, n: int, cdim: int, ndim: int, members: list):
+        """None to go on (member added), ("consumer", name) to stop, or a reason string."""
+        name, m = user.target, self.modules[user.target]
+        if not self.exclusive(name):
+            return f"{type(m).__name__} {name!r} is called more than once or shares its parameters"
+        if type(m) in CONVS:
+            if cdim != 1 or ndim != 4:
+                return f"conv over a layout whose channels are in dim {cdim}"
+            if m.groups == 1:
+                return ("consumer", name) if m.in_channels == n else f"conv expects {m.in_channels} channels, got {n}"
+            if m.in_channels == m.out_channels == m.groups:
+                members.append(Member(name, DEPTHWISE))
+                return None
+            if m.groups == m.in_channels:
+                return f"depthwise conv with channel multiplier {m.out_channels // m.in_channels} (not 1)"
+            return f"grouped conv (groups={m.groups}) mixes the channels within each of its blocks"
+        if type(m) in LINEARS:
+            if cdim != ndim - 1:
+                return f"Linear acts on the last dim but the channels are in dim {cdim} of {ndim}"
+            return ("consumer", name) if m.in_features == n else f"Linear expects {m.in_features} features, got {n}"
+        if type(m) in NORMS:
+            if cdim != 1 or ndim != 4:
+                return f"BatchNorm2d over a layout whose channels are in dim {cdim}"
+            members.append(Member(name))
+            return None
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+            return f"{type(m).__name__} is a user subclass of an nn layer; its forward may differ"
+        if isinstance(m, nn.LayerNorm):
+            return "LayerNorm normalises over the channels (mixes them)"
+        if isinstance(m, nn.GroupNorm):
+            return "GroupNorm normalises over groups of channels (mixes them)"
+        return f"{type(m).__name__} is not a known per-channel layer"
+
+    @staticmethod
+    def _op(user: trace.FlowNode, cdim: int, ndim: int):
+        """The new (channel dim, rank) after a per-channel op, or a reason string."""
+        op = user.target
+        if op in _ELEMENTWISE or op in _ARITHMETIC:  # arithmetic here has no other tensor operand
+            return cdim, ndim
+        if op in _SPATIAL:
+            return (cdim, ndim) if cdim == 1 and ndim == 4 else f"{op} over a layout whose channels are in dim {cdim}"
+        if op in ("permute", "transpose"):
+            dims = _norm_dims(user.info["dims"], ndim)
+            if op == "transpose":
+                return (dims[1] if cdim == dims[0] else dims[0] if cdim == dims[1] else cdim), ndim
+            return dims.index(cdim), ndim
+        if op == "mean":
+            dims = user.info.get("dims")
+            if dims is None:
+                return "mean over every dim"
+            dims = _norm_dims(dims, ndim)
+            if cdim in dims:
+                return "mean over the channel dim (mixes channels)"
+            if user.info.get("keepdim"):
+                return cdim, ndim
+            # Like a flatten after global pooling: what follows is a head, which stays shared.
+            return "mean that drops the pooled dims (global pooling into a head)"
+        return _OP_REASONS.get(op, f"{op} is not known to act per channel")
+
+
+def _exclusive_test(model: nn.Module, graph: trace.FlowGraph):
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    modules = dict(model.named_modules())
+
+    def exclusive(name: str) -> bool:
+        return graph.calls.get(name) == 1 and name not in graph.read_directly and \
+            all(owners[id(p)] == 1 for p in modules[name].parameters(recurse=False))
+    return exclusive
+
+
+def _producer_reason(m: nn.Module) -> Optional[str]:
+    """Why this conv/linear cannot start a group at all, before following its output."""
+    if type(m) not in CONVS + LINEARS:
+        return f"{type(m).__name__} is a subclass of {'nn.Conv2d' if isinstance(m, nn.Conv2d) else 'nn.Linear'}; " \
+               "its forward may differ, so it is never partitioned"
+    if isinstance(m, nn.Conv2d) and m.groups != 1:
+        if m.in_channels == m.out_channels == m.groups:
+            return "depthwise conv: it can only be a per-channel member inside another layer's group, never a producer"
+        if m.groups == m.in_channels:
+            return f"depthwise conv with channel multiplier {m.out_channels // m.in_channels}: not partitionable"
+        return f"grouped conv (groups={m.groups}): its filters read only their block's channels; not partitionable"
+    return None
+
+
+def explain_groups(model: nn.Module, example_input, tracer: str = "auto") -> GroupReport:
+    """The filter groups of `model` and, for every other conv/linear, the reason it is no group's producer.
+
+    `example_input`: a tensor (or tuple of the forward's positional tensors) the
+    model runs on; it is run once in eval mode, leaving the model unchanged.
+    tracer: "auto" (torch.fx, the autograd graph if fx fails), "fx" or "autograd".
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    args = _example_args(example_input)
+    if not isinstance(tracer, str) or tracer not in TRACERS:
+        raise ValueError(f"tracer must be one of {TRACERS}, got {tracer!r}")
+    graph = _trace(model, args, tracer)
+    modules = dict(model.named_modules())
+    exclusive = _exclusive_test(model, graph)
+    walk = _Walk(modules, exclusive)
+    found, reasons = {}, {}
+    starts = {node.target: node for node in graph.nodes if node.kind == "module"}
+    for name, m in modules.items():
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        reason = _producer_reason(m)
+        if reason is None and name not in starts:
+            reason = "not called in the forward"
+        if reason is None:
+            start = starts[name]
+            cdim = 1 if isinstance(m, nn.Conv2d) else start.ndim - 1
+            n = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+            result = walk.run(start, n, cdim, start.ndim)
+            if isinstance(result, str):
+                reason = result
+            else:
+                members, consumer = result
+                group = FilterGroup(name, name, tuple(members), consumer, n)
+                bad = [nm for nm in group.modules if not exclusive(nm)]
+                if bad:
+                    reason = f"{bad[0]!r} is called more than once or shares its parameters"
+                else:
+                    found[name] = group
+        if reason is not None:
+            reasons[name] = reason
+    return GroupReport([found[name] for name in modules if name in found], reasons, graph.tracer)
+
+
+def find_filter_groups(model: nn.Module, example_input, tracer: str = "auto") -> list[FilterGroup]:
+    """The partitionable filter groups of `model`, in module order (see the module docstring).
+
+    `example_input`: a tensor (or tuple of the forward's positional tensors) the
+    model runs on; it is run once in eval mode without grad, leaving the model
+    unchanged. `explain_groups` also says why each other conv/linear is not a group.
+    """
+    return explain_groups(model, example_input, tracer).groups

@@ -1,0 +1,65 @@
+"""LoftLinear: nn.Linear that can run on an active subset of output and input features.
+
+A Linear is a filter group's producer (its output features are the filters)
+or consumer (its input features are), as in the MLP of a transformer, Mixer
+or ConvNeXt block. Like LoftConv2d it is a drop-in subclass (same constructor,
+same state_dict) whose gradients land in the full-size parameters, zero
+outside the active block, so any optimizer sees ordinary parameters.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import _checks as C
+from .submodel import refuse_active_sets
+
+
+class LoftLinear(nn.Linear):
+    """nn.Linear with optional active output features / input features.
+
+    `set_active(out_index, in_index)`: the forward then equals
+    `F.linear(x, weight[out_index][:, in_index], bias[out_index])`, where x has
+    len(in_index) features in its last dim. The weight block is gathered with
+    index_select, whose backward scatters into a zero full-size gradient.
+    """
+
+    # Class-level defaults keep nn.Linear's __init__ (and state_dict) untouched, and let `convert`
+    # turn an existing nn.Linear into a LoftLinear by swapping its class.
+    _active_out: Optional[Tensor] = None
+    _active_in: Optional[Tensor] = None
+
+    @property
+    def active_out(self) -> Optional[Tensor]:
+        return self._active_out
+
+    @property
+    def active_in(self) -> Optional[Tensor]:
+        return self._active_in
+
+    def set_active(self, out_index: Optional[Tensor] = None, in_index: Optional[Tensor] = None) -> None:
+        """Restrict to output features `out_index` and input features `in_index` (None = all)."""
+        if out_index is not None or in_index is not None:
+            refuse_active_sets(self)
+        dev = self.weight.device
+        # Validated copies: a caller editing its tensor afterwards cannot slip unchecked indices in.
+        self._active_out = None if out_index is None else \
+            C.index(out_index, "out_index", self.out_features, dev).clone()
+        self._active_in = None if in_index is None else C.index(in_index, "in_index", self.in_features, dev).clone()
+
+    def forward(self, input: Tensor) -> Tensor:
+        out_idx, in_idx = self._active_out, self._active_in
+        if out_idx is None and in_idx is None:
+            return super().forward(input)
+        expected = self.in_features if in_idx is None else in_idx.numel()
+        if input.dim() == 0 or input.shape[-1] != expected:
+            raise ValueError(f"input must have {expected} features in its last dim (the active input features), "
+                             f"got shape {tuple(input.shape)}")
+        weight = self.weight if out_idx is None else self.weight.index_select(0, out_idx)
+        weight = weight if in_idx is None else weight.index_select(1, in_idx)
+        bias = self.bias
+        if bias is not None and out_idx is not None:
+            bias = bias.index_select(0, out_idx)
+        return F.linear(input, weight, bias)
