@@ -2,8 +2,9 @@
 
 A process that leaves while gloo work is still in flight, or with its process
 group alive, can die in the backend's threads with `terminate called without
-an active exception` (SIGABRT) instead of exiting or reporting its error. Slow:
-20 rounds of each case, run with `pytest -m slow tests/test_sync_stress.py`.
+an active exception` (SIGABRT) instead of exiting or reporting its error. A
+stress test (20 rounds of each case, minutes): not in the default run, run it
+with `pytest -m stress tests/test_sync_stress.py`.
 """
 import os
 import signal
@@ -19,7 +20,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the default kernel backend, as a
 ENV["PYTHONPATH"] = os.pathsep.join([str(HERE.parent)] + [p for p in (ENV.get("PYTHONPATH"),) if p])
 ROUNDS = 20
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+pytestmark = [pytest.mark.stress, pytest.mark.distributed]
 
 
 def _free_port() -> int:
