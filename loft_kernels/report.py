@@ -20,12 +20,14 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import matplotlib
+from ._optional import require
+from .io import atomic_write_text
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from .io import atomic_write_text  # noqa: E402
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, imported at the first plot (plots are an extra)."""
+    require("matplotlib").use("Agg")
+    return require("matplotlib.pyplot")
 
 CRITERIA = ("footrule", "mask")
 SEED_KEYS = ("no_prune", "ticket", "comm_bytes", "emerged_epoch")
@@ -279,7 +281,7 @@ def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
     tmp.replace(path)
     return path
 
@@ -289,7 +291,7 @@ def plot_lines(series: Mapping[str, Sequence[float]], path, *, title: str, xlabe
     """One line per key of `series` (x defaults to 1..len)."""
     if not series:
         raise ValueError("series must not be empty")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
     for name, ys in series.items():
         xs = list(x[name]) if x is not None else list(range(1, len(ys) + 1))
         if len(xs) != len(ys):
@@ -307,7 +309,7 @@ def plot_curves(histories: Mapping[str, Mapping[str, Sequence[float]]], path) ->
     """Training loss and test accuracy per epoch, one line per method (histories[m]['train_loss'/'test_acc'])."""
     if not histories:
         raise ValueError("histories must not be empty")
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a1, a2) = _pyplot().subplots(1, 2, figsize=(11, 4))
     for name, h in histories.items():
         a1.plot(range(1, len(h["train_loss"]) + 1), h["train_loss"], label=name)
         a2.plot(range(1, len(h["test_acc"]) + 1), h["test_acc"], label=name)
@@ -335,7 +337,7 @@ def plot_heatmaps(matrices: Mapping[str, "object"], group_names: Sequence[str], 
         raise ValueError("matrices must not be empty")
     paths = []
     for g, gname in enumerate(group_names):
-        fig, axes = plt.subplots(1, len(matrices), figsize=(4.4 * len(matrices), 3.8), squeeze=False,
+        fig, axes = _pyplot().subplots(1, len(matrices), figsize=(4.4 * len(matrices), 3.8), squeeze=False,
                                  layout="constrained")
         for ax, (method, mat) in zip(axes[0], matrices.items()):
             m = mat[g]

@@ -69,7 +69,7 @@ def interleaved(entries: Mapping[str, Setup], repeats: int, *, warmup: int = 1, 
         if not callable(setup):
             raise TypeError(f"entries[{name!r}] must be a callable returning the function to time")
     repeats = C.positive_int(repeats, "repeats")
-    warmup = C.positive_int(warmup, "warmup", minimum=0)
+    warmup = C.non_negative_int(warmup, "warmup")
     names = list(entries)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(warmup + repeats):

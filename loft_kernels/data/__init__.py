@@ -53,7 +53,7 @@ def get_dataset(name: str, data_dir=None, *, seed: int = 0, **options) -> Datase
         raise TypeError(f"name must be a dataset name string, got {type(name).__name__}")
     if name not in DATASETS:
         raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
-    seed = C.positive_int(seed, "seed", minimum=0)
+    seed = C.non_negative_int(seed, "seed")
     if name == "synthetic":
         return synthetic(seed, **_only(options, _SYNTHETIC_OPTIONS, name))
     _only(options, (), name)

@@ -8,12 +8,14 @@ import numpy as np
 import torch
 
 from .. import _checks as C
+from .._optional import require
 from ._base import Dataset, normalised
 
 
 def digits() -> Dataset:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    """scikit-learn's bundled 8x8 digits (the `digits` extra installs scikit-learn)."""
+    load_digits = require("sklearn.datasets").load_digits
+    train_test_split = require("sklearn.model_selection").train_test_split
 
     bunch = load_digits()  # bundled with scikit-learn: no download
     x = bunch.images.astype(np.float32)[:, None]  # [1797, 1, 8, 8], values 0..16

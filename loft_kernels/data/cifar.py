@@ -100,7 +100,7 @@ def write_fake_cifar(directory, n_train: int, n_test: int, num_classes: int = 10
     n_train, n_test = C.positive_int(n_train, "n_train"), C.positive_int(n_test, "n_test")
     if isinstance(num_classes, bool) or num_classes not in (10, 100):
         raise ValueError(f"num_classes must be 10 (cifar10) or 100 (cifar100), got {num_classes!r}")
-    seed = C.positive_int(seed, "seed", minimum=0)
+    seed = C.non_negative_int(seed, "seed")
     rng = np.random.default_rng(seed)
     base = rng.integers(40, 216, size=(num_classes, 3, 1, 1))
     stripes = (np.arange(32)[None, :] * (1 + np.arange(num_classes)[:, None] % 7)) % 32 < 16  # [classes, 32]

@@ -157,7 +157,7 @@ def write_fake_idx(directory, n_train: int, n_test: int, *, compress: bool = Tru
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"directory must be a str or os.PathLike, got {type(directory).__name__}")
     n_train, n_test = C.positive_int(n_train, "n_train"), C.positive_int(n_test, "n_test")
-    rng = np.random.default_rng(C.positive_int(seed, "seed", minimum=0))
+    rng = np.random.default_rng(C.non_negative_int(seed, "seed"))
     root = Path(directory)
     suffix = ".gz" if compress else ""
     for split, n in (("train", n_train), ("test", n_test)):

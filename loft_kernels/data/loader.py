@@ -21,7 +21,7 @@ def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) ->
     C.tensor(x, "x", ndim=4)
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    padding = C.positive_int(padding, "padding", minimum=0)
+    padding = C.non_negative_int(padding, "padding")
     n, _, h, w = x.shape
     oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=generator.device)
     ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=generator.device)
@@ -64,7 +64,7 @@ class BatchLoader:
                 raise TypeError(f"{flag} must be a bool, got {type(value).__name__}")
         self.x, self.y = x, y
         self.batch_size = C.positive_int(batch_size, "batch_size")
-        self.seed = C.positive_int(seed, "seed", minimum=0)
+        self.seed = C.non_negative_int(seed, "seed")
         self.workers = C.positive_int(workers, "workers")
         self.shuffle, self.drop_last, self.augment = shuffle, drop_last, augment
         self.device = None if device is None else torch.device(device)
@@ -82,11 +82,11 @@ class BatchLoader:
 
     def epoch(self, epoch: int, worker: int = 0, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield (images, labels) batches of `worker` in `epoch`, from batch index `start`."""
-        epoch = C.positive_int(epoch, "epoch", minimum=0)
-        worker = C.positive_int(worker, "worker", minimum=0)
+        epoch = C.non_negative_int(epoch, "epoch")
+        worker = C.non_negative_int(worker, "worker")
         if worker >= self.workers:
             raise ValueError(f"worker must lie in [0, {self.workers}), got {worker}")
-        start = C.positive_int(start, "start", minimum=0)
+        start = C.non_negative_int(start, "start")
         if start > len(self):
             raise ValueError(f"start must be <= {len(self)} (batches per epoch), got {start}")
         n = self.x.shape[0]
