@@ -104,7 +104,7 @@ def inference_speedup(baseline: nn.Module, candidate: nn.Module, example_input, 
     check_model(candidate)
     inputs = _as_inputs(example_input)
     repeats = C.positive_int(repeats, "repeats")
-    warmup = C.positive_int(warmup, "warmup", minimum=0)
+    warmup = C.non_negative_int(warmup, "warmup")
     times = {"baseline": [], "candidate": []}
     models = {"baseline": baseline, "candidate": candidate}
     with _EvalNoGrad(baseline, candidate):
