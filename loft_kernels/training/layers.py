@@ -25,11 +25,12 @@ from torch import Tensor, nn
 from .. import _checks as C
 from ..filter_group import check_group_list, resolve_groups
 from ..ops.partial_conv import _partial_conv2d
+from .active import ActiveInOut
 from .linear import LoftLinear
 from .submodel import full_size, refuse_active_sets
 
 
-class LoftConv2d(nn.Conv2d):
+class LoftConv2d(ActiveInOut, nn.Conv2d):
     """nn.Conv2d with optional active output filters / input channels.
 
     `set_active(out_index, in_index)`: the forward then equals
@@ -37,30 +38,11 @@ class LoftConv2d(nn.Conv2d):
     len(in_index) channels), computed by `lk.partial_conv2d`.
     """
 
-    # Class-level defaults keep nn.Conv2d's __init__ (and state_dict) untouched, and let
-    # `convert` turn an existing nn.Conv2d into a LoftConv2d by swapping its class.
-    _active_out: Optional[Tensor] = None
-    _active_in: Optional[Tensor] = None
-
-    @property
-    def active_out(self) -> Optional[Tensor]:
-        return self._active_out
-
-    @property
-    def active_in(self) -> Optional[Tensor]:
-        return self._active_in
-
     def set_active(self, out_index: Optional[Tensor] = None, in_index: Optional[Tensor] = None) -> None:
         """Restrict to output filters `out_index` and input channels `in_index` (None = all)."""
         if self.groups != 1 and (out_index is not None or in_index is not None):
             raise ValueError(f"out_index/in_index need a conv with groups=1, this one has groups={self.groups}")
-        if out_index is not None or in_index is not None:
-            refuse_active_sets(self)
-        dev = self.weight.device
-        # Validated copies: a caller editing its tensor afterwards cannot slip unchecked indices in.
-        self._active_out = None if out_index is None else \
-            C.index(out_index, "out_index", self.out_channels, dev).clone()
-        self._active_in = None if in_index is None else C.index(in_index, "in_index", self.in_channels, dev).clone()
+        self._set_active(out_index, in_index, self.out_channels, self.in_channels)
 
     def forward(self, input: Tensor) -> Tensor:
         if self._active_out is None and self._active_in is None:

@@ -13,11 +13,10 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _checks as C
-from .submodel import refuse_active_sets
+from .active import ActiveInOut
 
 
-class LoftLinear(nn.Linear):
+class LoftLinear(ActiveInOut, nn.Linear):
     """nn.Linear with optional active output features / input features.
 
     `set_active(out_index, in_index)`: the forward then equals
@@ -26,28 +25,9 @@ class LoftLinear(nn.Linear):
     index_select, whose backward scatters into a zero full-size gradient.
     """
 
-    # Class-level defaults keep nn.Linear's __init__ (and state_dict) untouched, and let `convert`
-    # turn an existing nn.Linear into a LoftLinear by swapping its class.
-    _active_out: Optional[Tensor] = None
-    _active_in: Optional[Tensor] = None
-
-    @property
-    def active_out(self) -> Optional[Tensor]:
-        return self._active_out
-
-    @property
-    def active_in(self) -> Optional[Tensor]:
-        return self._active_in
-
     def set_active(self, out_index: Optional[Tensor] = None, in_index: Optional[Tensor] = None) -> None:
         """Restrict to output features `out_index` and input features `in_index` (None = all)."""
-        if out_index is not None or in_index is not None:
-            refuse_active_sets(self)
-        dev = self.weight.device
-        # Validated copies: a caller editing its tensor afterwards cannot slip unchecked indices in.
-        self._active_out = None if out_index is None else \
-            C.index(out_index, "out_index", self.out_features, dev).clone()
-        self._active_in = None if in_index is None else C.index(in_index, "in_index", self.in_features, dev).clone()
+        self._set_active(out_index, in_index, self.out_features, self.in_features)
 
     def forward(self, input: Tensor) -> Tensor:
         out_idx, in_idx = self._active_out, self._active_in
