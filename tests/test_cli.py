@@ -139,13 +139,13 @@ def test_prune_keeps_top_norm_filters(capsys, pretrained, tmp_path):
     obj = engine.load_model_file(tmp_path / "p" / "ticket.pt")
     full = engine.load_model_file(pretrained / "model.pt")
     for g in obj["groups"]:
-        w = full["state_dict"][g["conv_a"] + ".weight"]
+        w = full["state_dict"][g["producer"] + ".weight"]
         norms = w.flatten(1).norm(dim=1)
         keep = g["n"] - math.floor(0.8 * g["n"])
         want = sorted(torch.argsort(norms, descending=True, stable=True)[:keep].tolist())
         assert obj["kept"][g["name"]].tolist() == want
-        assert obj["state_dict"][g["conv_a"] + ".weight"].shape[0] == keep
-        assert obj["state_dict"][g["conv_b"] + ".weight"].shape[1] == keep
+        assert obj["state_dict"][g["producer"] + ".weight"].shape[0] == keep
+        assert obj["state_dict"][g["consumer"] + ".weight"].shape[1] == keep
     m = json.loads((tmp_path / "p" / "metrics.json").read_text())[0]
     assert m["params_after"] < m["params_before"] and m["flops_after"] < m["flops_before"]
     assert m["inference_speedup"] > 0
