@@ -13,6 +13,13 @@ def _gather(idx_ptr, row_stride, g, offs, mask, HAS_INDEX: tl.constexpr):
 
 
 @triton.jit
+def _pixel(offs, H, W):
+    """Flat index over (n, h, w) of an H x W map -> its three parts."""
+    hw = offs % (H * W)
+    return offs // (H * W), hw // W, hw % W
+
+
+@triton.jit
 def _tap(offs, KH: tl.constexpr, KW: tl.constexpr):
     """Flat index over (channel, kh, kw) -> its three parts."""
     t = offs % (KH * KW)
@@ -37,10 +44,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, oi_ptr, ii_ptr, y_ptr,
     g = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < N * OH * OW
-    n = offs_m // (OH * OW)
-    hw = offs_m % (OH * OW)
-    oh = hw // OW
-    ow = hw % OW
+    n, oh, ow = _pixel(offs_m, OH, OW)
     offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     j_mask = offs_j < K_OUT
     rows = _gather(oi_ptr, soi, g, offs_j, j_mask, HAS_OI) + g * row_step
@@ -86,10 +90,7 @@ def _conv_bwd_input_kernel(g_ptr, w_ptr, oi_ptr, ii_ptr, gx_ptr,
     g = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < N * H * W
-    n = offs_m // (H * W)
-    hw = offs_m % (H * W)
-    ih = hw // W
-    iw = hw % W
+    n, ih, iw = _pixel(offs_m, H, W)
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c_mask = offs_c < C
     wc = _gather(ii_ptr, sii, g, offs_c, c_mask, HAS_II)
@@ -148,10 +149,8 @@ def _conv_bwd_weight_kernel(g_ptr, x_ptr, oi_ptr, ii_ptr, gw_ptr,
     for p0 in range(p_lo, p_hi, BLOCK_K):
         offs_p = p0 + tl.arange(0, BLOCK_K)
         p_mask = offs_p < p_hi
-        n = (offs_p // (OH * OW)).to(tl.int64)
-        hw = offs_p % (OH * OW)
-        oh = hw // OW
-        ow = hw % OW
+        n, oh, ow = _pixel(offs_p, OH, OW)
+        n = n.to(tl.int64)
         a = tl.load(g_rows[:, None] + (n * sgn + oh * sgh + ow * sgw)[None, :],
                     mask=j_mask[:, None] & p_mask[None, :], other=0.0)
         ih = (oh * SH - PH)[:, None] + (kh * DH)[None, :]
