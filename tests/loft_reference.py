@@ -172,6 +172,28 @@ def sub_model(full: nn.Module, groups, owned) -> nn.Module:
     return sub
 
 
+def masked_model(full, groups, keep):
+    """A copy of `full` with every filter outside keep[group] (indices) zeroed: producer rows and bias, BatchNorm
+    affine parameters, depthwise bias. With zero-preserving ops in between it computes what the sliced model does."""
+    m = copy.deepcopy(full)
+    with torch.no_grad():
+        for g in groups:
+            kept = set(torch.as_tensor(keep[g.name]).tolist())
+            drop = [j for j in range(g.n) if j not in kept]
+            producer = m.get_submodule(g.producer)
+            producer.weight[drop] = 0
+            if producer.bias is not None:
+                producer.bias[drop] = 0
+            for member in g.members:
+                layer = m.get_submodule(member.name)
+                if member.kind == "batchnorm":
+                    layer.weight[drop] = 0
+                    layer.bias[drop] = 0
+                elif layer.bias is not None:
+                    layer.bias[drop] = 0
+    return m
+
+
 def run_reference(model, groups, factory, workers, sync_every, seed, state, steps, data_seed=0):
     """Train `steps` steps of LoFT; returns the full model's state_dict after every sync (the last: finalize)."""
     full = copy.deepcopy(model)

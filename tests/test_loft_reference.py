@@ -14,6 +14,7 @@ from loft_reference import (  # noqa: F401 (fixture)
     OPTIMIZERS,
     batch,
     loss_fn,
+    masked_model,
     max_diff,
     one_thread,
     run_reference,
@@ -78,24 +79,6 @@ def test_simulator_model_is_dense_and_evaluates_as_full_model():
 
 
 # ------------------------------------------- the reference on the new kinds ----
-def _masked(full, groups, owned):
-    """The full model with every filter outside `owned` zeroed: producer rows/bias, BN affine, depthwise bias."""
-    m = copy.deepcopy(full)
-    with torch.no_grad():
-        for g in groups:
-            drop = [j for j in range(g.n) if j not in set(owned[g.name].tolist())]
-            producer = m.get_submodule(g.producer)
-            producer.weight[drop] = 0
-            if producer.bias is not None:
-                producer.bias[drop] = 0
-            for member in g.members:
-                layer = m.get_submodule(member.name)
-                if member.kind == "batchnorm":
-                    layer.weight[drop] = 0
-                    layer.bias[drop] = 0
-                elif layer.bias is not None:
-                    layer.bias[drop] = 0
-    return m
 
 
 @pytest.mark.parametrize("model_name", ["mobilenet", "convnext", "preact"])
@@ -114,7 +97,7 @@ def test_reference_sub_model_computes_the_masked_full_model(model_name):
         owned = {name: parts[name][s] for name in parts}
         sub = sub_model(model, groups, owned).eval()
         with torch.no_grad():
-            torch.testing.assert_close(sub(x), _masked(model, groups, owned)(x), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(sub(x), masked_model(model, groups, owned)(x), rtol=1e-4, atol=1e-5)
         for g in groups:
             for member in g.members:
                 if member.kind == "depthwise":

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from loft_reference import masked_model
 from test_groups_patterns import MobileNetV1
 from torch import nn
 
@@ -31,23 +32,6 @@ def _randomise(model, seed=0):
     return model.eval()
 
 
-def _masked(model, groups, kept):
-    m = copy.deepcopy(model)
-    with torch.no_grad():
-        for g in groups:
-            drop = [j for j in range(g.n) if j not in set(kept[g.name])]
-            producer = m.get_submodule(g.producer)
-            producer.weight[drop] = 0
-            if producer.bias is not None:
-                producer.bias[drop] = 0
-            for member in g.members:
-                layer = m.get_submodule(member.name)
-                if member.kind == "batchnorm":
-                    layer.weight[drop] = 0
-                    layer.bias[drop] = 0
-                elif layer.bias is not None:
-                    layer.bias[drop] = 0
-    return m
 
 
 MODELS = {
@@ -83,7 +67,7 @@ def test_pruned_equals_masked_full_model(name, ratio):
         rows = [h for h in groups if h.producer == g.consumer]  # a chain: also the next group's producer
         assert torch.equal(consumer.weight, full[kept[rows[0].name]] if rows else full)
     with torch.no_grad():
-        want = _masked(model, groups, {k: v.tolist() for k, v in kept.items()})(x)
+        want = masked_model(model, groups, {k: v.tolist() for k, v in kept.items()})(x)
         torch.testing.assert_close(pruned(x), want, rtol=1e-4, atol=1e-5)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     # The pruned model has groups of its own again, with the kept sizes.
@@ -105,7 +89,7 @@ def test_rewind_cuts_depthwise_and_linear_tensors():
     assert torch.equal(back.get_submodule(g.depthwise[0]).weight,
                        initial.get_submodule(g.depthwise[0]).weight[kept[g.name]])
     with torch.no_grad():
-        torch.testing.assert_close(back(x), _masked(initial, groups, {k: v.tolist() for k, v in kept.items()})(x),
+        torch.testing.assert_close(back(x), masked_model(initial, groups, {k: v.tolist() for k, v in kept.items()})(x),
                                    rtol=1e-4, atol=1e-5)
 
 
