@@ -274,6 +274,19 @@ def run_simulator(model, groups, factory, workers, sync_every, seed, state, step
     return snapshots, sim
 
 
+def assert_simulator_matches_reference(model, groups, factory, workers, sync_every, seed, state, steps):
+    """The simulator's full model equals the plain reference's after every sync; returns the simulator."""
+    ref = run_reference(model, groups, factory, workers, sync_every, seed, state, steps)
+    sim_snaps, sim = run_simulator(model, groups, factory, workers, sync_every, seed, state, steps)
+    assert len(ref) == len(sim_snaps) == -(-steps // sync_every)
+    for i, (a, b) in enumerate(zip(ref, sim_snaps)):
+        diff, where = max_diff(a, b)
+        assert diff <= 1e-5, f"sync {i}: {where} differs by {diff}"
+    # the training moved the model: the comparison is not between two untouched copies
+    assert max_diff(ref[-1], model.state_dict())[0] > 1e-3
+    return sim
+
+
 def max_diff(a: dict, b: dict) -> tuple[float, str]:
     """Largest abs difference over the state_dict entries (and where), keys must match."""
     assert a.keys() == b.keys()

@@ -12,6 +12,7 @@ import torch
 from loft_reference import (  # noqa: F401 (fixture)
     MODELS,
     OPTIMIZERS,
+    assert_simulator_matches_reference,
     batch,
     loss_fn,
     masked_model,
@@ -39,14 +40,7 @@ CASES = [  # model, optimizer, workers, state: uneven splits (groups of 6, 13, 2
 def test_simulator_matches_reference(model_name, opt_name, workers, state):
     model, groups = MODELS[model_name]()
     steps, k, seed = 8, 3, 7  # rounds of 3, 3 and a partial 2 closed by finalize()
-    ref = run_reference(model, groups, OPTIMIZERS[opt_name], workers, k, seed, state, steps)
-    sim_snaps, sim = run_simulator(model, groups, OPTIMIZERS[opt_name], workers, k, seed, state, steps)
-    assert len(ref) == len(sim_snaps) == 3
-    for i, (a, b) in enumerate(zip(ref, sim_snaps)):
-        diff, where = max_diff(a, b)
-        assert diff <= 1e-5, f"sync {i}: {where} differs by {diff}"
-    # the training moved the model: the comparison is not between two untouched copies
-    assert max_diff(ref[-1], model.state_dict())[0] > 1e-3
+    sim = assert_simulator_matches_reference(model, groups, OPTIMIZERS[opt_name], workers, k, seed, state, steps)
     # after the final sync every worker holds the full synced model (non-owned rows included)
     for m in sim.worker_models:
         assert max_diff(m.state_dict(), sim.model.state_dict())[0] == 0.0

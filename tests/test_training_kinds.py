@@ -5,7 +5,17 @@ import copy
 
 import pytest
 import torch
-from loft_reference import MODELS, OPTIMIZERS, batch, loss_fn, max_diff, one_thread, run_reference, run_simulator  # noqa: F401
+from loft_reference import (  # noqa: F401 (one_thread: fixture)
+    MODELS,
+    OPTIMIZERS,
+    assert_simulator_matches_reference,
+    batch,
+    loss_fn,
+    max_diff,
+    one_thread,
+    run_reference,
+    run_simulator,
+)
 from test_distributed import launch
 
 import loft_kernels as lk
@@ -27,13 +37,7 @@ def test_the_kinds_are_what_these_tests_exercise():
 def test_simulator_matches_reference(model_name, opt_name, workers, state):
     model, groups = MODELS[model_name]()
     steps, k, seed = 5, 2, 3  # rounds of 2, 2 and a partial 1 closed by finalize()
-    ref = run_reference(model, groups, OPTIMIZERS[opt_name], workers, k, seed, state, steps)
-    sim_snaps, sim = run_simulator(model, groups, OPTIMIZERS[opt_name], workers, k, seed, state, steps)
-    assert len(ref) == len(sim_snaps) == 3
-    for i, (a, b) in enumerate(zip(ref, sim_snaps)):
-        diff, where = max_diff(a, b)
-        assert diff <= 1e-5, f"sync {i}: {where} differs by {diff}"
-    assert max_diff(ref[-1], model.state_dict())[0] > 1e-3  # training moved the model
+    assert_simulator_matches_reference(model, groups, OPTIMIZERS[opt_name], workers, k, seed, state, steps)
 
 
 @pytest.mark.parametrize("model_name", KINDS)

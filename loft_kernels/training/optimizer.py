@@ -50,7 +50,7 @@ from .optimizer_checks import (
 from .partition import check_groups, partition
 from .round_state import RoundState
 from .submodel import expand_, release_, shrink_
-from .sync import LocalGroup, distributed_exchange
+from .sync import distributed_exchange
 
 
 class LoftOptimizer(torch.optim.Optimizer):
@@ -368,4 +368,4 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(module) if module else model), attr
 
 
-__all__ = ["LoftOptimizer", "LocalGroup"]
+__all__ = ["LoftOptimizer"]
