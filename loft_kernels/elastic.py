@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from . import _checks as C
 from .io import CheckpointError, atomic_save, load_checkpoint
+from .training.collectives import all_gather_int_lists
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -118,8 +119,7 @@ class ElasticCheckpoint:
         mine = self.own_steps()
         if not (self.distributed and self.world > 1):
             return mine
-        everyone: list = [None] * self.world
-        dist.all_gather_object(everyone, mine)
+        everyone = all_gather_int_lists(mine)
         common = set(everyone[0]).intersection(*everyone[1:])
         return sorted(common)
 

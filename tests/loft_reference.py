@@ -416,9 +416,6 @@ def dist_worker(rank: int, world: int, init_file: str, out_file: str, config: di
         lk.atomic_save(result, out_file)
         os._exit(0)  # the group is broken: skip destroy_process_group
     lk.atomic_save(result, out_file)
-    # Both ranks done before either tears its group down: an unexplained, rare gloo abort at teardown
-    # ("terminate called without an active exception") is still open; these tests check the sync, not exit.
-    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -220,7 +220,6 @@ def _gloo_worker(rank, port, out_dir):
             result[state] = opt.comm_stats()
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
-        dist.barrier()  # both ranks done before teardown (a rare gloo abort at teardown is still open)
     finally:
         dist.destroy_process_group()
 

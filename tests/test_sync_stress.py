@@ -1,10 +1,12 @@
 """Repeated 2-process gloo syncs end cleanly: exit 0, or the dead-peer RuntimeError with exit 1; never an abort.
 
-A process that leaves while gloo work is still in flight, or with its process
-group alive, can die in the backend's threads with `terminate called without
-an active exception` (SIGABRT) instead of exiting or reporting its error. A
-stress test (20 rounds of each case, minutes): not in the default run, run it
-with `pytest -m stress tests/test_sync_stress.py`.
+A gloo worker thread that frees a collective's tensors after Python let go of
+them needs the GIL; if the process is already exiting, CPython ends that thread
+inside a C++ destructor and the process dies with `terminate called without an
+active exception` (SIGABRT). The library's collectives hand tensors back only
+once gloo has let go (tests/test_collectives.py checks that directly); this is
+the end-to-end check, 20 rounds of each case (minutes): not in the default
+run, run it with `pytest -m stress tests/test_sync_stress.py`.
 """
 import os
 import signal

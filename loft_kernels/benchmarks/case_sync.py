@@ -6,7 +6,9 @@ time (rank 0's times are reported), interleaved:
 - candidate: `LoftOptimizer.finalize()`, the real sync (pack, one bucketed
   collective per kind and dtype, unpack, repartition);
 - bucketed: one all_reduce and one all_gather of exactly the sync's buffer
-  sizes (from `loft_sync_bytes`), nothing else: the floor for these bytes;
+  sizes (from `loft_sync_bytes`), nothing else: the floor for these bytes
+  (through the same launcher as the sync, `training.collectives`, which
+  returns once gloo's threads have let go of the buffers);
 - official: the official LoFT code's sync scheme, tensor by tensor through
   rank 0 (a star), with a process group created and destroyed for every
   tensor: shared tensors are reduced to rank 0, averaged and broadcast;
@@ -27,6 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..models import preact_resnet18
+from ..training.collectives import Collectives
 from ..training.comm import loft_sync_bytes, make_plan
 from ..training.groups import convert
 from ..training.optimizer import LoftOptimizer
@@ -45,9 +48,6 @@ P5 = (
          "official code's sync: rank-0 star, tensor by tensor, a process group per tensor",
          0.2, "ratio <= 0.2 (>= 5x faster)"),
 )
-
-
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _free_port() -> int:
@@ -74,8 +74,10 @@ def _bucketed_setup(reduce_bytes: int, gather_bytes: int):
         dist.barrier()
 
         def run():
-            dist.all_reduce(flat)
-            _all_gather(out, mine)
+            comm = Collectives()
+            comm.all_reduce(flat)
+            comm.all_gather(out, mine)
+            comm.wait()
         return run
     return setup
 

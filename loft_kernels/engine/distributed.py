@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
 
 from ..elastic import restart_count
+from ..training.collectives import all_reduce, comm_device
 
 
 class NotUnderTorchrun(ValueError):
@@ -44,13 +45,6 @@ def init_distributed(device_text: str = "auto") -> tuple[int, int, torch.device]
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def comm_device() -> torch.device:
-    """The device collectives run on: the current GPU under NCCL, the CPU under gloo."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 def all_ranks_sum(value: int) -> int:
     """Sum of an int over every rank (every rank must call it)."""
-    t = torch.tensor([int(value)], dtype=torch.int64, device=comm_device())
-    dist.all_reduce(t)
-    return int(t.item())
+    return int(all_reduce(torch.tensor([int(value)], dtype=torch.int64, device=comm_device())).item())

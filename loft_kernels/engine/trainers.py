@@ -22,8 +22,8 @@ from torch import nn
 
 from ..data import BatchLoader, Dataset
 from ..training import LoftOptimizer, LoftSimulator
+from ..training.collectives import all_reduce, comm_device
 from .config import TrainConfig
-from .distributed import comm_device
 
 
 # --------------------------------------------------------------- trainers ----
@@ -215,8 +215,7 @@ class DistributedLoftTrainer(Trainer):
     def train_epoch(self, epoch, **kwargs):
         row = super().train_epoch(epoch, **kwargs)
         # Training loss/accuracy of the whole step = mean over ranks (every rank saw its own shard).
-        t = torch.tensor([row["train_loss"], row["train_acc"]], dtype=torch.float64, device=comm_device())
-        dist.all_reduce(t)
+        t = all_reduce(torch.tensor([row["train_loss"], row["train_acc"]], dtype=torch.float64, device=comm_device()))
         row["train_loss"], row["train_acc"] = (t / dist.get_world_size()).tolist()
         return row
 

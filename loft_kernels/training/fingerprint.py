@@ -11,9 +11,8 @@ from __future__ import annotations
 import hashlib
 
 import torch
-import torch.distributed as dist
 
-from .sync import all_gather_single
+from .collectives import all_gather, comm_device
 
 FIELDS = ("workers", "seed", "sync_every", "state", "groups", "parameters", "buffers", "optimizer")
 
@@ -56,12 +55,11 @@ def check_across_ranks(mine: dict, group, rank: int, size: int, *, what: str, lo
     """
     fields = list(mine)
     codes = [_digest(mine[f]) for f in fields] + [1 if local_error else 0]
-    backend = str(dist.get_backend(group))
-    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+    device = comm_device(group)
     local = torch.tensor(codes, dtype=torch.int64, device=device)
     gathered = torch.empty(size * len(codes), dtype=torch.int64, device=device)
     try:
-        all_gather_single(gathered, local, group=group)
+        all_gather(gathered, local, group)
     except RuntimeError as exc:
         raise RuntimeError(f"{what}: rank {rank} of {size} could not compare its configuration with its peers "
                            f"({exc})") from exc

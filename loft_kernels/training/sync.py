@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..ops import pack_rows, unpack_rows
+from .collectives import Collectives
 from .groups import FilterGroup
 from .partition import owned_count
 from .submodel import gather, scatter_  # noqa: F401 (re-exported: the sync's index helpers)
@@ -229,9 +230,6 @@ def simulate_exchange(payloads: Sequence[Payload]) -> Payload:
     return out
 
 
-all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
 def distributed_exchange(payload: Payload, group, rank: int, size: int, what: str,
                          buffers: Optional[dict] = None) -> Payload:
     """Run the payload's collectives on a torch.distributed group (all launched, then awaited).
@@ -239,33 +237,24 @@ def distributed_exchange(payload: Payload, group, rank: int, size: int, what: st
     `buffers` (dtype -> tensor) keeps the all_gather outputs between syncs, so each
     sync does not page in a fresh model-sized buffer. A peer that died or stalled
     makes the backend raise (gloo: connection closed, or the process group's
-    timeout); that becomes a RuntimeError saying so.
+    timeout); that becomes a RuntimeError saying so. Returns only once the
+    backend's threads have let go of every buffer (see `collectives`).
     """
     buffers = {} if buffers is None else buffers
-    works, out = [], Payload()
+    comm, out = Collectives(group), Payload()
     try:
         for dt, buf in payload.mean.items():
-            works.append(dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group, async_op=True))
-            out.mean[dt] = buf
+            out.mean[dt] = comm.all_reduce(buf, dist.ReduceOp.SUM)
         for dt, buf in payload.max.items():
-            works.append(dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group, async_op=True))
-            out.max[dt] = buf
+            out.max[dt] = comm.all_reduce(buf, dist.ReduceOp.MAX)
         for dt, buf in payload.gather.items():
             flat = buffers.get(dt)
             if flat is None or flat.numel() != size * buf.numel() or flat.device != buf.device:
                 flat = buffers[dt] = buf.new_empty(size * buf.numel())  # gloo takes the concatenated form only
-            works.append(all_gather_single(flat, buf, group=group, async_op=True))
-            out.gather[dt] = flat.view(size, buf.numel())
-        for w in works:
-            w.wait()
-    except RuntimeError as exc:  # DistBackendError/DistNetworkError are RuntimeErrors
-        # Let every launched collective finish (they fail fast once a peer is gone) before raising: a process
-        # that exits with gloo work still in flight aborts in the backend's threads instead of reporting this.
-        for w in works:
-            try:
-                w.wait()
-            except RuntimeError:
-                pass
+            out.gather[dt] = flat.view(size, buf.numel())  # the view before the hand-over: it owns `flat` too
+            comm.all_gather(flat, buf)
+        comm.wait()
+    except RuntimeError as exc:
         raise RuntimeError(f"LoFT sync failed on rank {rank} of {size} during {what}: a peer process died, "
                            f"was killed or stalled past the process group's timeout ({exc})") from exc
     for buf in out.mean.values():
