@@ -262,7 +262,9 @@ def write_report(out: str | Path, report: Mapping, details: Mapping | None = Non
     if draws:
         md += [f"## Ticket ({draws['ratio'] * 100:g} % pruned) against the epoch it was drawn at", "",
                "Fine-tuned test accuracy of the ticket drawn from the weights of each point; mean over seeds, then "
-               "each seed's accuracy @ the epoch it was drawn at (emergence epochs differ between seeds).", "",
+               "each seed's accuracy @ the epoch it was drawn at (emergence epochs differ between seeds). Every method "
+               "starts from the same initial weights, so their ticket is fine-tuned once per seed and appears in "
+               "every row.", "",
                format_draw_table(draws)]
         md += format_savings(draws)
     if details.get("notes"):

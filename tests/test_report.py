@@ -215,6 +215,10 @@ def test_run_on_idx_files_draws_at_emergence(tmp_path, capsys):
             for e in want - {0, 3}:
                 ft = json.loads((unit_dir / f"drawn-epoch{e}" / "summary.json").read_text())
                 assert r["drawn_at"][str(e)] == pytest.approx(ft["test_acc"])
+            # the initial weights are every method's: their ticket is fine-tuned once per seed and shared
+            init = json.loads((out / "units" / "initial-weights" / f"seed{seed}" / "drawn-epoch0" / "summary.json")
+                              .read_text())
+            assert r["drawn_at"]["0"] == pytest.approx(init["test_acc"]) and not (unit_dir / "drawn-epoch0").exists()
         assert details["ddp_bytes"][method] is None if method == "dense" else details["ddp_bytes"][method] > 0
     assert details["draws"]["methods"]["loft-2"]["rows"]["initial weights"]["mean_acc"] is not None
     md = (out / "report.md").read_text()
@@ -232,7 +236,7 @@ def test_run_defaults_follow_the_dataset(capsys):
     args = p.parse_args(["--dataset", "fashion-mnist"])
     assert run_presets.apply(args) == "default"
     assert (args.model, args.width, args.batch_size, args.train_samples, args.test_samples, args.draw_at,
-            args.seeds) == ("vgg", 0.5, 64, 5000, 5000, "auto", 2)
+            args.seeds) == ("vgg", 0.5, 64, 10000, 5000, "auto", 2)
     args = p.parse_args(["--dataset", "fashion-mnist", "--model", "preact_resnet18", "--seeds", "5", "--full"])
     run_presets.apply(args)
     assert (args.model, args.seeds, args.train_samples, args.epochs) == ("preact_resnet18", 5, 0, 20)

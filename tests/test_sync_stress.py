@@ -55,3 +55,13 @@ def test_sync_rounds_never_abort(die_at):
             assert codes == [0, 0], (i, logs)
         else:
             assert codes == [1, 0] and "peer process died" in logs[0], (i, logs)
+
+
+def test_sync_benchmark_never_aborts():
+    """The sync benchmark (P5: two gloo processes, the LoFT sync and its baselines) 20 times in a row."""
+    for i in range(ROUNDS):
+        proc = subprocess.run([sys.executable, "-m", "loft_kernels.benchmarks", "--cases", "P5", "--repeats", "2",
+                               "--warmup", "0", "--no-store"], env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=600)
+        log = proc.stdout.decode(errors="replace")
+        assert proc.returncode == 0 and "terminate called" not in log, (i, log[-3000:])

@@ -189,9 +189,11 @@ class Job:
         if epoch == epochs_run and key in res["ticket"]:  # the end's weights: that ticket is already fine-tuned
             return res["ticket"][key]
         name = f"epoch_{epoch:03d}.pt" if epoch else "init.pt"
+        # Every method starts from the same initial weights (same seed): their ticket is fine-tuned once per seed.
+        target = (self.out / "units" / "initial-weights" / f"seed{seed}" if epoch == 0 else unit) / f"drawn-epoch{epoch}"
         model, groups = engine.full_model(engine.load_model_file(unit / "pretrain" / name))
         pruned, kept, _ = draw(model.to(self.device), groups, self.st["draw_ratio"], self.example)
-        return self.finetune(unit / f"drawn-epoch{epoch}", pruned, groups, kept, self.st["draw_ratio"], seed)
+        return self.finetune(target, pruned, groups, kept, self.st["draw_ratio"], seed)
 
 
 def _dataset(args):
