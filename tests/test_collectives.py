@@ -99,3 +99,11 @@ def test_release_returns_at_once_when_nothing_is_held():
     col.release(held, timeout=5.0)
     assert time.monotonic() - start < 1.0
     assert not any(p is t for p in col._PARKED)
+
+
+def test_only_cpu_tensors_are_waited_for():
+    # GPU collectives (NCCL) keep their tensors in the backend until the device is done: not waited for
+    cpu, meta = torch.ones(2), torch.ones(2, device="meta")
+    c = col.Collectives()
+    c._hand_over(cpu, meta)
+    assert [t for t, _ in c._held] == [cpu]

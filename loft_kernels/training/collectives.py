@@ -53,7 +53,9 @@ class Collectives:
         self._held: list[tuple[Tensor, int]] = []  # (tensor, its owner count before the backend saw it)
 
     def _hand_over(self, *tensors: Tensor) -> None:
-        self._held.extend((t, _use_count(t)) for t in tensors)
+        # CPU tensors only (gloo): NCCL's watchdog thread keeps a GPU collective's tensors until the device has
+        # finished it, so waiting for it to let go would stall every sync on the GPU; that path is left as is.
+        self._held.extend((t, _use_count(t)) for t in tensors if t.device.type == "cpu")
 
     def all_reduce(self, tensor: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
         self._hand_over(tensor)
