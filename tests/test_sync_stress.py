@@ -5,8 +5,9 @@ them needs the GIL; if the process is already exiting, CPython ends that thread
 inside a C++ destructor and the process dies with `terminate called without an
 active exception` (SIGABRT). The library's collectives hand tensors back only
 once gloo has let go (tests/test_collectives.py checks that directly); this is
-the end-to-end check, 20 rounds of each case (minutes): not in the default
-run, run it with `pytest -m stress tests/test_sync_stress.py`.
+the end-to-end check: 20 rounds of each case, 20 runs of the sync benchmark and
+20 runs of the other distributed tests (about an hour on 2 cores): not in the
+default run, run it with `pytest -m stress tests/test_sync_stress.py`.
 """
 import os
 import signal
@@ -63,5 +64,15 @@ def test_sync_benchmark_never_aborts():
         proc = subprocess.run([sys.executable, "-m", "loft_kernels.benchmarks", "--cases", "P5", "--repeats", "2",
                                "--warmup", "0", "--no-store"], env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, timeout=600)
+        log = proc.stdout.decode(errors="replace")
+        assert proc.returncode == 0 and "terminate called" not in log, (i, log[-3000:])
+
+
+def test_distributed_tests_never_abort():
+    """Every other distributed test (gloo processes, torchrun restarts) 20 times in a row, in fresh pytest runs."""
+    for i in range(ROUNDS):
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
+                               "distributed and not stress", str(HERE)], env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=1800)
         log = proc.stdout.decode(errors="replace")
         assert proc.returncode == 0 and "terminate called" not in log, (i, log[-3000:])
