@@ -274,6 +274,20 @@ def run_simulator(model, groups, factory, workers, sync_every, seed, state, step
     return snapshots, sim
 
 
+def run_plain(model, groups, factory, steps, data_seed=0):
+    """Plain training of a copy of `model` on worker 0's batches (what one LoFT worker must equal); its state."""
+    plain = copy.deepcopy(model)
+    lk.activate(plain, groups, None)
+    plain.train()
+    opt = factory(plain.parameters())
+    for t in range(steps):
+        x, y = batch(0, t, data_seed)
+        opt.zero_grad()
+        loss_fn(plain(x), y).backward()
+        opt.step()
+    return plain.state_dict()
+
+
 def assert_simulator_matches_reference(model, groups, factory, workers, sync_every, seed, state, steps):
     """The simulator's full model equals the plain reference's after every sync; returns the simulator."""
     ref = run_reference(model, groups, factory, workers, sync_every, seed, state, steps)

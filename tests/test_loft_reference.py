@@ -5,7 +5,6 @@ the simulator runs LoftOptimizer's compact views on Loft layers. Same partition,
 same data, same arithmetic per filter, so they agree to float rounding (in
 practice bit for bit in one process).
 """
-import copy
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from loft_reference import (  # noqa: F401 (fixture)
     masked_model,
     max_diff,
     one_thread,
+    run_plain,
     run_reference,
     run_simulator,
     sub_model,
@@ -104,15 +104,6 @@ def test_reference_with_one_worker_is_plain_training(model_name):
     model, groups = MODELS[model_name]()
     steps = 4
     ref = run_reference(model, groups, OPTIMIZERS["sgd"], 1, 2, 0, "keep", steps)
-    plain = copy.deepcopy(model)
-    lk.activate(plain, groups, None)
-    plain.train()
-    opt = OPTIMIZERS["sgd"](plain.parameters())
-    for t in range(steps):
-        x, y = batch(0, t)
-        opt.zero_grad()
-        loss_fn(plain(x), y).backward()
-        opt.step()
-    diff, where = max_diff(ref[-1], plain.state_dict())
+    diff, where = max_diff(ref[-1], run_plain(model, groups, OPTIMIZERS["sgd"], steps))
     assert diff <= 1e-5, f"{where} differs by {diff}"
     assert max_diff(ref[-1], model.state_dict())[0] > 1e-3

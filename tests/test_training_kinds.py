@@ -1,7 +1,6 @@
 """LoFT training on the new group kinds (depthwise members, Linear producers/consumers): the plain reference
 (tests/loft_reference.py, physically sliced sub-models) == LoftSimulator == 2 gloo processes after every sync,
 and S = 1 == plain training with the wrapped optimizer."""
-import copy
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from loft_reference import (  # noqa: F401 (one_thread: fixture)
     loss_fn,
     max_diff,
     one_thread,
+    run_plain,
     run_reference,
     run_simulator,
 )
@@ -43,17 +43,8 @@ def test_simulator_matches_reference(model_name, opt_name, workers, state):
 @pytest.mark.parametrize("model_name", KINDS)
 def test_one_worker_is_plain_training(model_name):
     model, groups = MODELS[model_name]()
-    plain = copy.deepcopy(model)
-    lk.activate(plain, groups, None)
-    plain.train()
-    base = OPTIMIZERS["sgd"](plain.parameters())
     sim_snaps, sim = run_simulator(model, groups, OPTIMIZERS["sgd"], 1, 2, 0, "keep", 4)
-    for t in range(4):
-        x, y = batch(0, t)
-        base.zero_grad()
-        loss_fn(plain(x), y).backward()
-        base.step()
-    diff, where = max_diff(sim_snaps[-1], plain.state_dict())
+    diff, where = max_diff(sim_snaps[-1], run_plain(model, groups, OPTIMIZERS["sgd"], 4))
     assert diff <= 1e-5, f"{where} differs by {diff}"
 
 
