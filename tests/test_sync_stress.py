@@ -58,21 +58,22 @@ def test_sync_rounds_never_abort(die_at):
             assert codes == [1, 0] and "peer process died" in logs[0], (i, logs)
 
 
-def test_sync_benchmark_never_aborts():
-    """The sync benchmark (P5: two gloo processes, the LoFT sync and its baselines) 20 times in a row."""
+def _run_rounds(args: list[str], timeout: int) -> None:
+    """`python args...` ROUNDS times in a row: each exits 0 and never prints the abort."""
     for i in range(ROUNDS):
-        proc = subprocess.run([sys.executable, "-m", "loft_kernels.benchmarks", "--cases", "P5", "--repeats", "2",
-                               "--warmup", "0", "--no-store"], env=ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, timeout=600)
+        proc = subprocess.run([sys.executable, *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=timeout)
         log = proc.stdout.decode(errors="replace")
         assert proc.returncode == 0 and "terminate called" not in log, (i, log[-3000:])
+
+
+def test_sync_benchmark_never_aborts():
+    """The sync benchmark (P5: two gloo processes, the LoFT sync and its baselines) 20 times in a row."""
+    _run_rounds(["-m", "loft_kernels.benchmarks", "--cases", "P5", "--repeats", "2", "--warmup", "0", "--no-store"],
+                timeout=600)
 
 
 def test_distributed_tests_never_abort():
     """Every other distributed test (gloo processes, torchrun restarts) 20 times in a row, in fresh pytest runs."""
-    for i in range(ROUNDS):
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
-                               "distributed and not stress", str(HERE)], env=ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, timeout=1800)
-        log = proc.stdout.decode(errors="replace")
-        assert proc.returncode == 0 and "terminate called" not in log, (i, log[-3000:])
+    _run_rounds(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "distributed and not stress", str(HERE)],
+                timeout=1800)
