@@ -7,7 +7,7 @@ from torch import nn
 
 from .. import _checks as C
 from ..data import BatchLoader
-from ..training import dense
+from ..nn import full_view
 
 
 @torch.no_grad()
@@ -22,7 +22,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device=None,
     model.eval()
     loss_sum, correct = 0.0, 0
     try:
-        with dense(model):
+        with full_view(model):
             for i in range(0, x.shape[0], batch_size):
                 xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
                 out = model(xb)
@@ -51,7 +51,7 @@ def recalibrate_bn(model: nn.Module, loader: BatchLoader, *, epoch: int = 0) -> 
         m.momentum = None  # cumulative moving average over the pass
     model.train()
     try:
-        with dense(model):
+        with full_view(model):
             for x, _ in loader.epoch(epoch):
                 model(x)
     finally:

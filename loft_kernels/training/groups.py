@@ -14,9 +14,8 @@ from typing import Optional, Sequence
 from torch import nn
 
 from ..filter_group import BATCHNORM, FilterGroup, Member, check_group_list, resolve_groups
+from ..nn import LoftBatchNorm2d, LoftConv2d, LoftLinear
 from .discovery import GroupReport, explain_groups, find_filter_groups
-from .layers import LoftBatchNorm2d, LoftConv2d
-from .linear import LoftLinear
 
 __all__ = ["FilterGroup", "Member", "GroupReport", "find_filter_groups", "explain_groups", "select_groups",
            "convert", "POLICIES", "check_group_list", "resolve_groups"]
