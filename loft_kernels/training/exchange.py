@@ -133,8 +133,9 @@ class InProcessExchange:
         return self._result
 
     def __getstate__(self):
-        raise TypeError("a simulated worker's LoftOptimizer cannot be copied or pickled on its own; save "
-                        "LoftSimulator.state_dict() instead")
+        if self._barrier is not None:
+            raise TypeError("the simulated workers are syncing: a copy cannot be taken during the sync")
+        return dict(self.__dict__)
 
 
 class LocalRank(Exchange):

@@ -6,7 +6,7 @@ owns exactly the filters of distributed rank r. The workers' partitioned
 tensors are cut from one set of full-size masters, the simulator's `model`,
 and written back into it at the sync; the shared layers are each worker's own
 copy. Memory: the full model, S sub-models (each 1/S of the partitioned
-tensors plus its copy of the shared ones) and one worker's gradients at a time.
+tensors plus its copy of the shared ones) and, during a step, every worker's gradients.
 The workers run one after another: batching them through
 `grouped_partial_conv2d` measured no clear gain on this CPU and would need
 every worker's shared layers in one launch.
@@ -106,8 +106,12 @@ class LoftSimulator:
         distributed run has its own): the loss is scaled, `scaler.step` and `scaler.update`
         run per worker. Call `step` inside `torch.autocast(...)` for mixed precision.
         All or nothing: the batches are checked (and, for a batch shape not seen
-        before, run once through every worker's forward without grad) before any
-        worker steps, so a batch the model cannot take raises with every worker unchanged.
+        before, run once through every worker's forward without grad), then every
+        worker runs its forward, loss and backward, and only then do the workers
+        step; a batch the model cannot take, or a `loss_fn` or backward that raises
+        on any worker, leaves every worker unchanged (gradients dropped, BatchNorm
+        statistics restored). Memory: every worker's gradients are alive until the
+        step (together about one full model's plus S copies of the shared ones).
         """
         if isinstance(batches, (Tensor, str)) or not isinstance(batches, (list, tuple)):
             raise TypeError(f"batches must be a list of {self.workers} (inputs, targets) tuples, "
@@ -126,21 +130,31 @@ class LoftSimulator:
                 raise TypeError(f"scalers must be None or a list of {self.workers} torch.amp.GradScaler (one per "
                                 f"worker), got {scalers!r}")
         self._dry_run(batches)
+        saved = [[(b, b.detach().clone()) for b in m.buffers()] for m in self.worker_models]
         losses = []
-        for s, (inputs, targets) in enumerate(batches):
-            m, opt = self.worker_models[s], self.optimizers[s]
-            m.train(self.model.training)
-            opt.zero_grad(set_to_none=True)
-            loss = _scalar(loss_fn(m(inputs), targets))
+        try:  # every worker's forward, loss and backward first: a failure on any of them steps none
+            for s, (inputs, targets) in enumerate(batches):
+                m, opt = self.worker_models[s], self.optimizers[s]
+                m.train(self.model.training)
+                opt.zero_grad(set_to_none=True)
+                loss = _scalar(loss_fn(m(inputs), targets))
+                (loss if scalers is None else scalers[s].scale(loss)).backward()
+                losses.append(float(loss.detach()))
+        except Exception as exc:
+            with torch.no_grad():
+                for opt, buffers in zip(self.optimizers, saved):
+                    opt.zero_grad(set_to_none=True)
+                    for b, value in buffers:  # BatchNorm statistics moved by the forwards
+                        b.copy_(value)
+            exc.add_note(f"LoftSimulator.step failed on worker {len(losses)}; no worker has stepped")
+            raise
+        for s, opt in enumerate(self.optimizers):
             if scalers is None:
-                loss.backward()
                 opt.step()
             else:
-                scalers[s].scale(loss).backward()
                 scalers[s].step(opt)
                 scalers[s].update()
-            opt.zero_grad(set_to_none=True)  # only one worker's gradients alive at a time
-            losses.append(float(loss.detach()))
+            opt.zero_grad(set_to_none=True)
         if self.step_in_round >= self.optimizers[0].sync_every:
             self._sync()
         return losses
@@ -236,6 +250,8 @@ class _ConvertWorkers:
         model = self.sim.model
         nn.Module._apply(model, fn, recurse)
         if recurse:
+            tensors = self.sim._plan.tensors(model)
+            masters = {s.name: tensors[s.name] for s in self.sim._plan.slots}
             for opt in self.sim.optimizers:
-                opt.worker.apply_shared(fn)
+                opt.worker.apply_shared(fn, masters)
         return model

@@ -109,7 +109,7 @@ class WorkerModel:
         for e in self.entries:
             hooked.setdefault(id(e.module), e.module)
         self._modules = list(hooked.values())
-        self._handles = []
+        self._handles = [model.register_load_state_dict_pre_hook(_Hook(self, "_refuse_assign"))]
         for m in self._modules:
             m.__dict__[OWNER] = self
             self._handles += [m.register_state_dict_post_hook(_Hook(self, "_state_dict_hook")),
@@ -272,13 +272,17 @@ class WorkerModel:
             if prefix + e.attr in state_dict:
                 state_dict[prefix + e.attr] = self.merged(e).detach()
 
+    def _refuse_assign(self, module, state_dict, prefix, local_metadata, *args):
+        # Registered on the root too, whose hook runs before any module is loaded: nothing is replaced.
+        if self.owned is not None and not self._viewing and local_metadata.get("assign_to_params_buffers"):
+            raise RuntimeError("load_state_dict(assign=True) would replace the parameters a LoftOptimizer trains "
+                               "mid-round; load without assign (the values are copied into the worker's block)")
+
     def _load_pre_hook(self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                        error_msgs):
         # Load full-size values into the master (a scratch copy of a shared one); the post hook cuts the blocks.
+        self._refuse_assign(module, state_dict, prefix, local_metadata)
         entries = self._compact_here(module)
-        if entries and local_metadata.get("assign_to_params_buffers"):
-            raise RuntimeError("load_state_dict(assign=True) would replace the parameters a LoftOptimizer trains "
-                               "mid-round; load without assign (the values are copied into the worker's block)")
         for e in entries:
             t = e.tensor()
             module.__dict__.setdefault("_loft_loading", []).append((e, t.data))
@@ -312,8 +316,13 @@ class WorkerModel:
             self.shrink(owned)
         return module
 
-    def apply_shared(self, fn: Callable) -> None:
-        """The simulator converted the shared masters with `fn`: convert this worker's own tensors too."""
+    def apply_shared(self, fn: Callable, masters: dict) -> None:
+        """The simulator converted the shared masters with `fn` (`masters`: the converted ones; a converted
+        buffer is a new tensor): convert this worker's own tensors too."""
+        self._given = dict(masters)
+        for e in self.entries:
+            if e.master is not None:
+                e.master = self._given[e.slot.name]
         self._applying = True
         try:
             nn.Module._apply(self.model, fn)
