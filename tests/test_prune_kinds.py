@@ -46,7 +46,7 @@ MODELS = {
 def test_pruned_equals_masked_full_model(name, ratio):
     factory, x = MODELS[name]
     model = _randomise(factory())
-    model, groups = lk.convert(model, x)  # Loft layers: pruning makes them plain
+    model, groups = lk.convert(model, x, loft_layers=True)  # Loft layers: pruning makes them plain
     before = copy.deepcopy(model.state_dict())
     pruned, kept = prune(model, groups, ratio)
     assert not any(isinstance(m, (lk.LoftConv2d, lk.LoftBatchNorm2d, lk.LoftLinear)) for m in pruned.modules())

@@ -316,3 +316,45 @@ def test_loss_fn_raising_on_a_later_worker_steps_no_worker():
     assert all(p.grad is None for m in sim.worker_models for p in m.parameters())
     sim.step([batch(s, 1) for s in range(3)], loss_fn)  # and the run goes on
     assert sim.step_in_round == 2
+
+
+# ------------------------------------------------------ the Loft layers ----
+class _Declared(nn.Module):
+    """Two conv -> bn -> relu -> conv groups; the model definition declares only the second partitionable."""
+
+    def __init__(self):
+        super().__init__()
+        self.a1, self.bn1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 6, 1)
+        self.a2, self.bn2, self.b2 = lk.LoftConv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.b1(F.relu(self.bn1(self.a1(x))))
+        return self.b2(F.relu(self.bn2(self.a2(x)))).mean((2, 3))
+
+
+def test_convert_keeps_the_layer_classes_unless_asked():
+    model = _Declared()
+    types = [type(m) for m in model.modules()]
+    _, groups = lk.convert(model, torch.randn(2, 3, 6, 6))
+    assert [g.name for g in groups] == ["a1", "b1", "a2"] and [type(m) for m in model.modules()] == types
+    lk.convert(model, torch.randn(2, 3, 6, 6), loft_layers=True)
+    assert type(model.a1) is lk.LoftConv2d and type(model.bn1) is lk.LoftBatchNorm2d
+    assert type(model.b1) is lk.LoftConv2d
+    assert lk.training.LoftConv2d is lk.nn.LoftConv2d is lk.LoftConv2d  # the older import paths stay
+
+
+def test_a_loft_layer_in_a_model_definition_declares_its_group():
+    model = _Declared()
+    _, groups = lk.convert(model, torch.randn(2, 3, 6, 6), policy="declared")
+    assert [g.name for g in groups] == ["a2"]
+    with pytest.raises(TypeError, match="policy='declared' needs model="):
+        lk.select_groups(groups, "declared")
+    with pytest.raises(ValueError, match="no group whose producer is a LoftConv2d"):
+        lk.convert(MODELS["preact"]()[0], torch.randn(2, 3, 8, 8), policy="declared")
+    # and it trains like any other layer: the worker cuts its block, whatever the class
+    opt = rank(model, groups, workers=2)
+    train_x = torch.randn(4, 3, 6, 6)
+    opt.zero_grad()
+    model(train_x).sum().backward()
+    opt.step()
+    assert model.a2.weight.shape[0] == 4 and model.a1.weight.shape[0] == 8

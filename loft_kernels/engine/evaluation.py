@@ -37,7 +37,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device=None,
 def recalibrate_bn(model: nn.Module, loader: BatchLoader, *, epoch: int = 0) -> nn.Module:
     """Re-estimate every BatchNorm's running statistics of the full model from one pass over `loader`.
 
-    A LoFT worker's conv_b sums only its 1/S of the input channels (no 1/S
+    A LoFT worker's consumer sums only its 1/S of the input channels (no 1/S
     rescaling, as in the official code), so the running statistics of the layers
     after it describe sub-model activations; the full model's are about S times
     larger. One forward pass in train mode (cumulative averages, no gradients)

@@ -9,8 +9,8 @@ honours it) and to run several workers' filters of one full-size layer in one
 kernel launch. `full_view(model)` (alias `dense`) shows the full model whatever
 state its layers are in.
 """
-from .layers import LoftBatchNorm2d, LoftConv2d, activate
+from .layers import LoftBatchNorm2d, LoftConv2d, activate, to_loft_layers
 from .linear import LoftLinear
 from .views import dense, full_view
 
-__all__ = ["LoftConv2d", "LoftBatchNorm2d", "LoftLinear", "activate", "full_view", "dense"]
+__all__ = ["LoftConv2d", "LoftBatchNorm2d", "LoftLinear", "activate", "to_loft_layers", "full_view", "dense"]

@@ -1,8 +1,8 @@
 """Loft layers: nn.Conv2d / nn.BatchNorm2d that can run on an active subset of filters.
 
-A LoFT worker computes only the filters it owns (docs/algorithm.md): conv_a
-produces the owned output channels, the norm normalises those, conv_b sums
-over those input channels. `LoftConv2d` and `LoftBatchNorm2d` are drop-in
+A LoFT worker computes only the filters it owns (docs/algorithm.md): the
+producer computes the owned output channels, the BatchNorm members normalise
+those, the consumer sums over those input channels. `LoftConv2d` and `LoftBatchNorm2d` are drop-in
 subclasses (same constructor, same state_dict) with an *active set*; with no
 active set they are exactly their nn parents. With an active set the full-size
 weights stay in place and gradients land in the full-size parameters, zero
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _checks as C
-from ..filter_group import check_group_list, resolve_groups
+from ..filter_group import BATCHNORM, check_group_list, resolve_groups
 from ..ops.partial_conv import _partial_conv2d
 from .active import ActiveInOut
 from .linear import LoftLinear
@@ -114,6 +114,24 @@ _LOFT_LAYERS = (LoftConv2d, LoftBatchNorm2d, LoftLinear)
 
 def _loft_layers(model: nn.Module) -> Iterator[nn.Module]:
     return (m for m in model.modules() if isinstance(m, _LOFT_LAYERS))
+
+
+_LOFT_CLASS = {nn.Conv2d: LoftConv2d, nn.Linear: LoftLinear, nn.BatchNorm2d: LoftBatchNorm2d}
+
+
+def to_loft_layers(model: nn.Module, groups) -> nn.Module:
+    """Make the producers, consumers and BatchNorm members of `groups` Loft layers, in place; returns `model`.
+
+    Each module keeps its identity, parameters and buffers (only its class is
+    switched, so existing optimizers and hooks stay valid). Depthwise members
+    stay nn.Conv2d (active sets run groups=1 convs only). Training does not need
+    this; active sets (`activate`) do.
+    """
+    for r in resolve_groups(model, groups):
+        for m in (r.producer, r.consumer, *(m for k, m in zip(r.group.members, r.members) if k.kind == BATCHNORM)):
+            if type(m) in _LOFT_CLASS:
+                m.__class__ = _LOFT_CLASS[type(m)]
+    return model
 
 
 def clear_active_sets(model: nn.Module) -> None:

@@ -1,11 +1,12 @@
-"""What a LoFT rank carries from round to round: its blocks, optimizer state, and the sync's buffers.
+"""What a LoFT rank carries from round to round besides its model: optimizer state and the sync's buffers.
 
-`RoundState` owns the bookkeeping of LoftOptimizer between two dispatches:
-- which block (rows, cols) of every partitioned parameter this rank trains and
-  the compact shape that block has;
+`RoundState` owns the optimizer-state bookkeeping of LoftOptimizer between two
+dispatches (which block of each tensor this rank holds is the WorkerModel's;
+this module asks it):
+- the compact shape of every partitioned parameter's block this round;
 - state="keep": the full-size *shadow* of each partitioned parameter's
   optimizer state, from which the next owner's compact state is cut. Between
-  syncs only chain convs (a conv that is conv_b of one group and conv_a of
+  syncs only chain convs (a conv that is the consumer of one group and the producer of
   another) keep a shadow: their elements outside every worker's block were
   trained by nobody this round and keep their previous state;
 - packing this rank's sync buffers (shared tensors and their state for the

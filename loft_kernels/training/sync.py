@@ -5,11 +5,11 @@
   outside them (e.g. block-input BatchNorm statistics) -> mean over workers
   (one all_reduce per dtype);
 - counters: integer buffers (`num_batches_tracked`) -> max (one all_reduce);
-- slots: tensors holding filters (conv_a rows and bias, the norms' channels and
-  running statistics, conv_b input columns) -> each worker contributes the
+- slots: tensors holding filters (producer rows and bias, the members' channels
+  and running statistics, consumer input columns) -> each worker contributes the
   rows it owns (one all_gather per dtype of `lk.pack_rows` buffers, padded to
   the largest rank's size, written back with `lk.unpack_rows`).
-A conv that is conv_b of one group and conv_a of the next (a VGG chain) is
+A conv that is the consumer of one group and the producer of the next (a VGG chain) is
 one slot with both a row group and a column group: a worker trains only the
 block (its rows) x (its columns), so only that block is sent.
 
