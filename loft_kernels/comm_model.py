@@ -100,7 +100,7 @@ def comm_cost(model: nn.Module, example_input: torch.Tensor, method: str, worker
         return _gpipe(model, example_input, workers, samples, balance)
     if method == "loft":
         if groups is None:
-            groups = select_groups(find_filter_groups(model, example_input), policy)
+            groups = select_groups(find_filter_groups(model, example_input), policy, model=model)
         per_sync = loft_sync_bytes(model, groups, workers, state, state_per_param=state_per_param)
         return _collective(method, workers, syncs, per_sync["bytes_sent"],
                            {"steps": steps, "syncs": syncs, "per_sync": per_sync, "groups": [g.name for g in groups]})

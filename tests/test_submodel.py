@@ -282,6 +282,7 @@ def test_loading_a_state_saved_with_other_groups_names_what_differs():
 
 def test_set_active_is_refused_on_a_compact_layer():
     _, model, opt, groups = worker()
+    lk.nn.to_loft_layers(model, groups)  # active sets need Loft layers; training does not
     conv = model.get_submodule(groups[0].conv_a)
     with pytest.raises(RuntimeError, match="compact sub-model"):
         conv.set_active(out_index=torch.tensor([0]))
