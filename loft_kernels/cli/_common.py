@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, existing_ancestor
 
 
 class CLIError(Exception):
@@ -120,13 +120,6 @@ def prepare_out(out: str, *, resume: bool = False, marker: str = "config.json") 
     return path
 
 
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_out_free(out: str | None, *, resume: bool = False, marker: str = "config.json") -> None:
     """The checks of prepare_out without creating anything (to fail before expensive work)."""
     if out is None:
@@ -134,7 +127,7 @@ def check_out_free(out: str | None, *, resume: bool = False, marker: str = "conf
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise CLIError(f"--out {out!r} exists and is not a directory")
-    base = _nearest_existing(path)
+    base = existing_ancestor(path)
     if not base.is_dir():
         raise CLIError(f"--out {out!r} lies under {str(base)!r}, which is a file, not a directory")
     if not os.access(base, os.W_OK | os.X_OK):
