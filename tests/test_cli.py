@@ -71,6 +71,22 @@ def test_bench_forwards_every_argument(monkeypatch, capsys):
     assert seen == [["--quick", "--json", "x.json"], ["--help"]]
 
 
+@pytest.mark.parametrize("option, target", [("--json", "{file}/r.json"), ("--json", "{tmp}"),
+                                            ("--json", "/sys/r.json"), ("--results-dir", "{file}")])
+def test_bench_refuses_an_unwritable_report_before_running(monkeypatch, capsys, tmp_path, option, target):
+    import loft_kernels.benchmarks.runner as runner
+    ran = []
+    monkeypatch.setattr(runner, "run_cases", lambda *a, **k: ran.append(a) or [])
+    (tmp_path / "file").write_text("")
+    target = target.format(tmp=tmp_path, file=tmp_path / "file")
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--cases", "P7", option, target])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and not ran
+    assert err.startswith(f"loft bench: error: {option} {target!r} cannot be written") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 # -------------------------------------------------------------- pretrain ----
 def test_pretrain_writes_config_metrics_model(pretrained):
     cfg = json.loads((pretrained / "config.json").read_text())
