@@ -83,7 +83,7 @@ def check_writable(path: str | os.PathLike) -> None:
     try:
         fd, tmp = _create_temp(base / path.name)
     except OSError as exc:
-        raise type(exc)(f"{str(base)!r} cannot be written ({exc.strerror or exc})") from None
+        raise type(exc)(f"the folder {str(base)!r} is not writable ({exc.strerror or exc})") from None
     os.close(fd)
     os.unlink(tmp)
 
