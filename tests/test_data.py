@@ -1,6 +1,10 @@
 """Datasets (digits, CIFAR pickles on a generated directory, synthetic), augmentation and the batch loader."""
 import os
 import pickle
+import resource
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +12,25 @@ import torch
 import torch.nn.functional as F
 
 from loft_kernels.data import BatchLoader, get_dataset, random_crop_flip, write_fake_cifar
+
+
+def run_cli_in_memory(argv, gib: float = 3.0) -> subprocess.CompletedProcess:
+    """`python -m loft_kernels *argv` with its address space capped at `gib` GiB: what should be refused early
+    cannot take the machine down, and an unbounded allocation shows up as a MemoryError."""
+    limit = int(gib * 2 ** 30)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(root)] + [p for p in (os.environ.get("PYTHONPATH"),) if p])}
+    return subprocess.run([sys.executable, "-m", "loft_kernels", *map(str, argv)], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, command: str, *parts: str) -> None:
+    """Exit status 2 and one `loft <command>: error: ...` line holding every one of `parts`."""
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.startswith(f"loft {command}: error: ") and r.stderr.count("\n") == 1, r.stderr[-3000:]
+    assert all(part in r.stderr for part in parts), r.stderr
 
 
 def _raw(ds, x):
