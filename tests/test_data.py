@@ -180,12 +180,25 @@ def test_cifar_malformed_files_are_refused_naming_the_file(tmp_path, case):
     assert text.count("\n") == 0 and str(path) in text and message in text, text
 
 
+def _python2_batch(data: np.ndarray, labels: list) -> bytes:
+    """A batch pickled the way the original CIFAR files were (Python 2, protocol 2, str as BINSTRING)."""
+    n = data.shape[0].to_bytes(2, "little")
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
+             b"(K\x01M" + n + b"M\x00\x0c\x86cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R"
+             b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+             b"\x89T" + data.nbytes.to_bytes(4, "little") + data.tobytes() + b"tb")
+    return (b"\x80\x02}(U\x04data" + array + b"U\x06labels](" + b"".join(b"K" + bytes([v]) for v in labels)
+            + b"eu.")
+
+
 def test_cifar_numpy_pickles_of_every_protocol_load(tmp_path):
     root = write_fake_cifar(tmp_path, n_train=10, n_test=5)
     data, labels = np.arange(4 * 3072).reshape(4, 3072).astype(np.uint8), np.array([3, 0, 9, 1])
-    for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
-        with open(root / "test_batch", "wb") as f:
-            pickle.dump({b"data": data, b"labels": labels}, f, protocol=protocol)
+    original = _python2_batch(data, labels.tolist())
+    assert np.array_equal(pickle.loads(original, encoding="bytes")[b"data"], data)  # the layout is right
+    for protocol in ["python2", *range(2, pickle.HIGHEST_PROTOCOL + 1)]:
+        (root / "test_batch").write_bytes(original if protocol == "python2" else
+                                          pickle.dumps({b"data": data, b"labels": labels}, protocol=protocol))
         ds = get_dataset("cifar10", root)
         assert ds.test_y.tolist() == labels.tolist()
         torch.testing.assert_close(_raw(ds, ds.test_x), torch.from_numpy(data.reshape(4, 3, 32, 32)).float(),
