@@ -111,9 +111,10 @@ def read_idx(path, ndim: int, item_shape: tuple[int, ...] = ()) -> np.ndarray:
 
     Raises ValueError naming the file for a bad gzip stream, wrong magic number
     or element type, wrong dimensions, truncated data or trailing bytes. The
-    header is checked first and never more than the data it announces is
-    decompressed (plus one byte to detect trailing data), so a small file that
-    claims or expands to gigabytes is refused without using that memory.
+    header is checked first (a claim no file of this size can hold is refused
+    at once) and never more than the data it announces is decompressed, plus at
+    most 1 MiB to count trailing bytes, so a small file that claims or expands
+    to gigabytes is refused without using that memory.
     """
     path = Path(path)
     size = path.stat().st_size
