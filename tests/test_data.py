@@ -14,10 +14,18 @@ import torch.nn.functional as F
 from loft_kernels.data import BatchLoader, get_dataset, random_crop_flip, write_fake_cifar
 
 
-def run_cli_in_memory(argv, gib: float = 3.0) -> subprocess.CompletedProcess:
-    """`python -m loft_kernels *argv` with its address space capped at `gib` GiB: what should be refused early
-    cannot take the machine down, and an unbounded allocation shows up as a MemoryError."""
-    limit = int(gib * 2 ** 30)
+def _address_space() -> int:
+    """This process's virtual memory size (torch imported, as in the child), for a limit relative to it."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    return 2 ** 30
+
+
+def run_cli_in_memory(argv, gib: float = 2.0) -> subprocess.CompletedProcess:
+    """`python -m loft_kernels *argv` with `gib` GiB of address space beyond what importing torch takes: what
+    should be refused early cannot take the machine down, and an unbounded allocation shows up as a MemoryError."""
+    limit = _address_space() + int(gib * 2 ** 30)
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(root)] + [p for p in (os.environ.get("PYTHONPATH"),) if p])}
