@@ -16,6 +16,10 @@ collective), so the directory may be local to each node or shared. After a
 save the ranks meet at a barrier and then delete their own files of all but
 the newest `keep` steps: a set is only deleted once a newer one is complete.
 
+Sets are not re-sharded: a directory whose newest checkpoint was written by a
+job of another world size is refused with an error naming both sizes, on every
+rank (resuming an older set of this size, or none, would silently lose work).
+
 `ElasticCheckpoint.resume`/`maybe_save` make this one call each in a user's
 own training loop (model, optimizer, data position and RNG); the engine uses
 `save`/`load_latest` with its trainers' state.
@@ -35,6 +39,7 @@ from .io import CheckpointError, atomic_save, load_checkpoint
 from .training.collectives import all_gather_int_lists
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_RANK_FILE = re.compile(r"^rank\d+-of-(\d+)\.pt$")
 
 
 def restart_count() -> int:
@@ -103,25 +108,37 @@ class ElasticCheckpoint:
         """This rank's file of `step`."""
         return self.directory / f"step-{step:010d}" / f"rank{self.rank}-of-{self.world}.pt"
 
-    def own_steps(self) -> list[int]:
-        """Steps for which this rank's file exists (what this rank sees, no collective)."""
+    def _step_dirs(self):
+        """(step, folder) of every step folder in the directory."""
         if not self.directory.is_dir():
-            return []
-        steps = []
+            return
         for d in self.directory.iterdir():
             m = _STEP_DIR.match(d.name)
-            if m and (d / f"rank{self.rank}-of-{self.world}.pt").is_file():
-                steps.append(int(m.group(1)))
-        return sorted(steps)
+            if m and d.is_dir():
+                yield int(m.group(1)), d
+
+    def own_steps(self) -> list[int]:
+        """Steps for which this rank's file exists (what this rank sees, no collective)."""
+        return sorted(step for step, d in self._step_dirs() if (d / f"rank{self.rank}-of-{self.world}.pt").is_file())
+
+    def _other_world(self) -> tuple[int, int]:
+        """(step, world size) of the newest checkpoint file written by a job of another world size, or (-1, 0)."""
+        found = [(step, int(m.group(1))) for step, d in self._step_dirs() for f in d.iterdir()
+                 if (m := _RANK_FILE.match(f.name)) and int(m.group(1)) != self.world]
+        return max(found, default=(-1, 0))
 
     def complete_steps(self) -> list[int]:
         """Steps whose set is complete on every rank (collective when distributed)."""
-        mine = self.own_steps()
+        return self._survey()[0]
+
+    def _survey(self) -> tuple[list[int], tuple[int, int]]:
+        """The complete steps and the newest other-world checkpoint any rank sees (one collective)."""
+        mine, other = self.own_steps(), self._other_world()
         if not (self.distributed and self.world > 1):
-            return mine
-        everyone = all_gather_int_lists(mine)
-        common = set(everyone[0]).intersection(*everyone[1:])
-        return sorted(common)
+            return mine, other
+        everyone = all_gather_int_lists([*other, *mine])
+        common = set(everyone[0][2:]).intersection(*(e[2:] for e in everyone[1:]))
+        return sorted(common), max(tuple(e[:2]) for e in everyone)
 
     # ------------------------------------------------------ save / load ----
     def save(self, step: int, state: dict) -> Path:
@@ -146,8 +163,20 @@ class ElasticCheckpoint:
                 pass
 
     def load_latest(self, map_location=None) -> tuple[int, dict] | None:
-        """(step, this rank's state) of the newest complete set, or None when there is none (collective)."""
-        steps = self.complete_steps()
+        """(step, this rank's state) of the newest complete set, or None when there is none (collective).
+
+        Sets are not re-sharded: when the newest checkpoint in the directory was
+        written by a job of another world size, a CheckpointError names both
+        sizes (every rank raises it) rather than silently starting over or
+        resuming an older set.
+        """
+        steps, (other_step, other_world) = self._survey()
+        if other_step > (steps[-1] if steps else -1):
+            ours = f"; its newest set of world size {self.world} is step {steps[-1]}" if steps else ""
+            raise CheckpointError(f"checkpoint directory {str(self.directory)!r} holds checkpoints of a job of world "
+                                  f"size {other_world} (newest at step {other_step}), but this job has world size "
+                                  f"{self.world}{ours}; checkpoint sets cannot be resumed at another world size: "
+                                  f"restart with {other_world} ranks or use another directory")
         if not steps:
             return None
         step = steps[-1]

@@ -2,7 +2,8 @@
 
 A checkpoint is written to a temporary file in the same directory, flushed to
 disk and renamed over the target, so a crash mid-write never leaves a truncated
-file where a good one was. Loading uses `weights_only=True` and names the file
+file where a good one was. The file gets the permissions a plain `open(path,
+"w")` would give it: those of the file it replaces, or 0o666 less the umask. Loading uses `weights_only=True` and names the file
 in every error: a missing path is a FileNotFoundError, anything else that makes
 the file unreadable (a directory, truncation, a foreign format, a forbidden
 pickled object) is a `CheckpointError`.
@@ -10,7 +11,8 @@ pickled object) is a `CheckpointError`.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 
 import torch
@@ -27,9 +29,11 @@ def atomic_write(path: str | os.PathLike, write, mode: str = "wb") -> Path:
         raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, mode) as f:
+            if path.is_file():  # keep the permissions of the file being replaced, as open(path, "w") does
+                os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -39,6 +43,49 @@ def atomic_write(path: str | os.PathLike, write, mode: str = "wb") -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new temp file beside `path`, created with mode 0o666 so the kernel applies the umask (mkstemp uses 0o600)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # another writer's temp file of the same name: draw another
+            continue
+    raise FileExistsError(f"no free temporary file name beside {str(path)!r}")
+
+
+def existing_ancestor(path: str | os.PathLike) -> Path:
+    """`path` (made absolute) if it exists, else its nearest existing parent."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail now, with an OSError saying why, if `atomic_write(path, ...)` would fail for lack of a place to write.
+
+    For commands that write their result only after long work: a directory or
+    file in the way, or a folder that cannot be written (probed by creating and
+    removing a temp file, so read-only filesystems and root are judged right).
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = Path(path).absolute()
+    if path.is_dir():
+        raise IsADirectoryError(f"{str(path)!r} is a directory")
+    base = existing_ancestor(path.parent)  # atomic_write creates the missing folders
+    if not base.is_dir():
+        raise NotADirectoryError(f"{str(base)!r} is a file, not a directory")
+    try:
+        fd, tmp = _create_temp(base / path.name)
+    except OSError as exc:
+        raise type(exc)(f"the folder {str(base)!r} is not writable ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:

@@ -71,6 +71,22 @@ def test_bench_forwards_every_argument(monkeypatch, capsys):
     assert seen == [["--quick", "--json", "x.json"], ["--help"]]
 
 
+@pytest.mark.parametrize("option, target", [("--json", "{file}/r.json"), ("--json", "{tmp}"),
+                                            ("--json", "/sys/r.json"), ("--results-dir", "{file}")])
+def test_bench_refuses_an_unwritable_report_before_running(monkeypatch, capsys, tmp_path, option, target):
+    import loft_kernels.benchmarks.runner as runner
+    ran = []
+    monkeypatch.setattr(runner, "run_cases", lambda *a, **k: ran.append(a) or [])
+    (tmp_path / "file").write_text("")
+    target = target.format(tmp=tmp_path, file=tmp_path / "file")
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--cases", "P7", option, target])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and not ran
+    assert err.startswith(f"loft bench: error: {option} {target!r} cannot be written") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 # -------------------------------------------------------------- pretrain ----
 def test_pretrain_writes_config_metrics_model(pretrained):
     cfg = json.loads((pretrained / "config.json").read_text())
@@ -286,6 +302,15 @@ BAD = [
     (["run", "--methods", "dense,gpipe"], "'gpipe' is not a method"),
     (["run", "--epochs", "2", "--draw-at", "1,9"], r"--draw-at epochs must lie in 0\.\.2"),
     (["run", "--model", "preact_resnet", "--width", "0.0625", "--methods", "loft-8"], "fewer filters than 8"),
+    (["pretrain", "--workers", "100"], "--workers 100: 6 filter groups have fewer filters than 100 workers .*the "
+                                       "smallest is 'layer1.0.conv1' with 16 filters: use at most 16 workers"),
+    (["pretrain", "--model", "preact_resnet", "--width", "0.0625", "--workers", "9", "--exclude", "layer1.*,layer2.1.*"],
+     "--workers 9: 1 filter group has fewer filters than 9 workers .*'layer2.0.conv1' with 8 filters: use at most 8 "
+     "workers, a larger --width, or --exclude that group"),
+    (["pretrain", "--width", "1e12"], r"--width 1e\+12: preact_resnet18 would have tensors too large to represent"),
+    (["pretrain", "--width", "1e4"], r"--width 10000: preact_resnet18 would have [\d,]+ parameters \([\d,.]+ GiB\), "
+                                     r"more than the [\d,.]+ GiB of memory"),
+    (["run", "--width", "1e4"], "--width 10000: vgg would have"),
     (["pretrain", "--out", "{pre}/config.json/sub"], "--out .* which is a file"),
     (["pretrain", "--out", "/sys/loft_kernels_out"], "--out '/sys/loft_kernels_out' cannot be created"),
     (["prune", "--checkpoint", "{tmp}/junk.pt"], "--checkpoint: .*junk.pt.* is not a loft_kernels model file"),
@@ -308,6 +333,40 @@ def test_bad_input_fails_cleanly(capsys, tmp_path, pretrained, argv, message):
     assert err.startswith(f"loft {argv[0]}: error:") and err.count("\n") == 1, err
     assert __import__("re").search(message, err), err
     assert not out.exists()  # nothing half-written
+
+
+def test_a_refused_run_leaves_an_existing_out_untouched(capsys, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    rc, _, err = cli(capsys, "pretrain", *TINY, "--workers", "64", "--epochs", "1", "--out", out)
+    assert rc == 2 and err.count("\n") == 1 and "--workers 64" in err, err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_memory_failures_while_loading_are_user_errors(monkeypatch, capsys, tmp_path):
+    import loft_kernels.data as data
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(data, "get_dataset", no_memory)
+    rc, _, err = cli(capsys, "pretrain", *TINY, "--out", tmp_path / "a")
+    assert rc == 2 and err == "loft pretrain: error: --dataset synthetic: the data do not fit in this machine's " \
+                              "memory\n", err
+    monkeypatch.undo()
+
+    def no_room(spec):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes.\nmore")
+
+    monkeypatch.setattr(engine, "build_model", no_room)
+    rc, _, err = cli(capsys, "pretrain", *TINY, "--out", tmp_path / "b")
+    assert rc == 2 and err.count("\n") == 1 and "--width 0.125: preact_resnet does not fit in the memory available "\
+                                                "(RuntimeError: DefaultCPUAllocator: can't allocate memory" in err, err
+    monkeypatch.setattr(engine, "build_model", lambda spec: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["pretrain", *TINY, "--out", str(tmp_path / "c")])
+    assert not any(tmp_path.iterdir())
 
 
 def test_existing_run_needs_resume_and_same_settings(capsys, pretrained):

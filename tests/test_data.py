@@ -1,6 +1,10 @@
 """Datasets (digits, CIFAR pickles on a generated directory, synthetic), augmentation and the batch loader."""
 import os
 import pickle
+import resource
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +12,33 @@ import torch
 import torch.nn.functional as F
 
 from loft_kernels.data import BatchLoader, get_dataset, random_crop_flip, write_fake_cifar
+
+
+def _address_space() -> int:
+    """This process's virtual memory size (torch imported, as in the child), for a limit relative to it."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    return 2 ** 30
+
+
+def run_cli_in_memory(argv, gib: float = 2.0) -> subprocess.CompletedProcess:
+    """`python -m loft_kernels *argv` with `gib` GiB of address space beyond what importing torch takes: what
+    should be refused early cannot take the machine down, and an unbounded allocation shows up as a MemoryError."""
+    limit = _address_space() + int(gib * 2 ** 30)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(root)] + [p for p in (os.environ.get("PYTHONPATH"),) if p])}
+    return subprocess.run([sys.executable, "-m", "loft_kernels", *map(str, argv)], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, command: str, *parts: str) -> None:
+    """Exit status 2 and one `loft <command>: error: ...` line holding every one of `parts`."""
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.startswith(f"loft {command}: error: ") and r.stderr.count("\n") == 1, r.stderr[-3000:]
+    assert all(part in r.stderr for part in parts), r.stderr
 
 
 def _raw(ds, x):
@@ -102,6 +133,96 @@ def test_cifar_pickles_cannot_run_code(tmp_path):
         pickle.dump({b"data": _Payload(), b"labels": []}, f)
     with pytest.raises(ValueError, match="not allowed"):
         get_dataset("cifar10", root)
+
+
+class _Reduce:
+    """Pickles as the call fn(*args): how a hostile file spells what it wants the unpickler to do."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def _strided(n: int) -> dict:
+    """A ~3 KB batch posing as n images: numpy.ndarray over one image's bytes with a zero stride."""
+    u8, i64 = np.dtype(np.uint8), np.dtype(np.int64)
+    return {b"data": _Reduce(np.ndarray, (n, 3072), u8, bytes(3072), 0, (0, 1)),
+            b"labels": _Reduce(np.ndarray, (n,), i64, bytes(8), 0, (0,))}
+
+
+def _nested(depth: int) -> list:
+    labels = [0]
+    for _ in range(depth):
+        labels = [labels]
+    return labels
+
+
+_REBUILD = np.empty(0).__reduce__()[0]  # numpy's array rebuilder
+_MALFORMED = {  # name -> (pickle bytes or object, what the error must say)
+    "strided-array": (_strided(10_000), "numpy.ndarray(...) calls are not allowed"),
+    "over-claimed-array": ({b"data": _Reduce(_REBUILD, np.ndarray, (10_000, 3072), b"B"), b"labels": [0] * 10_000},
+                           "an array of shape (10000, 3072) and dtype uint8 (30720000 bytes) is more than the file"),
+    "nested-labels": ({b"data": np.zeros((1, 3072), np.uint8), b"labels": _nested(70)},
+                      "the labels hold a list at index 0, not an int"),
+    "shared-sublists": ({b"data": np.zeros((1, 3072), np.uint8), b"labels": [[0] * 100] * 100},
+                        "the labels hold a list at index 0"),
+    "mixed-keys": ({b"x": 1, 2: 3}, "found ['2', \"b'x'\"]"),
+    "huge-memo-index": (b"\x80\x02Nr" + (2 ** 24).to_bytes(4, "little") + b".", "memo index 16777216 at opcode 2"),
+    "lying-length": (b"\x80\x04\x8e" + (2 ** 40).to_bytes(8, "little") + b"abc.", "expected 1099511627776 bytes"),
+    "foreign-codec": ({b"data": _Reduce(__import__("codecs").encode, "abc", "rot13"), b"labels": []},
+                      "_codecs.encode is only allowed for latin1 text"),
+}
+
+
+@pytest.mark.parametrize("case", list(_MALFORMED))
+def test_cifar_malformed_files_are_refused_naming_the_file(tmp_path, case):
+    root = write_fake_cifar(tmp_path, n_train=10, n_test=5)
+    content, message = _MALFORMED[case]
+    path = root / "test_batch"
+    path.write_bytes(content if isinstance(content, bytes) else pickle.dumps(content, protocol=4))
+    with pytest.raises(ValueError) as exc:
+        get_dataset("cifar10", root)
+    text = str(exc.value)
+    assert text.count("\n") == 0 and str(path) in text and message in text, text
+
+
+def _python2_batch(data: np.ndarray, labels: list) -> bytes:
+    """A batch pickled the way the original CIFAR files were (Python 2, protocol 2, str as BINSTRING)."""
+    n = data.shape[0].to_bytes(2, "little")
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
+             b"(K\x01M" + n + b"M\x00\x0c\x86cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R"
+             b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+             b"\x89T" + data.nbytes.to_bytes(4, "little") + data.tobytes() + b"tb")
+    return (b"\x80\x02}(U\x04data" + array + b"U\x06labels](" + b"".join(b"K" + bytes([v]) for v in labels)
+            + b"eu.")
+
+
+def test_cifar_numpy_pickles_of_every_protocol_load(tmp_path):
+    root = write_fake_cifar(tmp_path, n_train=10, n_test=5)
+    data, labels = np.arange(4 * 3072).reshape(4, 3072).astype(np.uint8), np.array([3, 0, 9, 1])
+    original = _python2_batch(data, labels.tolist())
+    assert np.array_equal(pickle.loads(original, encoding="bytes")[b"data"], data)  # the layout is right
+    for protocol in ["python2", *range(2, pickle.HIGHEST_PROTOCOL + 1)]:
+        (root / "test_batch").write_bytes(original if protocol == "python2" else
+                                          pickle.dumps({b"data": data, b"labels": labels}, protocol=protocol))
+        ds = get_dataset("cifar10", root)
+        assert ds.test_y.tolist() == labels.tolist()
+        torch.testing.assert_close(_raw(ds, ds.test_x), torch.from_numpy(data.reshape(4, 3, 32, 32)).float(),
+                                   rtol=0, atol=1e-3)
+
+
+def test_cifar_strided_file_via_the_cli_is_one_line(tmp_path):
+    root = write_fake_cifar(tmp_path / "data", n_train=10, n_test=5)
+    with open(root / "test_batch", "wb") as f:
+        pickle.dump(_strided(100_000), f, protocol=2)  # 3 KB posing as 100,000 images (1.2 GB as floats)
+    assert (root / "test_batch").stat().st_size < 4000
+    out = tmp_path / "out"
+    r = run_cli_in_memory(["pretrain", "--dataset", "cifar10", "--data-dir", root, "--epochs", "1", "--out", out])
+    assert_one_line_error(r, "pretrain", f"--data-dir: cannot read {root / 'test_batch'}",
+                          "numpy.ndarray(...) calls are not allowed")
+    assert not out.exists()
 
 
 def test_synthetic_is_configurable_deterministic_and_learnable():

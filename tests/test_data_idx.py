@@ -2,12 +2,14 @@
 import gzip
 import re
 import shutil
+import struct
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_data import _raw
+from test_data import _raw, assert_one_line_error, run_cli_in_memory
 
 from loft_kernels.data import BatchLoader, get_dataset, read_idx, stratified_subset, write_fake_idx, write_idx
 
@@ -102,6 +104,59 @@ def test_idx_other_faults(tmp_path):
     labels.unlink()
     with pytest.raises(FileNotFoundError, match="missing t10k-labels-idx1-ubyte"):
         get_dataset("kmnist", root)
+
+
+def _idx_bomb(path, claim_dims, data_bytes: int, zeros_mib: int) -> Path:
+    """An idx file whose header claims `claim_dims`, holding `data_bytes` bytes and then `zeros_mib` MiB of zeros,
+    as many gzip members (valid gzip: each member has its own checksum) so the file stays ~1 KB per MiB."""
+    header = struct.pack(f">I{len(claim_dims)}I", 0x800 | len(claim_dims), *claim_dims)
+    path.write_bytes(gzip.compress(header + bytes(data_bytes)) + gzip.compress(bytes(1 << 20)) * zeros_mib)
+    return path
+
+
+def _peak_bytes(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def test_idx_trailing_gigabytes_are_not_decompressed(tmp_path):
+    bomb = _idx_bomb(tmp_path / "x.gz", (1, 28, 28), 784, zeros_mib=64)  # 70 KB file, 64 MiB of zeros
+    assert bomb.stat().st_size < 100_000
+
+    def read():
+        with pytest.raises(ValueError, match=re.escape(f"{bomb} has more than 1048576 bytes after the 784 bytes")):
+            read_idx(bomb, 3, (28, 28))
+    assert _peak_bytes(read) < 8 * 2 ** 20  # reading stops one chunk past the data the header announces
+
+
+def test_idx_claims_the_file_cannot_hold_are_refused_before_reading(tmp_path):
+    huge = _idx_bomb(tmp_path / "huge.gz", (2 ** 32 - 1, 28, 28), 0, zeros_mib=0)
+    message = (f"{huge} announces 4294967295 x 28 x 28 = {(2 ** 32 - 1) * 784} bytes of data in its header, more than a "
+               f"{huge.stat().st_size}-byte gzip file can hold")
+
+    def read():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            read_idx(huge, 3, (28, 28))
+    assert _peak_bytes(read) < 2 ** 20
+    plain = tmp_path / "plain"  # uncompressed: the file's size bounds the claim
+    plain.write_bytes(gzip.decompress(_idx_bomb(tmp_path / "p.gz", (2 ** 31, 1), 3, zeros_mib=0).read_bytes()))
+    with pytest.raises(ValueError, match=re.escape(f"{plain} is truncated: its header announces 2147483648 x 1 = "
+                                                   f"2147483648 bytes of data but it holds 3")):
+        read_idx(plain, 2, (1,))
+
+
+def test_idx_bomb_via_the_cli_is_one_line(tmp_path):
+    root = write_fake_idx(tmp_path / "data", n_train=20, n_test=10)
+    bomb = _idx_bomb(root / (IDX_FILES[0] + ".gz"), (20, 28, 28), 20 * 784, zeros_mib=4096)  # 4 MB -> 4 GiB
+    out = tmp_path / "out"
+    r = run_cli_in_memory(["pretrain", "--dataset", "mnist", "--data-dir", root, "--epochs", "1", "--out", out])
+    assert_one_line_error(r, "pretrain", f"--data-dir: {bomb} has more than 1048576 bytes after the 15680 bytes")
+    assert not out.exists()
 
 
 def test_idx_directories_and_the_fashion_mnist_default(tmp_path, monkeypatch):

@@ -90,6 +90,64 @@ def test_bad_arguments_and_foreign_files(tmp_path):
         ck.load_latest()
 
 
+def _sets_of_world(directory, world: int, steps) -> None:
+    for rank in range(world):
+        ck = ElasticCheckpoint(directory, rank=rank, world=world, keep=5, distributed=False)
+        for step in steps:
+            ck.save(step, {"r": rank})
+
+
+def test_sets_of_another_world_size_are_refused_not_ignored(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    _sets_of_world(tmp_path / "a", 2, [4, 8])
+    ck = ElasticCheckpoint(tmp_path / "a")  # world size 1
+    for call in (ck.load_latest, lambda: ck.resume(model)):
+        with pytest.raises(CheckpointError, match=r"world size 2 \(newest at step 8\), but this job has world "
+                                                  r"size 1; .*restart with 2 ranks"):
+            call()
+    # an older set of this world size is not resumed silently either
+    _sets_of_world(tmp_path / "a", 1, [3])
+    with pytest.raises(CheckpointError, match="its newest set of world size 1 is step 3"):
+        ck.resume(model)
+    # a newer set of this world size resumes; the older foreign files are left alone
+    _sets_of_world(tmp_path / "b", 4, [2])
+    _sets_of_world(tmp_path / "b", 2, [5])
+    assert ElasticCheckpoint(tmp_path / "b", rank=1, world=2, distributed=False).load_latest() == (5, {"r": 1})
+    assert (tmp_path / "b" / "step-0000000002" / "rank3-of-4.pt").is_file()
+
+
+def _resume_other_world(rank, port, root):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        directory = Path(root) / f"local{rank}"  # node-local folders: only rank 1 sees the foreign files
+        if rank == 1:
+            _sets_of_world(directory, 4, [6])
+        try:
+            ElasticCheckpoint(directory).resume(torch.nn.Linear(2, 2))
+            result = "resumed"
+        except CheckpointError as exc:
+            result = str(exc)
+        torch.distributed.barrier()  # both ranks got here: nobody hangs in a collective the other skipped
+        (Path(root) / f"rank{rank}.txt").write_text(result)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_every_rank_refuses_another_world_size_seen_by_one(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_resume_other_world, args=(port, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        text = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "world size 4 (newest at step 6), but this job has world size 2" in text, text
+
+
 # ---------------------------------------------- the one-call user helper ----
 def user_loop(data, directory, *, epochs=3, every=4, stop_after=None):
     """A user's own LoFT loop (2 simulated workers) with ElasticCheckpoint.resume/maybe_save."""

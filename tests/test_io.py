@@ -78,3 +78,46 @@ def test_optional_dependencies_say_which_extra(monkeypatch):
     assert missing_message("numpy") is None
     with pytest.raises(ModuleNotFoundError, match="no_such_module"):
         require("no_such_module")  # not optional: torch's own error, untouched
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_get_the_mode_open_would_give(tmp_path, umask):
+    import os
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "plain.txt", "w") as f:  # the reference: what open() creates under this umask
+            f.write("x")
+        atomic_write_text("x", tmp_path / "a.txt")
+        lk.atomic_save({"v": 1}, tmp_path / "sub" / "ckpt.pt")
+    finally:
+        os.umask(old)
+    want = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert want == 0o666 & ~umask
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == want
+    assert (tmp_path / "sub" / "ckpt.pt").stat().st_mode & 0o777 == want
+
+
+def test_rewriting_a_file_keeps_its_mode(tmp_path):
+    import os
+    path = tmp_path / "a.txt"
+    atomic_write_text("one", path)
+    os.chmod(path, 0o640)
+    atomic_write_text("two", path)
+    assert path.read_text() == "two" and path.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_check_writable_says_why_and_leaves_nothing(tmp_path):
+    from loft_kernels.io import check_writable
+    check_writable(tmp_path / "new" / "deeper" / "r.json")  # missing folders are fine: the writer creates them
+    check_writable(tmp_path / "r.json")
+    assert list(tmp_path.iterdir()) == []  # the probe file is gone
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="file.* is a file, not a directory"):
+        check_writable(tmp_path / "file" / "r.json")
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        check_writable(tmp_path)
+    with pytest.raises(OSError, match="the folder '/sys' is not writable"):
+        check_writable("/sys/r.json")
+    with pytest.raises(TypeError, match="path must be"):
+        check_writable(3)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..backends import available_backends
-from ..io import atomic_write_text
+from ..io import atomic_write_text, check_writable
 from . import case_comm, case_conv, case_stats, case_step, case_sync
 from .result import Config, Result, failed
 
@@ -149,6 +149,15 @@ def _parse(argv) -> argparse.Namespace:
         args.cases = ids
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    # The reports are written after the whole run: refuse an unusable destination before it starts.
+    outputs = [("--json", args.json, args.json),
+               ("--results-dir", args.results_dir, args.results_dir and Path(args.results_dir, "results.json"))]
+    for option, value, target in outputs:
+        try:
+            if target:
+                check_writable(target)
+        except OSError as exc:
+            p.exit(2, f"{p.prog}: error: {option} {value!r} cannot be written: {exc}\n")
     return args
 
 

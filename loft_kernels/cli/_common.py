@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, check_writable, existing_ancestor
 
 
 class CLIError(Exception):
@@ -120,13 +120,6 @@ def prepare_out(out: str, *, resume: bool = False, marker: str = "config.json") 
     return path
 
 
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_out_free(out: str | None, *, resume: bool = False, marker: str = "config.json") -> None:
     """The checks of prepare_out without creating anything (to fail before expensive work)."""
     if out is None:
@@ -134,7 +127,7 @@ def check_out_free(out: str | None, *, resume: bool = False, marker: str = "conf
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise CLIError(f"--out {out!r} exists and is not a directory")
-    base = _nearest_existing(path)
+    base = existing_ancestor(path)
     if not base.is_dir():
         raise CLIError(f"--out {out!r} lies under {str(base)!r}, which is a file, not a directory")
     if not os.access(base, os.W_OK | os.X_OK):
@@ -173,6 +166,14 @@ def read_json(path: Path, what: str) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CLIError(f"{what}: {str(path)!r} is not valid JSON ({e})") from None
+
+
+def check_output_file(path, option: str) -> None:
+    """An output file written after long work: refuse an unusable `path` now, naming `option`."""
+    try:
+        check_writable(path)
+    except OSError as e:
+        raise CLIError(f"{option} {str(path)!r} cannot be written: {e}") from None
 
 
 def show_progress(quiet: bool) -> bool:
@@ -216,10 +217,17 @@ def load_dataset(args):
         return get_dataset(args.dataset, args.data_dir, seed=args.seed)
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(f"--data-dir: {e}") from None
+    except MemoryError:  # the loaders bound what a file can claim by its size; a real dataset can still be too big
+        raise CLIError(f"--dataset {args.dataset}: the data do not fit in this machine's memory") from None
 
 
-def make_spec(args, dataset) -> dict:
-    """The model spec of --model/--width/--policy/--include/--exclude, checked by building it once."""
+def make_spec(args, dataset, *, workers: int = 1, workers_option: str = "--workers") -> dict:
+    """The model spec of --model/--width/--policy/--include/--exclude, checked by building it once.
+
+    The model's size is checked on the meta device before any memory is
+    allocated, and every filter group must have at least `workers` filters
+    (errors name `workers_option`).
+    """
     from .. import engine
     from ..models import available_models
     if args.model not in available_models():
@@ -230,8 +238,67 @@ def make_spec(args, dataset) -> dict:
     exclude = parse_list(args.exclude, str, "--exclude") if args.exclude else None
     spec = engine.model_spec(args.model, dataset, width=args.width, policy=args.policy, include=include,
                              exclude=exclude)
+    check_model_fits(spec, f"--width {args.width:g}")
     try:
-        engine.build_model(spec)
+        _, groups = engine.build_model(spec)
     except (ValueError, TypeError) as e:
         raise CLIError(f"--model {args.model} with --policy {args.policy}: {e}") from None
+    except (MemoryError, RuntimeError) as e:  # fits the machine on paper, not in the memory free now
+        if isinstance(e, RuntimeError) and "can't allocate memory" not in str(e):
+            raise
+        raise CLIError(f"--width {args.width:g}: {args.model} does not fit in the memory available "
+                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+    check_workers_fit(groups, workers, workers_option)
     return spec
+
+
+def memory_bytes() -> int | None:
+    """The memory this process may use: physical memory, or less under an address-space limit (None: unknown)."""
+    try:
+        limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    except (AttributeError, ValueError, OSError):
+        limits = []
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            limits.append(soft)
+    except (ImportError, OSError, ValueError):
+        pass
+    return min(limits, default=None)
+
+
+def check_model_fits(spec: dict, option: str) -> None:
+    """Refuse, naming `option`, a model whose parameters and buffers alone exceed this machine's memory.
+
+    Counted on the meta device, so nothing is allocated; training needs
+    several times this, so only models that cannot possibly fit are refused.
+    """
+    from ..models import get_model
+    try:
+        with torch.device("meta"):
+            model = get_model(spec["model"], **spec["kwargs"])
+    except RuntimeError as e:
+        if "overflow" not in str(e):
+            raise
+        raise CLIError(f"{option}: {spec['model']} would have tensors too large to represent ({e})") from None
+    tensors = [*model.parameters(), *model.buffers()]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    limit = memory_bytes()
+    if limit is not None and nbytes > limit:
+        params = sum(p.numel() for p in model.parameters())
+        raise CLIError(f"{option}: {spec['model']} would have {params:,} parameters ({nbytes / 2 ** 30:,.1f} GiB), "
+                       f"more than the {limit / 2 ** 30:,.1f} GiB of memory this process may use; use a smaller "
+                       f"--width")
+
+
+def check_workers_fit(groups, workers: int, option: str) -> None:
+    """Every worker owns at least one filter of every group: refuse, naming `option`, groups with fewer."""
+    small = sorted((g for g in groups if g.n < workers), key=lambda g: (g.n, g.name))
+    if small:
+        least = small[0]
+        many, which = ((f"{len(small)} filter groups have", "those groups") if len(small) > 1
+                       else ("1 filter group has", "that group"))
+        raise CLIError(f"{option}: {many} fewer filters than {workers} workers (every worker owns at least one "
+                       f"filter of every group); the smallest is {least.name!r} with {least.n} filters: use at most "
+                       f"{least.n} workers, a larger --width, or --exclude {which}")

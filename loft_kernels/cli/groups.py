@@ -31,6 +31,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    if args.json:
+        U.check_output_file(args.json, "--json")
     dataset = U.load_dataset(args)
     spec = U.make_spec(args, dataset)  # checks --model/--width/--policy/--include/--exclude
     torch.manual_seed(args.seed)

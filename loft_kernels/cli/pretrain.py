@@ -123,7 +123,7 @@ def run(args) -> int:
     args.resume = args.resume or (restart_count() > 0 and (Path(out_text) / "config.json").is_file())
     U.check_out_free(out_text, resume=args.resume)
     dataset = U.load_dataset(args)
-    spec = U.make_spec(args, dataset)
+    spec = U.make_spec(args, dataset, workers=workers, workers_option=f"--workers {workers}")
     rank = 0
     if args.distributed:
         try:

@@ -219,12 +219,8 @@ def run(args) -> int:
     U.check_out_free(out_text, resume=args.resume)
     device = U.resolve_device(args.device)
     dataset = _dataset(args)
-    spec = U.make_spec(args, dataset)
-    max_workers = max(s for _, s in st["methods"])
-    small = [f"{g.name} (n={g.n})" for g in engine.build_model(spec)[1] if g.n < max_workers]
-    if small:
-        raise U.CLIError(f"--methods: groups {', '.join(small)} have fewer filters than {max_workers} workers; "
-                         f"raise --width or use fewer workers")
+    largest = max(st["methods"], key=lambda m: m[1])
+    spec = U.make_spec(args, dataset, workers=largest[1], workers_option=f"--methods {largest[0]}")
     config = {"command": "run", "dataset": args.dataset, "data_dir": args.data_dir, "spec": spec,
               "train_samples": args.train_samples, "test_samples": args.test_samples, "methods": [m for m, _ in st["methods"]], "seeds": st["seeds"],
               "ratios": st["ratios"], "draw_at": st["draw_at"], "draw_ratio": st["draw_ratio"],

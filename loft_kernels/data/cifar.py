@@ -1,8 +1,11 @@
 """CIFAR-10/100 in the standard python-pickle layout (read without running code from the files), and tiny fakes."""
 from __future__ import annotations
 
+import io
+import math
 import os
 import pickle
+import pickletools
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +21,79 @@ _CIFAR = {  # name -> (train files, test file, label key, classes, standard sub-
 }
 
 
+_NUMPY_RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy's own array rebuilder, whatever module holds it
+
+
+class _NdarrayName:
+    """What a batch file gets for `numpy.ndarray`: a name to pass to numpy's rebuilder, not a constructor to call
+    (numpy.ndarray(shape, dtype, buffer, offset, strides) would let a few bytes pose as gigabytes)."""
+
+    def __call__(self, *args, **kwargs):
+        raise pickle.UnpicklingError("numpy.ndarray(...) calls are not allowed in a CIFAR batch file (only "
+                                     "arrays pickled by numpy)")
+
+
+_NDARRAY = _NdarrayName()
+
+
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles dicts/lists/bytes/numbers and numpy arrays, nothing else (no code from the file runs)."""
-    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-                ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+    """Unpickles dicts/lists/bytes/numbers and numpy arrays, nothing else (no code from the file runs).
+
+    Every array is either a view of bytes from the file or, through numpy's
+    rebuilder, allocated against a budget of `budget` bytes (the file's size),
+    so a small file cannot make the loader allocate much more than itself.
+    """
+    _REBUILDERS = {"numpy.core.multiarray", "numpy._core.multiarray"}
+    _FROMBUFFER = {"numpy.core.numeric", "numpy._core.numeric"}
+
+    def __init__(self, file, budget: int):
+        super().__init__(file, encoding="bytes")
+        self._budget = budget
 
     def find_class(self, module, name):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch file")
-        return super().find_class(module, name)
+        if (module, name) == ("numpy", "ndarray"):
+            return _NDARRAY
+        if (module, name) == ("numpy", "dtype"):
+            return np.dtype
+        if (module, name) == ("_codecs", "encode"):  # how protocol 2 stores bytes under Python 3
+            return _latin1
+        if name == "_reconstruct" and module in self._REBUILDERS:
+            return self._reconstruct
+        if name == "_frombuffer" and module in self._FROMBUFFER:  # a view of bytes read from the file
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch file")
+
+    def _reconstruct(self, subtype, shape, dtype):
+        if subtype is not _NDARRAY:
+            raise pickle.UnpicklingError("numpy's array rebuilder may only rebuild numpy.ndarray")
+        if not isinstance(shape, tuple) or not all(type(d) is int and d >= 0 for d in shape):
+            raise pickle.UnpicklingError(f"an array shape must be a tuple of sizes >= 0, got {shape!r}")
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        self._budget -= nbytes
+        if self._budget < 0:  # numpy itself always rebuilds from an empty array and fills it from the file
+            raise pickle.UnpicklingError(f"an array of shape {shape} and dtype {dtype} ({nbytes} bytes) is more "
+                                         f"than the file can describe")
+        return _NUMPY_RECONSTRUCT(np.ndarray, shape, dtype)
+
+
+def _check_opcodes(raw: bytes) -> None:
+    """Refuse a pickle whose opcodes would make the unpickler allocate what the file does not hold.
+
+    Walking the opcodes checks every counted length against the bytes present
+    (the unpickler allocates the announced length before reading), and a memo
+    index must not exceed the opcodes so far (the unpickler grows its memo to
+    the index: a 10-byte file could otherwise claim gigabytes).
+    """
+    for count, (op, arg, _) in enumerate(pickletools.genops(io.BytesIO(raw))):
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and arg > count:
+            raise pickle.UnpicklingError(f"memo index {arg} at opcode {count} is out of range")
+
+
+def _latin1(text, encoding):
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode is only allowed for latin1 text, got {encoding!r}")
+    return text.encode("latin1")
 
 
 def _cifar_dir(data_dir, name: str) -> Path:
@@ -49,21 +115,42 @@ def _cifar_dir(data_dir, name: str) -> Path:
 def _read_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     what = f"{path} must be a pickled dict with b'data' (uint8 [n, 3072]) and {label_key!r} ({num_classes} classes)"
     try:
-        with open(path, "rb") as f:
-            batch = _ArrayUnpickler(f, encoding="bytes").load()
+        raw = path.read_bytes()
+        _check_opcodes(raw)
+        batch = _ArrayUnpickler(io.BytesIO(raw), budget=len(raw)).load()
     except Exception as exc:
         raise ValueError(f"cannot read {path}: {type(exc).__name__}: {exc}; {what}") from None
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
-        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        keys = sorted(map(repr, batch)) if isinstance(batch, dict) else type(batch).__name__
         raise ValueError(f"{what}; found {keys}")
-    data, labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"{what}; b'data' is {data.dtype} with shape {data.shape}")
-    if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{what}; labels have shape {labels.shape} (dtype {labels.dtype}) for {len(data)} images")
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{what}; labels range over [{labels.min()}, {labels.max()}]")
-    return data, labels.astype(np.int64)
+    data = batch[b"data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        found = f"{data.dtype} with shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise ValueError(f"{what}; b'data' is {found}")
+    labels = _labels(batch[label_key], num_classes, what)
+    if len(labels) != len(data):
+        raise ValueError(f"{what}; there are {len(labels)} labels for {len(data)} images")
+    return data, labels
+
+
+def _labels(labels, num_classes: int, what: str) -> np.ndarray:
+    """The int64 array of a list of ints (the CIFAR layout) or a 1-D integer array in [0, num_classes)."""
+    if isinstance(labels, np.ndarray):
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{what}; the labels are {labels.dtype} with shape {labels.shape}, not a list of ints "
+                             f"or a 1-D integer array")
+    elif not isinstance(labels, list):
+        raise ValueError(f"{what}; the labels are a {type(labels).__name__}, not a list of ints")
+    else:  # nothing nested: numpy would otherwise expand shared sublists or fail past 64 levels
+        bad = next((i for i, v in enumerate(labels) if type(v) is not int), None)
+        if bad is not None:
+            raise ValueError(f"{what}; the labels hold a {type(labels[bad]).__name__} at index {bad}, not an int")
+    if len(labels):
+        lo, hi = (int(labels.min()), int(labels.max())) if isinstance(labels, np.ndarray) else (min(labels),
+                                                                                                 max(labels))
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{what}; labels range over [{lo}, {hi}]")
+    return np.asarray(labels).astype(np.int64)
 
 
 def load_cifar(name: str, data_dir) -> Dataset:

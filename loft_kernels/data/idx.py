@@ -10,6 +10,7 @@ file gives an error naming it and nothing half-loaded is returned.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
@@ -64,47 +65,101 @@ def idx_dir(name: str, data_dir) -> Path:
     return root
 
 
-def _raw_bytes(path: Path) -> bytes:
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":  # gzip, whatever the file is called
+_GZIP_MAGIC = b"\x1f\x8b"
+_DEFLATE_MAX_RATIO = 1032  # deflate never expands a byte stream more than 1032-fold
+_CHUNK = 1 << 20
+_TRAILING_COUNTED = 1 << 20  # trailing bytes are counted this far, then reported as "more than"
+
+
+@contextlib.contextmanager
+def _open_idx(path: Path):
+    """(file, compressed): the gzip stream if the file starts with the gzip magic, whatever its name; else the file.
+
+    Errors of the gzip stream (bad header, corrupt data, cut short, wrong
+    checksum) become a ValueError naming the file.
+    """
+    with open(path, "rb") as f:
+        compressed = f.read(2) == _GZIP_MAGIC
+        f.seek(0)
+        if not compressed and path.suffix == ".gz":
+            raise ValueError(f"{path} is not a gzip file (it does not start with the gzip magic bytes 1f 8b)")
         try:
-            return gzip.decompress(raw)
+            if compressed:
+                with gzip.GzipFile(fileobj=f, mode="rb") as g:
+                    yield g, True
+            else:
+                yield f, False
         except (OSError, EOFError, zlib.error) as exc:
+            if not compressed:
+                raise
             raise ValueError(f"{path} is not a valid gzip file ({type(exc).__name__}: {exc})") from None
-    if path.suffix == ".gz":
-        raise ValueError(f"{path} is not a gzip file (it does not start with the gzip magic bytes 1f 8b)")
-    return raw
+
+
+def _read_up_to(f, n: int) -> bytearray:
+    """At most n bytes of f, read in chunks: memory follows what the file holds, not what it claims."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = f.read(min(_CHUNK, n - len(buf)))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
 
 
 def read_idx(path, ndim: int, item_shape: tuple[int, ...] = ()) -> np.ndarray:
     """The uint8 array of an idx file with `ndim` dimensions whose trailing ones equal `item_shape`.
 
     Raises ValueError naming the file for a bad gzip stream, wrong magic number
-    or element type, wrong dimensions, truncated data or trailing bytes.
+    or element type, wrong dimensions, truncated data or trailing bytes. The
+    header is checked first (a claim no file of this size can hold is refused
+    at once) and never more than the data it announces is decompressed, plus at
+    most 1 MiB to count trailing bytes, so a small file that claims or expands
+    to gigabytes is refused without using that memory.
     """
     path = Path(path)
-    raw = _raw_bytes(path)
+    size = path.stat().st_size
+    with _open_idx(path) as (f, compressed):
+        head = _read_up_to(f, 4 + 4 * ndim)
+        dims, header = _check_header(path, head, ndim, item_shape)
+        count = math.prod(dims)
+        shape = f"{' x '.join(map(str, dims))} = " if ndim > 1 else ""
+        # Claims no file of this size can hold are refused before reading any data.
+        limit = size * _DEFLATE_MAX_RATIO if compressed else size - header
+        if count > limit:
+            if compressed:
+                raise ValueError(f"{path} announces {shape}{count} bytes of data in its header, more than a "
+                                 f"{size}-byte gzip file can hold (deflate expands at most {_DEFLATE_MAX_RATIO}-fold)")
+            raise ValueError(f"{path} is truncated: its header announces {shape}{count} bytes of data but it holds "
+                             f"{limit}")
+        data = _read_up_to(f, count)
+        if len(data) < count:
+            raise ValueError(f"{path} is truncated: its header announces {shape}{count} bytes of data but it holds "
+                             f"{len(data)}")
+        # Reading on to the end also checks the gzip checksum; a plain file's size says it exactly.
+        extra = len(_read_up_to(f, _TRAILING_COUNTED + 1)) if compressed else size - header - count
+    if extra:
+        many = f"more than {_TRAILING_COUNTED}" if extra > _TRAILING_COUNTED else str(extra)
+        raise ValueError(f"{path} has {many} bytes after the {count} bytes of data its header announces")
+    return np.frombuffer(data, np.uint8).reshape(dims)
+
+
+def _check_header(path: Path, head: bytes, ndim: int, item_shape) -> tuple[tuple[int, ...], int]:
+    """The dimensions in the idx header `head` and the header's length, or a ValueError naming the fault."""
     want = (_UBYTE << 8) | ndim
-    if len(raw) < 4:
-        raise ValueError(f"{path} is too short ({len(raw)} bytes) for an idx header")
-    magic = int.from_bytes(raw[:4], "big")
+    if len(head) < 4:
+        raise ValueError(f"{path} is too short ({len(head)} bytes) for an idx header")
+    magic = int.from_bytes(head[:4], "big")
     if magic != want:
         raise ValueError(f"{path} has the wrong magic number {magic:#010x}; expected {want:#010x} "
                          f"(an idx file of unsigned bytes with {ndim} dimension{'s' * (ndim > 1)})")
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"{path} is truncated: {len(raw)} bytes, shorter than its {header}-byte header")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    if len(head) < header:
+        raise ValueError(f"{path} is truncated: {len(head)} bytes, shorter than its {header}-byte header")
+    dims = struct.unpack(f">{ndim}I", head[4:header])
     if tuple(dims[1:]) != tuple(item_shape):
         raise ValueError(f"{path} has dimensions {' x '.join(map(str, dims))}; expected N"
                          + "".join(f" x {d}" for d in item_shape))
-    count, have = math.prod(dims), len(raw) - header
-    if have < count:
-        shape = f"{' x '.join(map(str, dims))} = " if ndim > 1 else ""
-        raise ValueError(f"{path} is truncated: its header announces {shape}{count} bytes of data but it holds {have}")
-    if have > count:
-        raise ValueError(f"{path} has {have - count} bytes after the {count} bytes of data its header announces")
-    return np.frombuffer(raw, np.uint8, count, header).reshape(dims)
+    return dims, header
 
 
 def _split(root: Path, split: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
