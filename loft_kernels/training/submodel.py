@@ -121,11 +121,12 @@ def shrink_(module: nn.Module, attr: str, rows: Optional[Tensor], cols: Optional
         module.__dict__[_HOOKED] = True
     rec = _Compact(master, rows, cols, shared)
     if isinstance(module, nn.Conv2d) and attr == "weight" and module.groups > 1 and rows is not None:
-        if module.groups != master.shape[0] or master.shape[1] != 1:
-            raise ValueError("only depthwise convolutions (one input channel per filter) can be shrunk along "
-                             f"their filters; this one has groups={module.groups}")
-        rec.groups = module.groups
-        module.groups = len(rows)
+        if module.groups == master.shape[0] and master.shape[1] == 1:  # depthwise: one conv group per channel
+            rec.groups = module.groups
+            module.groups = len(rows)
+        elif len(rows) % module.groups:  # a grouped conv keeps its groups, each with fewer channels
+            raise ValueError(f"a grouped convolution (groups={module.groups}) can only be shrunk to the same share "
+                             f"of every conv group; got {len(rows)} filters")
     if t.grad is not None:
         t.grad = None  # a gradient of the old shape cannot accumulate into the new one
     t.data = gather(master, rows, cols)
