@@ -14,11 +14,12 @@ from typing import Optional, Sequence
 from torch import nn
 
 from ..filter_group import BATCHNORM, FilterGroup, Member, check_group_list, resolve_groups
-from .discovery import GroupReport, explain_groups, find_filter_groups
+from .discovery import GroupReport, ParameterShare, explain_groups, find_filter_groups, parameter_share
 from .layers import LoftBatchNorm2d, LoftConv2d
 from .linear import LoftLinear
 
-__all__ = ["FilterGroup", "Member", "GroupReport", "find_filter_groups", "explain_groups", "select_groups",
+__all__ = ["FilterGroup", "Member", "GroupReport", "ParameterShare", "parameter_share", "find_filter_groups",
+           "explain_groups", "select_groups",
            "convert", "POLICIES", "check_group_list", "resolve_groups"]
 
 _PAPER_BLOCK = re.compile(r"^(layer[234]\.(\d+))\.")

@@ -180,8 +180,26 @@ def fx_graph(model: nn.Module, args: tuple, run) -> FlowGraph:
         node.inputs = [mapped[a] for a in _flat_inputs(n) if a in mapped]
         mapped[n] = node
         nodes.append(node)
+        target = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        if target in mapped and _in_place(n, modules):
+            mapped[target] = node  # later reads of the mutated tensor see this op's result
     _link(nodes)
     return FlowGraph(nodes, "torch.fx", calls, read_directly)
+
+
+_IN_PLACE_FUNCTIONS = {F.relu_, torch.relu_, F.leaky_relu_, F.elu_, operator.iadd, operator.isub, operator.imul,
+                       operator.itruediv}
+
+
+def _in_place(n: fx.Node, modules: dict) -> bool:
+    """Whether the op writes its first argument (x.relu_(), F.relu(x, inplace=True), x += y, nn.ReLU(inplace=True))."""
+    if n.op == "call_method":
+        return n.target.endswith("_") and not n.target.endswith("__")
+    if n.op == "call_function":
+        return n.target in _IN_PLACE_FUNCTIONS or n.kwargs.get("inplace") is True
+    if n.op == "call_module":
+        return getattr(modules[n.target], "inplace", False) is True
+    return False
 
 
 def _flat_inputs(n: fx.Node) -> list:
