@@ -86,7 +86,7 @@ class Bottleneck(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=conv_groups, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
-        self.se = SqueezeExcite(width, max(2, cin // 4), nn.ReLU) if se else nn.Identity()
+        self.se = SqueezeExcite(width, max(4, cin // 2), nn.ReLU) if se else nn.Identity()
         self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(cout)
         self.down = None if cin == cout and stride == 1 else \
