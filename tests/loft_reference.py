@@ -65,7 +65,22 @@ def tiny_convnext(seed: int = 0):
     return lk.convert(model, torch.randn(2, 3, 8, 8))
 
 
-MODELS = {"preact": tiny_preact, "vgg": tiny_vgg, "mobilenet": tiny_mobilenet, "convnext": tiny_convnext}
+def tiny_gated(factory):
+    """A model of tests/gate_models.py (SE gates, grouped convs) with its discovered groups."""
+    def make(seed: int = 0):
+        torch.manual_seed(seed)
+        model = factory()
+        return model, lk.find_filter_groups(model, torch.randn(2, 3, 8, 8))
+    return make
+
+
+def _gate_models():
+    from gate_models import TinyEfficientNet, TinyResNeXt
+    return {"efficientnet_se": tiny_gated(TinyEfficientNet), "regnet_y": tiny_gated(lambda: TinyResNeXt(se=True))}
+
+
+MODELS = {"preact": tiny_preact, "vgg": tiny_vgg, "mobilenet": tiny_mobilenet, "convnext": tiny_convnext,
+          **_gate_models()}
 OPTIMIZERS = {
     "sgd": functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4),
     "adam": functools.partial(torch.optim.Adam, lr=1e-2),

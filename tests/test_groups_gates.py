@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gate_models import MBConv, TinyEfficientNet, TinyResNeXt, randomise, tiny_mobilenet_v3
+from loft_reference import MODELS as REFERENCE_MODELS
 from loft_reference import (  # noqa: F401 (one_thread: fixture)
     OPTIMIZERS,
     assert_simulator_matches_reference,
@@ -14,8 +15,10 @@ from loft_reference import (  # noqa: F401 (one_thread: fixture)
     max_diff,
     one_thread,
     run_plain,
+    run_reference,
     run_simulator,
 )
+from test_distributed import launch
 from torch import nn
 
 import loft_kernels as lk
@@ -131,6 +134,24 @@ def test_simulator_matches_reference(name, opt_name, workers, state):
     model = _model(name)
     groups = lk.find_filter_groups(model, X)
     assert_simulator_matches_reference(model, groups, OPTIMIZERS[opt_name], workers, 2, 4, state, 3)
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+@pytest.mark.parametrize("model_name", ["efficientnet_se", "regnet_y"])
+def test_two_gloo_processes_match_simulator_and_reference(model_name, tmp_path):
+    config = dict(model=model_name, optimizer="sgd", sync_every=2, seed=5, state="keep", steps=3)
+    codes, results, logs = launch(2, config, tmp_path)
+    assert codes == [0, 0], logs
+    model, groups = REFERENCE_MODELS[model_name]()
+    ref = run_reference(model, groups, OPTIMIZERS["sgd"], 2, 2, 5, "keep", 3)
+    sim_snaps, _ = run_simulator(model, groups, OPTIMIZERS["sgd"], 2, 2, 5, "keep", 3)
+    for r, res in enumerate(results):
+        assert res["error"] is None and len(res["snapshots"]) == 2
+        for i, snap in enumerate(res["snapshots"]):
+            for name, other in (("reference", ref[i]), ("simulator", sim_snaps[i])):
+                diff, where = max_diff(snap, other)
+                assert diff <= 1e-4, f"rank {r}, sync {i}: {where} differs from the {name} by {diff}"
 
 
 def test_worker_blocks_of_se_and_grouped_layers():
