@@ -127,3 +127,46 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
             if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g))
     return model
+
+
+class ConvBN(nn.Sequential):
+    """conv (no bias) -> BN (eps 0.001) -> ReLU, as Inception's basic conv."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, padding: int = 0):
+        super().__init__(nn.Conv2d(cin, cout, kernel, stride, padding, bias=False), nn.BatchNorm2d(cout, eps=0.001),
+                         nn.ReLU())
+
+
+class InceptionBlock(nn.Module):
+    """1x1 | 1x1 -> 3x3 | 1x1 -> 3x3 -> 3x3 | avg pool -> 1x1, concatenated."""
+
+    def __init__(self, cin: int, width: int):
+        super().__init__()
+        self.b1 = ConvBN(cin, width)
+        self.b3 = nn.Sequential(ConvBN(cin, width), ConvBN(width, width, 3, padding=1))
+        self.b33 = nn.Sequential(ConvBN(cin, width), ConvBN(width, width, 3, padding=1),
+                                 ConvBN(width, width, 3, padding=1))
+        self.pool = ConvBN(cin, width)
+
+    def forward(self, x):
+        return torch.cat([self.b1(x), self.b3(x), self.b33(x), self.pool(F.avg_pool2d(x, 3, 1, 1))], 1)
+
+
+class TinyInception(nn.Module):
+    """Stem -> two Inception blocks around a stride-2 reduction -> fc; in training mode also an auxiliary head on
+    the first block, returned as (logits, aux_logits) as torchvision's Inception-v3 does."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(ConvBN(3, 8, 3, 2), ConvBN(8, 16, 3, padding=1))
+        self.mixed1 = InceptionBlock(16, 8)
+        self.reduce = ConvBN(32, 32, 3, 2)
+        self.mixed2 = InceptionBlock(32, 12)
+        self.aux = nn.Sequential(ConvBN(32, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+        self.fc = nn.Linear(48, num_classes)
+
+    def forward(self, x):
+        x = self.mixed1(self.stem(x))
+        aux = self.aux(x) if self.training else None
+        logits = self.fc(torch.flatten(F.adaptive_avg_pool2d(self.mixed2(self.reduce(x)), 1), 1))
+        return (logits, aux) if self.training else logits

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from gate_models import MBConv, TinyEfficientNet, TinyResNeXt, randomise, tiny_mobilenet_v3
+from gate_models import MBConv, TinyEfficientNet, TinyInception, TinyResNeXt, randomise, tiny_mobilenet_v3
 from loft_reference import MODELS as REFERENCE_MODELS
 from loft_reference import (  # noqa: F401 (one_thread: fixture)
     OPTIMIZERS,
@@ -314,3 +314,38 @@ def test_mbconv_without_se_is_unchanged():
             return self.m(x)
     g = lk.find_filter_groups(Block(), torch.randn(2, 4, 6, 6))
     assert [_kinds(x) for x in g] == [["batchnorm", "depthwise", "batchnorm"]]
+
+
+# ------------------------------------------------------- Inception tickets ----
+def _main_logits_loss(out, y):
+    logits, aux = out if isinstance(out, tuple) else (out, None)
+    return F.cross_entropy(logits, y) + (0.4 * F.cross_entropy(aux, y) if aux is not None else 0)
+
+
+def test_inception_ticket_after_a_loft2_step_is_finite_and_faithful():
+    """After a LoFT-2 step the ticket's outputs are finite [N, 10] in both modes and equal to the masked full model.
+
+    (torchvision's Inception-v3 with its truncated-normal init gives NaN in eval mode after one step with the
+    full, unpruned model too: one step of BatchNorm running statistics cannot tame its activations. That is the
+    training, not the ticket; `prune` refuses a model whose state itself is not finite.)"""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 24, 24)
+    model = TinyInception()
+    groups = lk.find_filter_groups(model, x)
+    assert {g.producer for g in groups} >= {"mixed1.b33.0.0", "mixed1.b33.1.0", "mixed2.b3.0.0"}
+    sim = lk.LoftSimulator(model, groups, OPTIMIZERS["sgd"], 2, 2, seed=0)
+    sim.model.train()
+    for t in range(2):
+        sim.step([(torch.randn(4, 3, 24, 24), torch.randint(0, 10, (4,))) for _ in range(2)], _main_logits_loss)
+    pruned, kept = prune(sim.model, groups, 0.5)
+    with torch.no_grad():
+        y = pruned.eval()(x)
+        assert y.shape == (4, 10) and torch.isfinite(y).all()
+        want = masked_model(sim.model.eval(), groups, {k: v.tolist() for k, v in kept.items()})(x)
+        torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
+        logits, aux = pruned.train()(x)  # (moves the ticket's BatchNorm statistics: last)
+        assert logits.shape == aux.shape == (4, 10) and torch.isfinite(logits).all() and torch.isfinite(aux).all()
+    with torch.no_grad():
+        sim.model.get_submodule("mixed2.b1.1").running_var[0] = float("nan")
+    with pytest.raises(ValueError, match="'mixed2.b1.1.running_var' holds NaN"):
+        prune(sim.model, groups, 0.5)

@@ -203,6 +203,15 @@ def _carry_attributes(old: nn.Module, new: nn.Module) -> nn.Module:
     return new
 
 
+def _check_finite(model: nn.Module) -> None:
+    """A ticket cut from a diverged model would compute garbage: refuse it, naming the tensor."""
+    with _groups.full_view(model):
+        for name, t in model.state_dict().items():
+            if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"model: {name!r} holds NaN or infinite values (did the training diverge?); "
+                                 f"a ticket cut from it would not compute finite outputs")
+
+
 def prune(model: nn.Module, groups, ratio: float, criterion="l2") -> tuple[nn.Module, dict[str, Tensor]]:
     """Draw the ticket: keep the top `n - lk.pruned_count(n, ratio)` filters of each group, cut out the rest.
 
@@ -216,13 +225,15 @@ def prune(model: nn.Module, groups, ratio: float, criterion="l2") -> tuple[nn.Mo
     physically cut out of every tensor of their group (producer rows and bias,
     BatchNorm channels, depthwise kernels, consumer input columns), made of plain
     nn.Conv2d/nn.Linear/nn.BatchNorm2d (Loft layers replaced); `model` is left
-    untouched. `kept` maps group name -> sorted int64 kept indices. With
+    untouched; a model whose state holds NaN/inf (diverged training) is refused.
+    `kept` maps group name -> sorted int64 kept indices. With
     zero-preserving per-channel ops in between (BN, ReLU, GELU, depthwise conv),
     `pruned` computes exactly what `model` does with the removed filters'
     producer rows, bias, BN affine parameters and depthwise bias zeroed.
     """
     groups = [r.group for r in _groups.resolve(model, groups)]
     ratio = C.ratio(ratio)
+    _check_finite(model)
     if isinstance(criterion, str):
         if criterion != "l2":
             raise ValueError(f"criterion must be 'l2' or a dict of per-group scores, got {criterion!r}")
