@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 
 import family_attention as A
 import family_classic as C
@@ -198,9 +199,9 @@ EXPECTED = {
 
 
 @functools.lru_cache(maxsize=None)
-def discovered(name):
-    """(model, example input, report, expected today, pending {reason: pairs}) of the reduced family model."""
-    model, x = build(name)
+def discovered(name, small=True):
+    """(model, example input, report, expected today, pending {reason: pairs}) of the family model."""
+    model, x = build(name, small, batch=1)
     report = lk.explain_groups(model, x)
     today, pending = EXPECTED[name](model)
     return model, x, report, today, {k: v for k, v in pending.items() if v}
@@ -210,9 +211,8 @@ def test_every_family_has_expectations_and_a_reduced_size():
     assert set(EXPECTED) == set(FAMILIES) == set(SMALL)
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_groups_found_and_every_other_layer_has_a_reason(name):
-    model, x, report, today, pending = discovered(name)
+def _check_groups_and_reasons(name, small):
+    model, x, report, today, pending = discovered(name, small)
     found = {(g.producer, g.consumer) for g in report.groups}
     assert today <= found, f"expected groups not found: {sorted(today - found)}"
     allowed = today.union(*pending.values())
@@ -221,6 +221,22 @@ def test_groups_found_and_every_other_layer_has_a_reason(name):
     assert set(report.reasons) | producers == layer_names(model) and not set(report.reasons) & producers
     assert all(isinstance(r, str) and r for r in report.reasons.values())
     assert 0.0 <= grouped_share(model, report.groups) <= 1.0
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_groups_found_and_every_other_layer_has_a_reason(name):
+    _check_groups_and_reasons(name, small=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("LOFT_FULL_FAMILIES"), reason="the real-size models (224x224, minutes in all): "
+                    "set LOFT_FULL_FAMILIES=1")
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_real_size_groups_found_and_every_other_layer_has_a_reason(name):
+    try:
+        _check_groups_and_reasons(name, small=False)
+    finally:
+        discovered.cache_clear()  # a real-size model is large: keep none alive
 
 
 PENDING = [pytest.param(name, kind, id=f"{name}-{kind.split()[0]}",
