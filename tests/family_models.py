@@ -105,33 +105,36 @@ def reason_kind(reason: str) -> str:
 def summary(name: str, small: bool = True) -> dict:
     """Discovery on one family: groups, grouped parameter share, seconds, and the refusal reasons counted."""
     model, x = build(name, small, batch=1)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     report = lk.explain_groups(model, x)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     counts: dict = {}
     for why in report.reasons.values():
         counts[reason_kind(why)] = counts.get(reason_kind(why), 0) + 1
     return dict(family=name, groups=len(report.groups), share=grouped_share(model, report.groups),
                 layers=len(layer_names(model)), params=sum(p.numel() for p in model.parameters()),
-                seconds=seconds, tracer=report.tracer, reasons=counts)
+                seconds=seconds, cpu_seconds=cpu, tracer=report.tracer, reasons=counts)
 
 
 def table(small: bool = True, names=None) -> str:
     """A markdown table, one row per family."""
-    rows = ["| family | params | conv/linear | groups | share in grouped modules | discovery s | tracer | "
+    rows = ["| family | params | conv/linear | groups | share in grouped modules | discovery s (CPU s) | tracer | "
             "why the other layers are not producers (count) |", "|---|---|---|---|---|---|---|---|"]
     for name in names or FAMILIES:
         s = summary(name, small)
         why = "; ".join(f"{r} ({k})" for r, k in sorted(s["reasons"].items(), key=lambda kv: -kv[1]))
         rows.append(f"| {name} | {s['params'] / 1e6:.2f}M | {s['layers']} | {s['groups']} | {100 * s['share']:.0f} % "
-                    f"| {s['seconds']:.2f} | {s['tracer']} | {why} |")
+                    f"| {s['seconds']:.1f} ({s['cpu_seconds']:.1f}) | {s['tracer']} | {why} |")
     return "\n".join(rows)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="the real sizes at 224x224 (slower)")
-    parser.add_argument("families", nargs="*", choices=[[]] + list(FAMILIES), help="default: all")
+    parser.add_argument("families", nargs="*", help=f"default: all of {', '.join(FAMILIES)}")
     args = parser.parse_args()
+    unknown = [f for f in args.families if f not in FAMILIES]
+    if unknown:
+        parser.error(f"unknown families {unknown}; choose from {list(FAMILIES)}")
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     print(table(small=not args.full, names=args.families or None))
