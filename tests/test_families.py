@@ -198,6 +198,12 @@ EXPECTED = {
 }
 
 
+def pending_kinds(name):
+    """The kinds of group the reduced model of `name` has pending (its blocks decide; no tracing)."""
+    model, _ = build(name)
+    return sorted(kind for kind, pairs in EXPECTED[name](model)[1].items() if pairs)
+
+
 @functools.lru_cache(maxsize=None)
 def discovered(name, small=True):
     """(model, example input, report, expected today, pending {reason: pairs}) of the family model."""
@@ -241,7 +247,7 @@ def test_real_size_groups_found_and_every_other_layer_has_a_reason(name):
 
 PENDING = [pytest.param(name, kind, id=f"{name}-{kind.split()[0]}",
                         marks=pytest.mark.xfail(strict=True, reason=f"discovery does not find {kind}s yet"))
-           for name in sorted(FAMILIES) for kind in discovered(name)[4]]
+           for name in sorted(FAMILIES) for kind in pending_kinds(name)]
 
 
 @pytest.mark.parametrize("name,kind", PENDING)
@@ -250,6 +256,50 @@ def test_pending_groups(name, kind):
     _, _, report, _, pending = discovered(name)
     found = {(g.producer, g.consumer) for g in report.groups}
     assert pending[kind] <= found, f"not found: {sorted(pending[kind] - found)}"
+
+
+# torchvision's documented parameter counts for 1000 classes (Inception-v3's includes the auxiliary head, which
+# these models leave out: its 1x1 conv 768->128 + BN, 5x5 conv 128->768 + BN and Linear 768->1000).
+_INCEPTION_AUX = (768 * 128 + 2 * 128) + (128 * 768 * 25 + 2 * 768) + (768 * 1000 + 1000)
+TORCHVISION_PARAMS = {
+    "resnet18": 11_689_512, "resnet50": 25_557_032, "resnext50_32x4d": 25_028_904, "wide_resnet50_2": 68_883_240,
+    "regnet_x_400mf": 5_495_976, "regnet_y_400mf": 4_344_144, "mobilenet_v2": 3_504_872,
+    "mobilenet_v3_small": 2_542_856, "mobilenet_v3_large": 5_483_032, "efficientnet_b0": 5_288_548,
+    "efficientnet_v2_s": 21_458_488, "mnasnet1_0": 4_383_312, "shufflenet_v2_x1_0": 2_278_604,
+    "densenet121": 7_978_856, "googlenet": 6_624_904, "inception_v3": 27_161_264 - _INCEPTION_AUX,
+    "squeezenet1_0": 1_248_424, "convnext_tiny": 28_589_128, "swin_t": 28_288_354, "vit_b_16": 86_567_656,
+    "maxvit_t": 30_919_624, "vgg11_bn": 132_868_840, "alexnet": 61_100_840,
+}
+
+
+def test_real_sizes_have_torchvisions_parameter_counts():
+    assert set(TORCHVISION_PARAMS) == set(FAMILIES)
+    for name, constructor in FAMILIES.items():
+        with torch.device("meta"):  # shapes only: no memory, no init
+            model = constructor(num_classes=1000)
+        assert sum(p.numel() for p in model.parameters()) == TORCHVISION_PARAMS[name], name
+
+
+def test_mnasnet_state_dict_carries_its_version():
+    model = N.mnasnet1_0(alpha=0.5)
+    state = model.state_dict()
+    assert state._metadata[""]["version"] == 2
+    N.mnasnet1_0(alpha=0.5).load_state_dict(state)  # the round trip keeps the metadata
+    with pytest.raises(ValueError, match="version should be set to 1 or 2 instead of None"):
+        N.mnasnet1_0(alpha=0.5).load_state_dict(dict(state))  # a plain dict has no version
+    old = N.mnasnet1_0(alpha=0.5)
+    for i, layer in enumerate(N._mnas_stem(32, 16) + [N._mnas_stack(16, N._mnas_depths(0.5)[2],
+                                                                    *N.MNASNET_STACKS[0])]):
+        old.layers[i] = layer  # what a version-1 model of alpha 0.5 looked like
+    v1 = old.state_dict()
+    v1._metadata[""]["version"] = 1
+    fresh = N.mnasnet1_0(alpha=0.5)
+    with pytest.warns(UserWarning, match="version-1"):
+        fresh.load_state_dict(v1)
+    assert fresh._version == 1 and fresh.layers[0].out_channels == 32
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), old.eval()(x))
 
 
 # ------------------------------------------------------------------- training ----
