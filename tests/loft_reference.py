@@ -87,10 +87,10 @@ OPTIMIZERS = {
 }
 
 
-def batch(worker: int, step: int, seed: int = 0, n: int = 4):
+def batch(worker: int, step: int, seed: int = 0, n: int = 4, shape=(3, 8, 8), classes: int = 5):
     """The (inputs, targets) of `worker` at global step `step`: reproducible in any process."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + worker * 10_007 + step)
-    return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
 loss_fn = F.cross_entropy
@@ -227,8 +227,9 @@ def masked_model(full, groups, keep):
     return m
 
 
-def run_reference(model, groups, factory, workers, sync_every, seed, state, steps, data_seed=0):
-    """Train `steps` steps of LoFT; returns the full model's state_dict after every sync (the last: finalize)."""
+def run_reference(model, groups, factory, workers, sync_every, seed, state, steps, data_seed=0, batches=batch):
+    """Train `steps` steps of LoFT; returns the full model's state_dict after every sync (the last: finalize).
+    `batches(worker, step, data_seed)` gives the (inputs, targets) of every run_* helper."""
     full = copy.deepcopy(model)
     lk.activate(full, groups, None)
     full.train()
@@ -254,7 +255,7 @@ def run_reference(model, groups, factory, workers, sync_every, seed, state, step
             opts.append(opt)
         for i in range(k):
             for s in range(workers):
-                x, y = batch(s, t + i, data_seed)
+                x, y = batches(s, t + i, data_seed)
                 opts[s].zero_grad()
                 loss_fn(subs[s](x), y).backward()
                 opts[s].step()
@@ -291,14 +292,14 @@ def run_reference(model, groups, factory, workers, sync_every, seed, state, step
     return snapshots
 
 
-def run_simulator(model, groups, factory, workers, sync_every, seed, state, steps, data_seed=0):
+def run_simulator(model, groups, factory, workers, sync_every, seed, state, steps, data_seed=0, batches=batch):
     """The same run through lk.LoftSimulator; returns (snapshots after every sync, simulator)."""
     sim = lk.LoftSimulator(copy.deepcopy(model), groups, factory, workers, sync_every, seed, state)
     sim.model.train()
     snapshots = []
     for t in range(steps):
         before = sim.round
-        sim.step([batch(s, t, data_seed) for s in range(workers)], loss_fn)
+        sim.step([batches(s, t, data_seed) for s in range(workers)], loss_fn)
         if sim.round != before:
             snapshots.append({n: v.clone() for n, v in sim.model.state_dict().items()})
     if sim.step_in_round:
@@ -307,14 +308,14 @@ def run_simulator(model, groups, factory, workers, sync_every, seed, state, step
     return snapshots, sim
 
 
-def run_plain(model, groups, factory, steps, data_seed=0):
+def run_plain(model, groups, factory, steps, data_seed=0, batches=batch):
     """Plain training of a copy of `model` on worker 0's batches (what one LoFT worker must equal); its state."""
     plain = copy.deepcopy(model)
     lk.activate(plain, groups, None)
     plain.train()
     opt = factory(plain.parameters())
     for t in range(steps):
-        x, y = batch(0, t, data_seed)
+        x, y = batches(0, t, data_seed)
         opt.zero_grad()
         loss_fn(plain(x), y).backward()
         opt.step()
