@@ -3,12 +3,10 @@ finds against the groups the family's structure implies, a reason for every othe
 equal to the physically sliced reference, LoFT with one worker equal to plain training, a 50 % ticket that equals
 the masked full model and gives finite [N, 10] logits.
 
-Expected groups are derived from each model's blocks (not from discovery). Two kinds of group are not found
-today and are listed per family as pending, each checked by a strict expected-failure test that passes once
-discovery finds all of them: groups whose filters pass a squeeze-and-excitation gate (the expand conv of
-MBConv / MobileNetV3 / MaxViT blocks, RegNetY's grouped conv) and groups through grouped convolutions
-(ResNeXt, RegNetX, RegNetY). Families with no group today (ResNeXt, RegNetX) skip the training tests, which
-run by themselves once such groups exist.
+Expected groups are derived from each model's blocks (not from discovery). Two kinds of group are checked
+separately per family (the "pending" sets, named for when discovery did not find them): groups whose filters pass
+a squeeze-and-excitation gate (the expand conv of MBConv / MobileNetV3 / MaxViT blocks, RegNetY's grouped conv)
+and groups through grouped convolutions (ResNeXt, RegNetX, RegNetY).
 """
 from __future__ import annotations
 
@@ -245,14 +243,13 @@ def test_real_size_groups_found_and_every_other_layer_has_a_reason(name):
         discovered.cache_clear()  # a real-size model is large: keep none alive
 
 
-PENDING = [pytest.param(name, kind, id=f"{name}-{kind.split()[0]}",
-                        marks=pytest.mark.xfail(strict=True, reason=f"discovery does not find {kind}s yet"))
+PENDING = [pytest.param(name, kind, id=f"{name}-{kind.split()[0]}")
            for name in sorted(FAMILIES) for kind in pending_kinds(name)]
 
 
 @pytest.mark.parametrize("name,kind", PENDING)
 def test_pending_groups(name, kind):
-    """The groups that SE-gated and grouped-conv discovery will add: strict expected failures until they exist."""
+    """The groups that cross SE gates and grouped convs are found."""
     _, _, report, _, pending = discovered(name)
     found = {(g.producer, g.consumer) for g in report.groups}
     assert pending[kind] <= found, f"not found: {sorted(pending[kind] - found)}"
@@ -347,9 +344,7 @@ def test_loft2_step_equals_sliced_reference_and_one_worker_is_plain_training(nam
     assert diff <= 1e-5, f"S=1: {where} differs from plain training by {diff}"
 
 
-PRUNE_PARAMS = [pytest.param(n, marks=pytest.mark.xfail(raises=ValueError, strict=True, reason=(
-    "prune rebuilds the model from a state dict without its version metadata; MNASNet's loader needs it")))
-    if n == "mnasnet1_0" else n for n in FAMILY_PARAMS]
+PRUNE_PARAMS = FAMILY_PARAMS
 
 
 @pytest.mark.parametrize("name", PRUNE_PARAMS)

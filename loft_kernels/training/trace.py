@@ -146,7 +146,13 @@ def _fx_info(node: fx.Node, op: str) -> dict:
 
 def fx_graph(model: nn.Module, args: tuple, run) -> FlowGraph:
     """Trace with torch.fx; `run(fn)` runs fn() with the model in a safe mode (see groups._run_safely)."""
-    graph = _Tracer().trace(model)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # trace the forward that runs: eval-mode branches (no dropout or stochastic depth masks)
+    try:
+        graph = _Tracer().trace(model)
+    finally:
+        for m, mode in modes:
+            m.training = mode
     gm = fx.GraphModule(model, graph)
     recorder = _ShapeRecorder(gm)
     run(lambda: recorder.run(*args))
