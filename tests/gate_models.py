@@ -114,21 +114,6 @@ class TinyResNeXt(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BatchNorm statistics/affine parameters and biases, so that masked channels would matter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.randn(m.num_features, generator=g))
-                m.bias.copy_(torch.randn(m.num_features, generator=g))
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g))
-    return model
-
-
 class ConvBN(nn.Sequential):
     """conv (no bias) -> BN (eps 0.001) -> ReLU, as Inception's basic conv."""
 

@@ -6,8 +6,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from gate_models import MBConv, TinyEfficientNet, TinyInception, TinyResNeXt, randomise, tiny_mobilenet_v3
-from loft_reference import MODELS as REFERENCE_MODELS
+from gate_models import MBConv, TinyEfficientNet, TinyInception, TinyResNeXt, tiny_mobilenet_v3
 from loft_reference import (  # noqa: F401 (one_thread: fixture)
     OPTIMIZERS,
     assert_simulator_matches_reference,
@@ -15,10 +14,9 @@ from loft_reference import (  # noqa: F401 (one_thread: fixture)
     max_diff,
     one_thread,
     run_plain,
-    run_reference,
     run_simulator,
 )
-from test_distributed import launch
+from test_prune_kinds import _randomise as randomise
 from torch import nn
 
 import loft_kernels as lk
@@ -136,24 +134,6 @@ def test_simulator_matches_reference(name, opt_name, workers, state):
     assert_simulator_matches_reference(model, groups, OPTIMIZERS[opt_name], workers, 2, 4, state, 3)
 
 
-@pytest.mark.distributed
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-@pytest.mark.parametrize("model_name", ["efficientnet_se", "regnet_y"])
-def test_two_gloo_processes_match_simulator_and_reference(model_name, tmp_path):
-    config = dict(model=model_name, optimizer="sgd", sync_every=2, seed=5, state="keep", steps=3)
-    codes, results, logs = launch(2, config, tmp_path)
-    assert codes == [0, 0], logs
-    model, groups = REFERENCE_MODELS[model_name]()
-    ref = run_reference(model, groups, OPTIMIZERS["sgd"], 2, 2, 5, "keep", 3)
-    sim_snaps, _ = run_simulator(model, groups, OPTIMIZERS["sgd"], 2, 2, 5, "keep", 3)
-    for r, res in enumerate(results):
-        assert res["error"] is None and len(res["snapshots"]) == 2
-        for i, snap in enumerate(res["snapshots"]):
-            for name, other in (("reference", ref[i]), ("simulator", sim_snaps[i])):
-                diff, where = max_diff(snap, other)
-                assert diff <= 1e-4, f"rank {r}, sync {i}: {where} differs from the {name} by {diff}"
-
-
 def test_worker_blocks_of_se_and_grouped_layers():
     """Mid-round a worker's gate layers and grouped conv hold its block: reduce columns, expand rows (and bias),
     and the grouped conv keeps its conv groups with fewer channels each."""
@@ -171,7 +151,7 @@ def test_worker_blocks_of_se_and_grouped_layers():
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("ratio", [0.3, 0.5])
 def test_pruned_equals_masked_full_model(name, ratio):
-    model = randomise(_model(name)).eval()
+    model = randomise(_model(name))
     groups = lk.find_filter_groups(model, X)
     pruned, kept = prune(model, groups, ratio)
     for g in groups:
