@@ -1,18 +1,22 @@
 """Filter-group discovery: follow each conv/linear's output channels through the model's data flow.
 
-A group (see loft_kernels.filter_group) is a producer (groups=1 nn.Conv2d or
-nn.Linear) whose output channels flow only through per-channel operations into
-exactly one consumer (groups=1 nn.Conv2d or nn.Linear). Per-channel here means
-output channel j depends on input channel j alone and the op runs the same on a
-subset of channels: elementwise activations, dropout, spatial pooling, BatchNorm2d
-and depthwise convs (channel multiplier 1; they become members cut with the
-group), layout permutes/transposes (the walk tracks which dim holds the
-channels, so a channels-last Linear after a conv is found), and means over
-non-channel dims that keep the rank. What stops a walk is reported as the reason: a residual add,
-a concat, a reshape, a channel shuffle, a split, a channel-attention (SE) scale,
-LayerNorm/GroupNorm/softmax over channels, a grouped conv (it mixes the
-channels of each block: not partitionable), a layer called twice or with tied
-weights.
+A group (see loft_kernels.filter_group) is a producer (nn.Conv2d or nn.Linear)
+whose output channels flow only through per-channel operations into exactly
+one consumer (nn.Conv2d or nn.Linear). Per-channel here means output channel j
+depends on input channel j alone and the op runs the same on a subset of
+channels: elementwise activations (in place or not), dropout, spatial pooling,
+BatchNorm2d and depthwise convs (channel multiplier 1; they become members cut
+with the group), a squeeze-and-excitation gate and the multiplication by it
+(its reduce and expand layers become members), layout permutes/transposes (the
+walk tracks which dim holds the channels, so a channels-last Linear after a
+conv is found), and means over non-channel dims that keep the rank. A grouped
+conv may be the producer or the consumer: the group then records its conv
+groups, and the partition keeps every worker's share aligned in each of them.
+What stops a walk is reported as the reason: a residual add, a concat, a
+reshape, a channel shuffle, a split, a multiplication by anything but an SE
+gate, LayerNorm/GroupNorm/softmax over channels, a depthwise conv with a
+channel multiplier, a layer called twice or with tied weights, a weight that is
+not a parameter of its own layer (hook-style weight_norm).
 
 The model is traced with torch.fx, and with the autograd graph of one forward
 when fx cannot trace it (see loft_kernels.training.trace). The example input is
