@@ -9,6 +9,8 @@ reduced model the tests train in seconds on a CPU. `build(name, small)` gives
 
     python tests/family_models.py            # table of the reduced models
     python tests/family_models.py --full     # the real sizes at 224x224, with discovery times
+
+tests/test_families.py checks the reduced models (and, with LOFT_FULL_FAMILIES=1, discovery on the real ones).
 """
 from __future__ import annotations
 
