@@ -240,6 +240,7 @@ class InPlace(nn.Module):
         out = self.b2(self.c2(out))
         out += x
         self.act(out)
+        F.relu(out, True)  # inplace given by position
         return out
 
 

@@ -17,6 +17,7 @@ such as "relu", "add", "permute"; `info` holds dims where they matter),
 """
 from __future__ import annotations
 
+import inspect
 import operator
 import re
 import warnings
@@ -202,7 +203,12 @@ def _in_place(n: fx.Node, modules: dict) -> bool:
     if n.op == "call_method":
         return n.target.endswith("_") and not n.target.endswith("__")
     if n.op == "call_function":
-        return n.target in _IN_PLACE_FUNCTIONS or n.kwargs.get("inplace") is True
+        if n.target in _IN_PLACE_FUNCTIONS or n.kwargs.get("inplace") is True:
+            return True
+        try:  # F.relu(x, True), F.dropout(x, 0.1, False, True): `inplace` given by position
+            return inspect.signature(n.target).bind(*n.args, **n.kwargs).arguments.get("inplace") is True
+        except (TypeError, ValueError):  # builtins without a signature, or arguments it does not bind
+            return False
     if n.op == "call_module":
         return getattr(modules[n.target], "inplace", False) is True
     return False
