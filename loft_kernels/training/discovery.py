@@ -280,7 +280,9 @@ class _Walk:
         if "add" in ops:
             return " - a residual add"
         if "mul" in ops:
-            return " - a channel-attention (SE) scale computed from all channels multiplies it"
+            return " - a channel-attention (SE) scale computed from all channels multiplies it, through a branch " \
+                "that is not a gate discovery can cut (pool -> reduce layer -> elementwise -> expand layer -> " \
+                "elementwise -> mul)"
         return ""
 
     def _module(self, user: trace.FlowNode, n: int, cdim: int, ndim: int, members: list):
