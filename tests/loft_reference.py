@@ -65,17 +65,32 @@ def tiny_convnext(seed: int = 0):
     return lk.convert(model, torch.randn(2, 3, 8, 8), loft_layers=True)
 
 
-MODELS = {"preact": tiny_preact, "vgg": tiny_vgg, "mobilenet": tiny_mobilenet, "convnext": tiny_convnext}
+def tiny_gated(factory):
+    """A model of tests/gate_models.py (SE gates, grouped convs) with its discovered groups."""
+    def make(seed: int = 0):
+        torch.manual_seed(seed)
+        model = factory()
+        return model, lk.find_filter_groups(model, torch.randn(2, 3, 8, 8))
+    return make
+
+
+def _gate_models():
+    from gate_models import TinyEfficientNet, TinyResNeXt
+    return {"efficientnet_se": tiny_gated(TinyEfficientNet), "regnet_y": tiny_gated(lambda: TinyResNeXt(se=True))}
+
+
+MODELS = {"preact": tiny_preact, "vgg": tiny_vgg, "mobilenet": tiny_mobilenet, "convnext": tiny_convnext,
+          **_gate_models()}
 OPTIMIZERS = {
     "sgd": functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4),
     "adam": functools.partial(torch.optim.Adam, lr=1e-2),
 }
 
 
-def batch(worker: int, step: int, seed: int = 0, n: int = 4):
+def batch(worker: int, step: int, seed: int = 0, n: int = 4, shape=(3, 8, 8), classes: int = 5):
     """The (inputs, targets) of `worker` at global step `step`: reproducible in any process."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + worker * 10_007 + step)
-    return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
 loss_fn = F.cross_entropy
@@ -88,18 +103,34 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _indices(groups, owned):
-    """module name -> index sets: producer out rows, consumer in columns, norm channels, depthwise channels."""
+    """module name -> index sets: out rows (producer, SE expand), in columns (consumer, SE reduce), norm
+    channels, depthwise channels."""
     rows, cols, chans, depthwise = {}, {}, {}, {}
+    kinds = {"batchnorm": chans, "depthwise": depthwise, "se_reduce": cols, "se_expand": rows}
     for g in groups:
         rows[g.producer] = owned[g.name]
         cols[g.consumer] = owned[g.name]
         for m in g.members:
-            (chans if m.kind == "batchnorm" else depthwise)[m.name] = owned[g.name]
+            kinds[m.kind][m.name] = owned[g.name]
     return rows, cols, chans, depthwise
 
 
-def tensor_index(name: str, groups, owned):
-    """(rows, cols) of a full-model tensor that is sliced for a worker, or None if it is shared."""
+def in_block(layer, cols):
+    """A grouped conv's weight holds one conv group's input channels: the in-block positions of `cols`, which must
+    be the same in every conv group (the aligned partition)."""
+    if not isinstance(layer, nn.Conv2d) or layer.groups == 1 or cols is None:
+        return cols
+    block = layer.in_channels // layer.groups
+    local = torch.unique(cols % block)
+    want = (torch.arange(layer.groups)[:, None] * block + local[None, :]).reshape(-1)
+    assert torch.equal(cols.sort().values, want), "the owned channels are not aligned across conv groups"
+    return local
+
+
+def tensor_index(name: str, groups, owned, full=None):
+    """(rows, cols) of a full-model tensor that is sliced for a worker, or None if it is shared.
+
+    `full` (the model) is needed for grouped convs, whose columns are in-block positions."""
     rows, cols, chans, depthwise = _indices(groups, owned)
     module, _, attr = name.rpartition(".")
     if module in chans and attr in ("weight", "bias", "running_mean", "running_var"):
@@ -108,7 +139,8 @@ def tensor_index(name: str, groups, owned):
         return depthwise[module], None
     if module in rows or module in cols:
         if attr == "weight":
-            return rows.get(module), cols.get(module)
+            c = cols.get(module)
+            return rows.get(module), c if full is None else in_block(full.get_submodule(module), c)
         if attr == "bias" and module in rows:
             return rows[module], None
     return None
@@ -143,8 +175,9 @@ def sub_model(full: nn.Module, groups, owned) -> nn.Module:
         else:
             r = rows.get(name, torch.arange(old.out_channels))
             c = cols.get(name, torch.arange(old.in_channels))
-            new = nn.Conv2d(len(c), len(r), old.kernel_size, old.stride, old.padding, old.dilation,
+            new = nn.Conv2d(len(c), len(r), old.kernel_size, old.stride, old.padding, old.dilation, old.groups,
                             bias=old.bias is not None, padding_mode=old.padding_mode)
+            c = in_block(old, c)
         with torch.no_grad():
             new.weight.copy_(old.weight[r][:, c])
             if old.bias is not None:
@@ -189,13 +222,14 @@ def masked_model(full, groups, keep):
                 if member.kind == "batchnorm":
                     layer.weight[drop] = 0
                     layer.bias[drop] = 0
-                elif layer.bias is not None:
+                elif member.kind == "depthwise" and layer.bias is not None:
                     layer.bias[drop] = 0
     return m
 
 
-def run_reference(model, groups, factory, workers, sync_every, seed, state, steps, data_seed=0):
-    """Train `steps` steps of LoFT; returns the full model's state_dict after every sync (the last: finalize)."""
+def run_reference(model, groups, factory, workers, sync_every, seed, state, steps, data_seed=0, batches=batch):
+    """Train `steps` steps of LoFT; returns the full model's state_dict after every sync (the last: finalize).
+    `batches(worker, step, data_seed)` gives the (inputs, targets) of every run_* helper."""
     full = copy.deepcopy(model)
     lk.activate(full, groups, None)
     full.train()
@@ -212,7 +246,7 @@ def run_reference(model, groups, factory, workers, sync_every, seed, state, step
             if state == "keep":
                 for name, p in sub.named_parameters():
                     st = {key: (v.clone() if torch.is_tensor(v) else v) for key, v in scalars.get(name, {}).items()}
-                    idx = tensor_index(name, groups, owned[s])
+                    idx = tensor_index(name, groups, owned[s], full)
                     for key, v in full_state.get(name, {}).items():
                         st[key] = v.clone() if idx is None else _take(v, *idx)
                     if st:
@@ -221,7 +255,7 @@ def run_reference(model, groups, factory, workers, sync_every, seed, state, step
             opts.append(opt)
         for i in range(k):
             for s in range(workers):
-                x, y = batch(s, t + i, data_seed)
+                x, y = batches(s, t + i, data_seed)
                 opts[s].zero_grad()
                 loss_fn(subs[s](x), y).backward()
                 opts[s].step()
@@ -229,10 +263,10 @@ def run_reference(model, groups, factory, workers, sync_every, seed, state, step
         sub_tensors = [dict(list(sub.named_parameters()) + list(sub.named_buffers())) for sub in subs]
         with torch.no_grad():
             for name, value in list(full.named_parameters()) + list(full.named_buffers()):
-                idx0 = tensor_index(name, groups, owned[0])
+                idx0 = tensor_index(name, groups, owned[0], full)
                 if idx0 is not None:
                     for s in range(workers):
-                        _put(value, *tensor_index(name, groups, owned[s]), sub_tensors[s][name])
+                        _put(value, *tensor_index(name, groups, owned[s], full), sub_tensors[s][name])
                 elif value.is_floating_point():
                     value.copy_(torch.stack([st[name] for st in sub_tensors]).mean(0))
                 else:
@@ -244,28 +278,28 @@ def run_reference(model, groups, factory, workers, sync_every, seed, state, step
                     keys = [k_ for k_, v in states[0].items()
                             if torch.is_tensor(v) and v.is_floating_point() and v.shape == sub_params[0][name].shape]
                     scalars[name] = {k_: v for k_, v in states[0].items() if k_ not in keys}
-                    idx0 = tensor_index(name, groups, owned[0])
+                    idx0 = tensor_index(name, groups, owned[0], full)
                     for key in keys:
                         if idx0 is None:
                             full_state.setdefault(name, {})[key] = torch.stack([st[key] for st in states]).mean(0)
                         else:
                             target = full_state.setdefault(name, {}).setdefault(key, torch.zeros_like(p))
                             for s in range(workers):
-                                _put(target, *tensor_index(name, groups, owned[s]), states[s][key])
+                                _put(target, *tensor_index(name, groups, owned[s], full), states[s][key])
         snapshots.append({n: v.clone() for n, v in full.state_dict().items()})
         t += k
         rnd += 1
     return snapshots
 
 
-def run_simulator(model, groups, factory, workers, sync_every, seed, state, steps, data_seed=0):
+def run_simulator(model, groups, factory, workers, sync_every, seed, state, steps, data_seed=0, batches=batch):
     """The same run through lk.LoftSimulator; returns (snapshots after every sync, simulator)."""
     sim = lk.LoftSimulator(copy.deepcopy(model), groups, factory, workers, sync_every, seed, state)
     sim.model.train()
     snapshots = []
     for t in range(steps):
         before = sim.round
-        sim.step([batch(s, t, data_seed) for s in range(workers)], loss_fn)
+        sim.step([batches(s, t, data_seed) for s in range(workers)], loss_fn)
         if sim.round != before:
             snapshots.append({n: v.clone() for n, v in sim.model.state_dict().items()})
     if sim.step_in_round:
@@ -274,14 +308,14 @@ def run_simulator(model, groups, factory, workers, sync_every, seed, state, step
     return snapshots, sim
 
 
-def run_plain(model, groups, factory, steps, data_seed=0):
+def run_plain(model, groups, factory, steps, data_seed=0, batches=batch):
     """Plain training of a copy of `model` on worker 0's batches (what one LoFT worker must equal); its state."""
     plain = copy.deepcopy(model)
     lk.activate(plain, groups, None)
     plain.train()
     opt = factory(plain.parameters())
     for t in range(steps):
-        x, y = batch(0, t, data_seed)
+        x, y = batches(0, t, data_seed)
         opt.zero_grad()
         loss_fn(plain(x), y).backward()
         opt.step()

@@ -27,7 +27,8 @@ HERE = Path(__file__).resolve().parent
 def launch(world, config, tmp_path, wait_s=240):
     """Start `world` ranks; returns (return codes, per-rank results or None). Never leaves a process behind."""
     env = dict(os.environ, LOFT_KERNELS_BACKEND="torch", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE)] + [p for p in (env.get("PYTHONPATH"),) if p])
+    # The repository root too: the ranks must import this checkout's package, not an installed copy.
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent)] + [p for p in (env.get("PYTHONPATH"),) if p])
     outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
     procs = [subprocess.Popen([sys.executable, str(HERE / "loft_reference.py"), str(r), str(world),
                                str(tmp_path / "rendezvous"), str(outs[r]), repr(config)],

@@ -182,7 +182,8 @@ CASES = {
     "depthwise_member": (lambda m, x: m.c(F.relu(m.dw(F.relu(m.a(x))))),
                          dict(a=conv(3, 4), dw=conv(4, 4, groups=4), c=conv(4, 2)),
                          [lk.FilterGroup("a", "a", (lk.Member("dw", "depthwise"),), "c", 4)]),
-    "grouped_conv_a": (lambda m, x: m.b(F.relu(m.a(x))), dict(a=conv(4, 4, groups=2), b=conv(4, 2)), []),
+    "grouped_conv_a": (lambda m, x: m.b(F.relu(m.a(x))), dict(a=conv(4, 4, groups=2), b=conv(4, 2)),
+                       [lk.FilterGroup("a", "a", (), "b", 4, conv_groups=2)]),
     "softmax_over_channels": (lambda m, x: m.b(F.softmax(m.a(x), dim=1)), dict(a=conv(3, 4), b=conv(4, 2)), []),
     "reshape": (lambda m, x: m.b(m.a(x).reshape(x.shape[0], 4, 6, 6)), dict(a=conv(3, 4), b=conv(4, 2)), []),
     # A size query is no data flow: the group stands.

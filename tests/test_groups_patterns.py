@@ -7,12 +7,13 @@ from torch import nn
 
 import loft_kernels as lk
 
-DW, BN = "depthwise", "batchnorm"
+DW, BN, SE_IN, SE_OUT = "depthwise", "batchnorm", "se_reduce", "se_expand"
 
 
-def group(producer, members, consumer, n):
+def group(producer, members, consumer, n, conv_groups=1):
     """members: list of (name, kind)."""
-    return lk.FilterGroup(producer, producer, tuple(lk.Member(nm, kind) for nm, kind in members), consumer, n)
+    return lk.FilterGroup(producer, producer, tuple(lk.Member(nm, kind) for nm, kind in members), consumer, n,
+                          conv_groups)
 
 
 def dw(c, stride=1):
@@ -239,14 +240,14 @@ PATTERNS = {
     "transformer_mlp": (TransformerMLP, TOK, [group("fc1", [], "fc2", 10)], {"fc2": "residual add"}),
     "mixer": (MixerBlock, TOK, [group("tok1", [], "tok2", 7), group("ch1", [], "ch2", 11)],
               {"tok2": "residual add"}),
-    "se_conv": (SqueezeExcite, IMG, [group("fc1", [], "fc2", 4)],
-                {"conv1": "channel-attention (SE)", "fc2": "sigmoid -> mul"}),
-    "se_linear": (lambda: SqueezeExcite(linear=True), IMG, [group("fc1", [], "fc2", 4)],
-                  {"conv1": "channel-attention (SE)"}),
+    # The SE gate's layers are members of conv1's group (reduce columns, expand rows) and a group of their own.
+    "se_conv": (SqueezeExcite, IMG, [group("conv1", [("bn1", BN), ("fc1", SE_IN), ("fc2", SE_OUT)], "conv2", 8),
+                                     group("fc1", [], "fc2", 4)], {"fc2": "SE gate expand layer"}),
     "conv_to_channels_last_linear": (ConvThenChannelsLast, IMG, [group("conv", [("bn", BN)], "fc", 7)], {}),
-    "resnext_grouped_conv": (ResNeXtBlock, torch.randn(2, 4, 6, 6), [],
-                             {"conv1": "grouped conv (groups=2) mixes", "conv2": "grouped conv (groups=2)",
-                              "conv3": "residual add"}),
+    # Grouped convs: the channels are dealt by in-block position (conv_groups), the conv groups stay aligned.
+    "resnext_grouped_conv": (ResNeXtBlock, torch.randn(2, 4, 6, 6),
+                             [group("conv1", [("bn1", BN)], "conv2", 8, 2), group("conv2", [("bn2", BN)], "conv3", 8, 2)],
+                             {"conv3": "residual add"}),
     "channel_shuffle": (ChannelShuffle, IMG, [group("b", [], "c", 6), group("c", [], "d", 6)],
                         {"a": "reshape", "d": "head"}),
     "shufflenet_v2_unit": (ShuffleUnit, IMG, [group("conv1", [("bn1", BN), ("dw", DW), ("bn2", BN)], "conv2", 4)],
@@ -257,6 +258,18 @@ PATTERNS = {
     "layernorm_over_channels": (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4), nn.Conv2d(4, 2, 1)),
                                 IMG, [], {"0": "GroupNorm"}),
 }
+
+
+@pytest.mark.parametrize("tracer", ["fx", "autograd"])
+def test_linear_se_gate(tracer):
+    """A Linear gate (pool -> flatten -> Linear -> ReLU -> Linear -> sigmoid -> view) joins conv1's group under fx,
+    which sees the view's rank; the autograd graph does not record it, so there the gate still stops the walk."""
+    report = lk.explain_groups(SqueezeExcite(linear=True), IMG, tracer=tracer)
+    gate = group("fc1", [], "fc2", 4)
+    if tracer == "fx":
+        assert report.groups == [group("conv1", [("bn1", BN), ("fc1", SE_IN), ("fc2", SE_OUT)], "conv2", 8), gate]
+    else:
+        assert report.groups == [gate] and "channel-attention (SE)" in report.reasons["conv1"]
 
 
 @pytest.mark.parametrize("tracer", ["fx", "autograd"])

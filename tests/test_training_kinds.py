@@ -50,7 +50,7 @@ def test_one_worker_is_plain_training(model_name):
 
 @pytest.mark.distributed
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-@pytest.mark.parametrize("model_name", KINDS)
+@pytest.mark.parametrize("model_name", KINDS + ["efficientnet_se", "regnet_y"])  # + SE gates, grouped convs
 def test_two_gloo_processes_match_simulator_and_reference(model_name, tmp_path):
     config = dict(model=model_name, optimizer="sgd", sync_every=2, seed=5, state="keep", steps=5)
     codes, results, logs = launch(2, config, tmp_path)

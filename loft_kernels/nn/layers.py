@@ -187,10 +187,10 @@ def activate(model: nn.Module, groups, assignment: Optional[Mapping[str, Tensor]
     norms: dict[str, Tensor] = {}
     for r in resolved:
         g = r.group
-        if g.depthwise:
-            raise ValueError(f"groups: group {g.name!r} has depthwise members {list(g.depthwise)}; active sets "
-                             f"run on groups=1 layers only (LoftOptimizer trains such groups as compact "
-                             f"sub-models)")
+        if g.depthwise or g.conv_groups > 1 or len(g.norms) != len(g.members):
+            raise ValueError(f"groups: group {g.name!r} has depthwise or SE gate members or crosses a grouped conv; "
+                             f"active sets run on groups=1 layers and BatchNorm members only (LoftOptimizer trains "
+                             f"such groups as compact sub-models)")
         _require_loft(g.name, "producer", g.producer, r.producer, (LoftConv2d, LoftLinear))
         _require_loft(g.name, "consumer", g.consumer, r.consumer, (LoftConv2d, LoftLinear))
         for member, m in zip(g.members, r.members):

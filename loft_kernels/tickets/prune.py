@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import torch
 from torch import Tensor, nn
@@ -38,11 +39,14 @@ def select_filters(scores, groups, ratio: float) -> dict[str, Tensor]:
             raise ValueError(f"scores[{g.name!r}] has {s.shape[0]} entries, group has n={g.n}")
         if not bool(torch.isfinite(s).all()):
             raise ValueError(f"scores[{g.name!r}] contains NaN or infinite values")
-        keep = g.n - pruned_count(g.n, ratio)
+        # A group crossing a grouped conv keeps the same count in every conv group (they stay equal in size).
+        block = g.block_size
+        keep = block - pruned_count(block, ratio)
         if keep < 1:
-            raise ValueError(f"ratio {ratio} would remove all {g.n} filters of group {g.name!r}")
-        order = torch.sort(s.detach().cpu(), descending=True, stable=True).indices
-        kept[g.name] = order[:keep].sort().values.long()
+            raise ValueError(f"ratio {ratio} would remove all {g.n} filters of group {g.name!r}" +
+                             (f" (all {block} of each of its {g.conv_groups} conv groups)" if g.conv_groups > 1 else ""))
+        order = torch.sort(s.detach().cpu().view(g.conv_groups, block), dim=1, descending=True, stable=True).indices
+        kept[g.name] = (order[:, :keep] + torch.arange(0, g.n, block)[:, None]).reshape(-1).sort().values.long()
     return kept
 
 
@@ -59,6 +63,10 @@ def _check_kept(kept, groups) -> dict[str, Tensor]:
         idx = kept[g.name]
         device = idx.device if isinstance(idx, Tensor) else torch.device("cpu")
         out[g.name] = C.index(idx, f"kept[{g.name!r}]", g.n, device).cpu().sort().values
+        counts = torch.bincount(out[g.name] // g.block_size, minlength=g.conv_groups)
+        if g.conv_groups > 1 and not bool((counts == counts[0]).all()):
+            raise ValueError(f"kept[{g.name!r}] keeps {counts.tolist()} filters of the group's {g.conv_groups} conv "
+                             f"groups; a grouped conv needs the same count in each")
     return out
 
 
@@ -87,16 +95,36 @@ def _slice(state_dict, groups, kept, what: str) -> dict[str, Tensor]:
     missing = sorted(required - state_dict.keys())
     if missing:
         raise ValueError(f"{what} lacks {missing}; it must come from the model the groups describe")
-    out = {}
+    out = OrderedDict()
+    out._metadata = getattr(state_dict, "_metadata", None)  # module versions: their load hooks may need them
+    if out._metadata is None:
+        del out._metadata
     for key, value in state_dict.items():
         for dim, idx, group, n in plan.get(key, ()):
-            if not isinstance(value, Tensor) or value.dim() <= dim or value.shape[dim] != n:
+            blocks = _in_block(value, dim, n)
+            if not isinstance(value, Tensor) or value.dim() <= dim or (value.shape[dim] != n and not blocks):
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(f"{what}[{key!r}] has shape {shape}; group {group!r} expects size "
                                  f"{n} along dim {dim}")
-            value = value.index_select(dim, idx.to(value.device))
+            value = _cut_blocks(value, idx, blocks) if blocks else value.index_select(dim, idx.to(value.device))
         out[key] = value
     return out
+
+
+def _in_block(value, dim: int, n: int) -> int:
+    """A grouped consumer's weight holds one of G blocks of the n channels along dim 1: G, else 0."""
+    if dim != 1 or not isinstance(value, Tensor) or value.dim() < 2 or value.shape[1] in (0, n) or n % value.shape[1]:
+        return 0
+    return n // value.shape[1]
+
+
+def _cut_blocks(weight: Tensor, kept: Tensor, blocks: int) -> Tensor:
+    """weight[r][:, kept in-block positions of r's conv group]: each conv group keeps its own input channels."""
+    size = weight.shape[1]
+    local = (kept.to(weight.device) % size).view(blocks, -1)  # kept is sorted, the same count per block
+    w = weight.view(blocks, weight.shape[0] // blocks, size, *weight.shape[2:])
+    cut = torch.stack([w[b].index_select(1, local[b]) for b in range(blocks)])
+    return cut.reshape(weight.shape[0], local.shape[1], *weight.shape[2:])
 
 
 _PLAIN = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
@@ -142,9 +170,10 @@ def _build_pruned(model: nn.Module, groups, kept) -> nn.Module:
     kept = _check_kept(kept, resolved)
     out_size, in_size, depthwise = {}, {}, set()
     for g in resolved:
-        for name in (g.producer, *(m.name for m in g.members)):
+        for name in (g.producer, *(m.name for m in g.members if not m.input_side)):
             out_size[name] = len(kept[g.name])
-        in_size[g.consumer] = len(kept[g.name])
+        for name in (*(m.name for m in g.members if m.input_side), g.consumer):
+            in_size[name] = len(kept[g.name])
         depthwise.update(g.depthwise)
     new = copy.deepcopy(model)
     for name, m in model.named_modules():
@@ -154,9 +183,33 @@ def _build_pruned(model: nn.Module, groups, kept) -> nn.Module:
         if type(m) not in _PLAIN and not loft:
             raise TypeError(f"module {name!r} is a {type(m).__name__}; pruning rebuilds only nn.Conv2d, nn.Linear, "
                             "nn.BatchNorm2d and loft_kernels' Loft layers, so its behaviour would be lost")
-        _set_module(new, name, _plain(m, out_size.get(name), in_size.get(name), name in depthwise))
+        rebuilt = _plain(m, out_size.get(name), in_size.get(name), name in depthwise)
+        _set_module(new, name, _carry_attributes(new.get_submodule(name), rebuilt))
     new.load_state_dict(slice_state_dict(model.state_dict(), resolved, kept))
     return new
+
+
+def _carry_attributes(old: nn.Module, new: nn.Module) -> nn.Module:
+    """The rebuilt layer takes over every plain attribute its (deep-copied) predecessor had beyond the layer's
+    configuration (a version tag, a flag the model's forward reads) and its forward hooks; sizes and tensors are
+    the new ones."""
+    for key, value in old.__dict__.items():
+        if key not in new.__dict__ and not key.startswith("_loft") and not isinstance(value, (Tensor, nn.Module)):
+            new.__dict__[key] = value
+    for hooks in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs",
+                  "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+        if hasattr(old, hooks):
+            getattr(new, hooks).update(getattr(old, hooks))
+    return new
+
+
+def _check_finite(model: nn.Module) -> None:
+    """A ticket cut from a diverged model would compute garbage: refuse it, naming the tensor."""
+    with _groups.full_view(model):
+        for name, t in model.state_dict().items():
+            if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"model: {name!r} holds NaN or infinite values (did the training diverge?); "
+                                 f"a ticket cut from it would not compute finite outputs")
 
 
 def prune(model: nn.Module, groups, ratio: float, criterion="l2") -> tuple[nn.Module, dict[str, Tensor]]:
@@ -172,13 +225,15 @@ def prune(model: nn.Module, groups, ratio: float, criterion="l2") -> tuple[nn.Mo
     physically cut out of every tensor of their group (producer rows and bias,
     BatchNorm channels, depthwise kernels, consumer input columns), made of plain
     nn.Conv2d/nn.Linear/nn.BatchNorm2d (Loft layers replaced); `model` is left
-    untouched. `kept` maps group name -> sorted int64 kept indices. With
+    untouched; a model whose state holds NaN/inf (diverged training) is refused.
+    `kept` maps group name -> sorted int64 kept indices. With
     zero-preserving per-channel ops in between (BN, ReLU, GELU, depthwise conv),
     `pruned` computes exactly what `model` does with the removed filters'
     producer rows, bias, BN affine parameters and depthwise bias zeroed.
     """
     groups = [r.group for r in _groups.resolve(model, groups)]
     ratio = C.ratio(ratio)
+    _check_finite(model)
     if isinstance(criterion, str):
         if criterion != "l2":
             raise ValueError(f"criterion must be 'l2' or a dict of per-group scores, got {criterion!r}")

@@ -5,11 +5,19 @@ import paths that predate that package.
 """
 from ..filter_group import FilterGroup, Member, resolve_groups
 from ..nn import LoftBatchNorm2d, LoftConv2d, LoftLinear, activate, dense, full_view
-from .groups import GroupReport, convert, explain_groups, find_filter_groups, select_groups
+from .groups import (
+    GroupReport,
+    ParameterShare,
+    convert,
+    explain_groups,
+    find_filter_groups,
+    parameter_share,
+    select_groups,
+)
 
 __all__ = ["LoftConv2d", "LoftBatchNorm2d", "LoftLinear", "activate", "dense", "full_view",
            "FilterGroup", "Member", "resolve_groups", "find_filter_groups", "explain_groups", "GroupReport",
-           "select_groups", "convert"]
+           "select_groups", "convert", "ParameterShare", "parameter_share"]
 
 # LoFT optimizer, simulator, partition and communication accounting
 from .comm import loft_sync_bytes, ring_all_gather_bytes, ring_all_reduce_bytes

@@ -1,18 +1,22 @@
 """Filter-group discovery: follow each conv/linear's output channels through the model's data flow.
 
-A group (see loft_kernels.filter_group) is a producer (groups=1 nn.Conv2d or
-nn.Linear) whose output channels flow only through per-channel operations into
-exactly one consumer (groups=1 nn.Conv2d or nn.Linear). Per-channel here means
-output channel j depends on input channel j alone and the op runs the same on a
-subset of channels: elementwise activations, dropout, spatial pooling, BatchNorm2d
-and depthwise convs (channel multiplier 1; they become members cut with the
-group), layout permutes/transposes (the walk tracks which dim holds the
-channels, so a channels-last Linear after a conv is found), and means over
-non-channel dims that keep the rank. What stops a walk is reported as the reason: a residual add,
-a concat, a reshape, a channel shuffle, a split, a channel-attention (SE) scale,
-LayerNorm/GroupNorm/softmax over channels, a grouped conv (it mixes the
-channels of each block: not partitionable), a layer called twice or with tied
-weights.
+A group (see loft_kernels.filter_group) is a producer (nn.Conv2d or nn.Linear)
+whose output channels flow only through per-channel operations into exactly
+one consumer (nn.Conv2d or nn.Linear). Per-channel here means output channel j
+depends on input channel j alone and the op runs the same on a subset of
+channels: elementwise activations (in place or not), dropout, spatial pooling,
+BatchNorm2d and depthwise convs (channel multiplier 1; they become members cut
+with the group), a squeeze-and-excitation gate and the multiplication by it
+(its reduce and expand layers become members), layout permutes/transposes (the
+walk tracks which dim holds the channels, so a channels-last Linear after a
+conv is found), and means over non-channel dims that keep the rank. A grouped
+conv may be the producer or the consumer: the group then records its conv
+groups, and the partition keeps every worker's share aligned in each of them.
+What stops a walk is reported as the reason: a residual add, a concat, a
+reshape, a channel shuffle, a split, a multiplication by anything but an SE
+gate, LayerNorm/GroupNorm/softmax over channels, a depthwise conv with a
+channel multiplier, a layer called twice or with tied weights, a weight that is
+not a parameter of its own layer (hook-style weight_norm).
 
 The model is traced with torch.fx, and with the autograd graph of one forward
 when fx cannot trace it (see loft_kernels.training.trace). The example input is
@@ -20,13 +24,14 @@ run once in eval mode (no running statistic moves, no dropout).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..filter_group import DEPTHWISE, FilterGroup, Member
+from ..filter_group import DEPTHWISE, SE_EXPAND, SE_REDUCE, FilterGroup, Member, derived_weight_reason
 from ..nn import LoftBatchNorm2d, LoftConv2d, LoftLinear, full_view
 from . import trace
 
@@ -46,18 +51,54 @@ _OP_REASONS = {"reshape": "reshape (view/flatten: channel j no longer maps to on
                "layer_norm": "layer_norm (normalises over channels: mixes them)"}
 
 
+@dataclass(frozen=True)
+class ParameterShare:
+    """How much of a model's parameters (elements) filter groups cover.
+
+    touched: in modules that some group names (producer, members, consumer), whole modules counted;
+    partitioned: in the tensors the groups cut (what LoFT splits across workers and pruning shrinks)."""
+    total: int
+    touched: int
+    partitioned: int
+
+    @property
+    def touched_share(self) -> float:
+        return self.touched / self.total if self.total else 0.0
+
+    @property
+    def partitioned_share(self) -> float:
+        return self.partitioned / self.total if self.total else 0.0
+
+
+def parameter_share(model: nn.Module, groups) -> ParameterShare:
+    """The share of `model`'s parameters that `groups` touch and that they partition (see ParameterShare)."""
+    with full_view(model):
+        params = {id(p): p.numel() for p in model.parameters()}
+        touched = {id(p) for g in groups for name in g.modules
+                   for p in model.get_submodule(name).parameters(recurse=False)}
+        cut = {id(t) for g in groups for _, t, _ in g.filter_tensors(model) if id(t) in params}
+    return ParameterShare(sum(params.values()), sum(params[i] for i in touched), sum(params[i] for i in cut))
+
+
 @dataclass
 class GroupReport:
-    """What discovery found: the groups, and for every other conv/linear why it is no group's producer."""
+    """What discovery found: the groups, and for every other conv/linear why it is no group's producer.
+
+    `share`: the parameters the groups touch and partition (a ParameterShare)."""
     groups: list
     reasons: dict = field(default_factory=dict)  # module name -> reason
     tracer: str = "torch.fx"
+    share: Optional[ParameterShare] = None
 
     def __str__(self) -> str:
         lines = [f"{len(self.groups)} filter group(s) (traced with {self.tracer}):"]
         for g in self.groups:
             members = "".join(f" -> {m.name} [{m.kind}]" for m in g.members)
-            lines.append(f"  {g.name}: {g.producer}{members} -> {g.consumer}  (n={g.n})")
+            blocks = f", {g.conv_groups} conv groups" if g.conv_groups > 1 else ""
+            lines.append(f"  {g.name}: {g.producer}{members} -> {g.consumer}  (n={g.n}{blocks})")
+        if self.share is not None:
+            lines.append(f"parameters: {self.share.partitioned_share:.1%} partitioned by the groups, "
+                         f"{self.share.touched_share:.1%} in modules they touch ({self.share.total:,} in all)")
         if self.reasons:
             lines.append("not a group:")
             lines += [f"  {name}: {why}" for name, why in self.reasons.items()]
@@ -129,14 +170,21 @@ class _Walk:
         self.modules, self.exclusive = modules, exclusive
 
     def run(self, start: trace.FlowNode, n: int, cdim: int, ndim: int):
-        """(members, consumer name) if the n channels (in dim cdim of ndim) reach one consumer, else the reason."""
+        """(members, consumer name, consumer's conv groups) if the n channels (in dim cdim of ndim) reach one
+        consumer, else the reason."""
         node, members, path = start, [], [start.target]
         while True:
             if not node.users:
                 return f"{' -> '.join(path)}: feeds nothing but the model output (the head)"
             if len(node.users) > 1:
+                gate = self._se_gate(node, n, cdim, ndim)
+                if isinstance(gate, tuple):
+                    members += gate[0]
+                    node = gate[1]
+                    path.append(f"SE gate ({gate[0][0].name} -> {gate[0][1].name}) -> mul")
+                    continue
                 return f"{' -> '.join(path)}: output used by {len(node.users)} ops ({self._names(node.users)})" + \
-                    self._branch_hint(node.users)
+                    self._branch_hint(node.users) + gate
             user = node.users[0]
             where = f"{' -> '.join(path)} -> {user.target}"
             if user.kind == "output":
@@ -152,7 +200,7 @@ class _Walk:
                 if isinstance(step, str):
                     return f"{where}: {step}"
                 if step is not None:
-                    return members, step[1]
+                    return members, step[1], step[2]
             else:
                 step = self._op(user, cdim, ndim)
                 if isinstance(step, str):
@@ -160,6 +208,66 @@ class _Walk:
                 cdim, ndim = step
             node = user
             path.append(user.target)
+
+    def _se_gate(self, node: trace.FlowNode, n: int, cdim: int, ndim: int):
+        """([se_reduce, se_expand] members, the mul node) if `node` feeds exactly a squeeze-and-excitation gate
+        and the multiplication by it; else a reason suffix ("" when the branch is not shaped like a gate).
+
+        The gate: per-channel ops (pooling) -> reduce layer reading the n channels -> elementwise ops -> expand
+        layer producing n channels -> elementwise ops (and a reshape back to the channels' layout) -> mul with
+        `node`. Channel j of the group is then column j of reduce and row j of expand; a worker's sub-model
+        squeezes only its own channels, so its reduce layer sums over those (the LoFT partial sum)."""
+        muls = [u for u in node.users if u.target == "mul" and len(u.inputs) == 2]
+        if len(node.users) != 2 or len(muls) != 1:
+            return ""
+        mul = muls[0]
+        gate_end = next((i for i in mul.inputs if i is not node), None)
+        branch = next(u for u in node.users if u is not mul)
+        if gate_end is None:
+            return ""
+        layers, cur, c, nd = [], branch, cdim, ndim
+        while True:
+            if cur.kind == "module":
+                m = self.modules[cur.target]
+                if len(layers) == 2 or type(m) not in CONVS + LINEARS or getattr(m, "groups", 1) != 1:
+                    return ""
+                size_in = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
+                size_out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+                want_cdim = 1 if isinstance(m, nn.Conv2d) else nd - 1
+                if (size_in if not layers else size_out) != n or c != want_cdim or \
+                        (isinstance(m, nn.Conv2d) and nd != 4):
+                    return ""
+                if not self.exclusive(cur.target):
+                    return f" - its SE gate layer {cur.target!r} is called more than once or shares its parameters"
+                if derived_weight_reason(m):
+                    return f" - its SE gate layer {cur.target!r}: {derived_weight_reason(m)}"
+                layers.append(cur.target)
+            elif cur.kind != "op":
+                return ""
+            elif cur.target == "reshape" and len(layers) == 2 and c == 1 and nd == 2 and cur.ndim == 4:
+                nd = 4  # [N, C] -> [N, C, 1, 1] to scale the feature map (a Linear gate)
+            elif cur.target in _ELEMENTWISE or (cur.target in _ARITHMETIC and len(cur.inputs) == 1):
+                pass
+            elif not layers and cur.target == "mean" and c == 1 and nd == 4 and \
+                    sorted(_norm_dims(cur.info.get("dims") or (1,), nd)) == [2, 3] and not cur.info.get("keepdim"):
+                nd = 2  # a squeeze to [N, C] for a Linear gate
+            elif not layers and cur.target == "reshape" and c == 1 and nd == 4 and cur.ndim == 2:
+                nd = 2  # a flatten of the pooled [N, C, 1, 1] (the Linear checks it holds n features)
+            elif not layers:
+                step = self._op(cur, c, nd)  # pooling before the reduce layer: per channel
+                if isinstance(step, str):
+                    return ""
+                c, nd = step
+            else:
+                return ""
+            if cur is gate_end:
+                break
+            if len(cur.users) != 1 or len(cur.inputs) != 1:
+                return ""
+            cur = cur.users[0]
+        if len(layers) != 2:
+            return ""
+        return [Member(layers[0], SE_REDUCE), Member(layers[1], SE_EXPAND)], mul
 
     @staticmethod
     def _names(users) -> str:
@@ -171,7 +279,9 @@ class _Walk:
         if "add" in ops:
             return " - a residual add"
         if "mul" in ops:
-            return " - a channel-attention (SE) scale computed from all channels multiplies it"
+            return " - a channel-attention (SE) scale computed from all channels multiplies it, through a branch " \
+                "that is not a gate discovery can cut (pool -> reduce layer -> elementwise -> expand layer -> " \
+                "elementwise -> mul)"
         return ""
 
     def _module(self, user: trace.FlowNode, n: int, cdim: int, ndim: int, members: list):
@@ -179,21 +289,25 @@ class _Walk:
         name, m = user.target, self.modules[user.target]
         if not self.exclusive(name):
             return f"{type(m).__name__} {name!r} is called more than once or shares its parameters"
+        reason = derived_weight_reason(m) if isinstance(m, (nn.Conv2d, nn.Linear)) else None
+        if reason is not None and type(m) in CONVS + LINEARS:
+            return f"{name!r}: {reason}"
         if type(m) in CONVS:
             if cdim != 1 or ndim != 4:
                 return f"conv over a layout whose channels are in dim {cdim}"
-            if m.groups == 1:
-                return ("consumer", name) if m.in_channels == n else f"conv expects {m.in_channels} channels, got {n}"
-            if m.in_channels == m.out_channels == m.groups:
+            if m.in_channels == m.out_channels == m.groups and m.groups > 1:
                 members.append(Member(name, DEPTHWISE))
                 return None
-            if m.groups == m.in_channels:
+            if m.groups == m.in_channels and m.groups > 1:
                 return f"depthwise conv with channel multiplier {m.out_channels // m.in_channels} (not 1)"
-            return f"grouped conv (groups={m.groups}) mixes the channels within each of its blocks"
+            # A grouped conv consumes the channels block by block: a worker's share must be aligned in every block.
+            return ("consumer", name, m.groups) if m.in_channels == n else \
+                f"conv expects {m.in_channels} channels, got {n}"
         if type(m) in LINEARS:
             if cdim != ndim - 1:
                 return f"Linear acts on the last dim but the channels are in dim {cdim} of {ndim}"
-            return ("consumer", name) if m.in_features == n else f"Linear expects {m.in_features} features, got {n}"
+            return ("consumer", name, 1) if m.in_features == n else \
+                f"Linear expects {m.in_features} features, got {n}"
         if type(m) in NORMS:
             if cdim != 1 or ndim != 4:
                 return f"BatchNorm2d over a layout whose channels are in dim {cdim}"
@@ -256,8 +370,7 @@ def _producer_reason(m: nn.Module) -> Optional[str]:
             return "depthwise conv: it can only be a per-channel member inside another layer's group, never a producer"
         if m.groups == m.in_channels:
             return f"depthwise conv with channel multiplier {m.out_channels // m.in_channels}: not partitionable"
-        return f"grouped conv (groups={m.groups}): its filters read only their block's channels; not partitionable"
-    return None
+    return derived_weight_reason(m)
 
 
 def explain_groups(model: nn.Module, example_input, tracer: str = "auto") -> GroupReport:
@@ -292,8 +405,9 @@ def explain_groups(model: nn.Module, example_input, tracer: str = "auto") -> Gro
             if isinstance(result, str):
                 reason = result
             else:
-                members, consumer = result
-                group = FilterGroup(name, name, tuple(members), consumer, n)
+                members, consumer, consumer_groups = result
+                conv_groups = math.lcm(getattr(m, "groups", 1), consumer_groups)
+                group = FilterGroup(name, name, tuple(members), consumer, n, conv_groups)
                 bad = [nm for nm in group.modules if not exclusive(nm)]
                 if bad:
                     reason = f"{bad[0]!r} is called more than once or shares its parameters"
@@ -301,7 +415,12 @@ def explain_groups(model: nn.Module, example_input, tracer: str = "auto") -> Gro
                     found[name] = group
         if reason is not None:
             reasons[name] = reason
-    return GroupReport([found[name] for name in modules if name in found], reasons, graph.tracer)
+    groups = [found[name] for name in modules if name in found]
+    for g in groups:  # an SE gate's expand layer is no producer, but its rows travel with a group
+        for member in g.members:
+            if member.kind == SE_EXPAND and member.name in reasons:
+                reasons[member.name] = f"SE gate expand layer: its rows are a member of group {g.name!r}"
+    return GroupReport(groups, reasons, graph.tracer, parameter_share(model, groups))
 
 
 def find_filter_groups(model: nn.Module, example_input, tracer: str = "auto") -> list[FilterGroup]:

@@ -15,9 +15,10 @@ from torch import nn
 
 from ..filter_group import FilterGroup, Member, check_group_list, resolve_groups
 from ..nn import LoftConv2d, LoftLinear, to_loft_layers
-from .discovery import GroupReport, explain_groups, find_filter_groups
+from .discovery import GroupReport, ParameterShare, explain_groups, find_filter_groups, parameter_share
 
-__all__ = ["FilterGroup", "Member", "GroupReport", "find_filter_groups", "explain_groups", "select_groups",
+__all__ = ["FilterGroup", "Member", "GroupReport", "ParameterShare", "parameter_share", "find_filter_groups",
+           "explain_groups", "select_groups",
            "convert", "POLICIES", "check_group_list", "resolve_groups"]
 
 _PAPER_BLOCK = re.compile(r"^(layer[234]\.(\d+))\.")

@@ -6,6 +6,13 @@ costs no communication. For each group a random permutation of its n filters
 is dealt round-robin: worker s gets perm[s::S], i.e. n//S or n//S + 1 filters
 (workers s < n % S get the extra one), returned sorted ascending.
 
+A group whose channels form G > 1 conv groups (a grouped conv is its producer
+or consumer) is dealt by in-block position instead: a permutation of the
+n/G positions is dealt round-robin and a worker owns its positions in every
+block, so it holds the same share of each conv group and its sub-model's
+grouped conv keeps G groups (with fewer channels each) aligned with the
+consumer's. With G = 1 this is the plain rule.
+
 The permutation of a group is seeded by (seed, round, group name) through a
 stable hash, so it does not depend on the order of the groups list nor on
 Python's per-process hash salt.
@@ -33,9 +40,10 @@ def check_groups(groups, workers: int) -> list[FilterGroup]:
     return check_group_list(groups, workers)
 
 
-def owned_count(n: int, workers: int, rank: int) -> int:
-    """How many of a group's n filters worker `rank` owns: len(range(rank, n, workers))."""
-    return (n - rank + workers - 1) // workers
+def owned_count(n: int, workers: int, rank: int, conv_groups: int = 1) -> int:
+    """How many of a group's n filters worker `rank` owns: conv_groups * len(range(rank, n/conv_groups, workers))."""
+    block = n // conv_groups
+    return conv_groups * ((block - rank + workers - 1) // workers)
 
 
 def partition(groups: Sequence[FilterGroup], workers: int, seed: int, round: int) -> dict[str, list[Tensor]]:
@@ -52,6 +60,7 @@ def deal(groups: Sequence[FilterGroup], workers: int, seed: int, round: int) -> 
     out = {}
     for g in groups:
         gen = torch.Generator().manual_seed(_group_seed(seed, round, g.name))
-        perm = torch.randperm(g.n, generator=gen)
-        out[g.name] = [perm[s::workers].sort().values for s in range(workers)]
+        perm = torch.randperm(g.block_size, generator=gen)
+        starts = torch.arange(0, g.n, g.block_size)
+        out[g.name] = [(starts[:, None] + perm[s::workers].sort().values).reshape(-1) for s in range(workers)]
     return out

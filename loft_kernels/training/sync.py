@@ -5,8 +5,10 @@
   outside them (e.g. block-input BatchNorm statistics) -> mean over workers
   (one all_reduce per dtype);
 - counters: integer buffers (`num_batches_tracked`) -> max (one all_reduce);
-- slots: tensors holding filters (producer rows and bias, the members' channels
-  and running statistics, consumer input columns) -> each worker contributes the
+- slots: tensors holding filters (producer rows and bias, the members'
+  channels (BatchNorm, depthwise, the SE gate's reduce columns and expand
+  rows), consumer input columns; a grouped consumer's columns by in-block
+  position) -> each worker contributes the
   rows it owns (one all_gather per dtype of `lk.pack_rows` buffers, padded to
   the largest rank's size, written back with `lk.unpack_rows`).
 A conv that is the consumer of one group and the producer of the next (a VGG chain) is
@@ -35,24 +37,37 @@ KINDS = ("all_reduce", "all_gather")
 
 @dataclass(frozen=True)
 class Slot:
-    """A parameter or buffer holding filters: rows of `row_group` (dim 0) and/or columns of `col_group` (dim 1)."""
+    """A parameter or buffer holding filters: rows of `row_group` (dim 0) and/or columns of `col_group` (dim 1).
+
+    row_split / col_split: the conv_groups of those groups (how their filters are dealt). col_blocks > 1: the
+    tensor is a grouped conv's weight whose dim 1 holds one of col_blocks blocks of the group's channels, so its
+    columns are the in-block positions the worker owns (the same in every block).
+    """
     name: str
     is_param: bool
     row_group: Optional[str]
     col_group: Optional[str]
+    row_split: int = 1
+    col_split: int = 1
+    col_blocks: int = 1
 
     def index(self, owned: dict) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """(rows, cols) of this slot for a worker owning `owned` (group name -> index tensor)."""
-        return (None if self.row_group is None else owned[self.row_group],
-                None if self.col_group is None else owned[self.col_group])
+        """(rows, cols) of this slot for a worker owning `owned` (group name -> sorted index tensor)."""
+        cols = None if self.col_group is None else owned[self.col_group]
+        if cols is not None and self.col_blocks > 1:
+            cols = cols[:len(cols) // self.col_blocks]  # the owned channels of block 0 = the in-block positions
+        return (None if self.row_group is None else owned[self.row_group]), cols
 
 
 def owned_numel(shape: Sequence[int], slot: Slot, sizes: dict, workers: int, rank: int) -> int:
     """Number of elements of a slot-shaped tensor that `rank` owns (its block)."""
     numel = 1
     for d, s in enumerate(shape):
-        group = slot.row_group if d == 0 else slot.col_group if d == 1 else None
-        numel *= s if group is None else owned_count(sizes[group], workers, rank)
+        if d == 0 and slot.row_group is not None:
+            s = owned_count(sizes[slot.row_group], workers, rank, slot.row_split)
+        elif d == 1 and slot.col_group is not None:
+            s = owned_count(sizes[slot.col_group], workers, rank, slot.col_split) // slot.col_blocks
+        numel *= s
     return numel
 
 
@@ -66,6 +81,8 @@ class SyncPlan:
         buffers = dict(model.named_buffers())
         rows: dict[str, str] = {}
         cols: dict[str, str] = {}
+        split = {g.name: g.conv_groups for g in groups}
+        col_blocks: dict[str, int] = {}
         for g in groups:
             for name, _, dim in g.filter_tensors(model):
                 target = rows if dim == 0 else cols
@@ -73,6 +90,9 @@ class SyncPlan:
                     raise ValueError(f"groups: {name!r} belongs to groups {target[name]!r} and {g.name!r} along the "
                                      f"same dimension; filter groups must be disjoint")
                 target[name] = g.name
+                layer = model.get_submodule(name.rpartition(".")[0])
+                if dim == 1 and isinstance(layer, nn.Conv2d) and layer.groups > 1:
+                    col_blocks[name] = layer.groups  # a grouped consumer: dim 1 holds one conv group's channels
         slots = []
         for name, t in list(params.items()) + list(buffers.items()):
             if name not in rows and name not in cols:
@@ -80,7 +100,9 @@ class SyncPlan:
             is_param = name in params
             if is_param and not t.requires_grad:
                 continue
-            slots.append(Slot(name, is_param, rows.get(name), cols.get(name)))
+            row, col = rows.get(name), cols.get(name)
+            slots.append(Slot(name, is_param, row, col, split.get(row, 1), split.get(col, 1),
+                              col_blocks.get(name, 1)))
         self.slots: list[Slot] = slots
         partitioned = set(rows) | set(cols)
         self.shared_params = [n for n, p in params.items() if p.requires_grad and n not in partitioned]

@@ -17,6 +17,7 @@ such as "relu", "add", "permute"; `info` holds dims where they matter),
 """
 from __future__ import annotations
 
+import inspect
 import operator
 import re
 import warnings
@@ -146,7 +147,13 @@ def _fx_info(node: fx.Node, op: str) -> dict:
 
 def fx_graph(model: nn.Module, args: tuple, run) -> FlowGraph:
     """Trace with torch.fx; `run(fn)` runs fn() with the model in a safe mode (see groups._run_safely)."""
-    graph = _Tracer().trace(model)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # trace the forward that runs: eval-mode branches (no dropout or stochastic depth masks)
+    try:
+        graph = _Tracer().trace(model)
+    finally:
+        for m, mode in modes:
+            m.training = mode
     gm = fx.GraphModule(model, graph)
     recorder = _ShapeRecorder(gm)
     run(lambda: recorder.run(*args))
@@ -180,8 +187,31 @@ def fx_graph(model: nn.Module, args: tuple, run) -> FlowGraph:
         node.inputs = [mapped[a] for a in _flat_inputs(n) if a in mapped]
         mapped[n] = node
         nodes.append(node)
+        target = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        if target in mapped and _in_place(n, modules):
+            mapped[target] = node  # later reads of the mutated tensor see this op's result
     _link(nodes)
     return FlowGraph(nodes, "torch.fx", calls, read_directly)
+
+
+_IN_PLACE_FUNCTIONS = {F.relu_, torch.relu_, F.leaky_relu_, F.elu_, operator.iadd, operator.isub, operator.imul,
+                       operator.itruediv}
+
+
+def _in_place(n: fx.Node, modules: dict) -> bool:
+    """Whether the op writes its first argument (x.relu_(), F.relu(x, inplace=True), x += y, nn.ReLU(inplace=True))."""
+    if n.op == "call_method":
+        return n.target.endswith("_") and not n.target.endswith("__")
+    if n.op == "call_function":
+        if n.target in _IN_PLACE_FUNCTIONS or n.kwargs.get("inplace") is True:
+            return True
+        try:  # F.relu(x, True), F.dropout(x, 0.1, False, True): `inplace` given by position
+            return inspect.signature(n.target).bind(*n.args, **n.kwargs).arguments.get("inplace") is True
+        except (TypeError, ValueError):  # builtins without a signature, or arguments it does not bind
+            return False
+    if n.op == "call_module":
+        return getattr(modules[n.target], "inplace", False) is True
+    return False
 
 
 def _flat_inputs(n: fx.Node) -> list:

@@ -167,7 +167,9 @@ class WorkerModel:
             raise RuntimeError("internal: the worker model is full-size; it holds no block")
         rows, cols = slot.index(self.owned)
         device = self._device(slot.name)
-        return self._to(slot.row_group, rows, device), self._to(slot.col_group, cols, device)
+        # a grouped consumer's columns are in-block positions, not the group's indices: cached apart
+        col_key = (slot.col_group, slot.col_blocks)
+        return self._to(slot.row_group, rows, device), self._to(col_key, cols, device)
 
     def _device(self, name: str) -> torch.device:
         e = self._by_name[name]
@@ -193,8 +195,10 @@ class WorkerModel:
             e.master = self._given[e.slot.name] if self.shared else t.data
             rows, cols = self.index(e.slot)
             m = e.module
-            if isinstance(m, nn.Conv2d) and e.attr == "weight" and m.groups > 1 and rows is not None:
+            if (isinstance(m, nn.Conv2d) and e.attr == "weight" and rows is not None
+                    and m.groups > 1 and m.groups == e.master.shape[0] and e.master.shape[1] == 1):
                 e.groups, m.groups = m.groups, len(rows)  # a depthwise member keeps one input channel per filter
+            # a grouped conv keeps its number of conv groups, each with fewer channels (aligned partition)
             if t.grad is not None:
                 t.grad = None  # a gradient of the old shape cannot accumulate into the new one
             t.data = gather(e.master, rows, cols)
