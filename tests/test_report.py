@@ -236,7 +236,7 @@ def test_run_defaults_follow_the_dataset(capsys):
     args = p.parse_args(["--dataset", "fashion-mnist"])
     assert run_presets.apply(args) == "default"
     assert (args.model, args.width, args.batch_size, args.train_samples, args.test_samples, args.draw_at,
-            args.seeds) == ("vgg", 0.5, 64, 10000, 5000, "auto", 2)
+            args.seeds) == ("vgg", 0.5, 64, 10000, 5000, "auto", 3)
     args = p.parse_args(["--dataset", "fashion-mnist", "--model", "preact_resnet18", "--seeds", "5", "--full"])
     run_presets.apply(args)
     assert (args.model, args.seeds, args.train_samples, args.epochs) == ("preact_resnet18", 5, 0, 20)
