@@ -119,3 +119,19 @@ def test_discrimination_rules_on_hand_numbers():
         report.build_report("digits", [0, 1, 2], results, bad)
     with pytest.raises(ValueError, match="must have the seeds"):
         report.build_report("digits", [0, 1, 2], results, {"random-filters": {0: controls["random-filters"][0]}})
+
+
+def test_ratios_are_fractions_or_percents():
+    from loft_kernels.cli._common import CLIError
+    from loft_kernels.cli.run_job import parse_controls, parse_ratios
+    assert parse_ratios("0.8,0.5,0.8") == [0.5, 0.8]
+    assert parse_ratios("50,80,90,95") == pytest.approx([0.5, 0.8, 0.9, 0.95])
+    assert parse_ratios("50%, 0.9") == pytest.approx([0.5, 0.9])
+    assert parse_ratios("95%,80") == pytest.approx([0.8, 0.95])
+    assert parse_ratios("2.5") == pytest.approx([0.025])
+    for bad, match in [("0.5,80", "80 is not a pruning ratio"), ("100", "100 is not"), ("", "must not be empty"),
+                       ("-0.2", "-0.2 is not"), ("nan", "nan is not"), ("0.5;0.8", "comma-separated list")]:
+        with pytest.raises(CLIError, match=match):
+            parse_ratios(bad)
+    assert parse_controls("none") == [] and parse_controls("random-filters,initial-weights") == [
+        "initial-weights", "random-filters"]

@@ -102,9 +102,9 @@ def parse_ratios(text: str) -> list[float]:
         values = [float(t.rstrip("%")) for t in items]
     except ValueError:
         raise U.CLIError(f"--ratios must be a comma-separated list of numbers, got {text!r}") from None
-    # Plain numbers are fractions; a list whose values are all >= 1 (or any value written with %) is in percent.
-    percent = any(t.endswith("%") for t in items) or all(v >= 1 for v in values)
-    ratios = [v / 100 if percent else v for v in values]
+    # "80%" is a percent; plain numbers are fractions, or percents when every plain number is >= 1 (50,80,90,95).
+    plain_percent = all(v >= 1 for t, v in zip(items, values) if not t.endswith("%"))
+    ratios = [v / 100 if t.endswith("%") or plain_percent else v for t, v in zip(items, values)]
     bad = [t for t, r in zip(items, ratios) if not 0 < r < 1]
     if bad:
         raise U.CLIError(f"--ratios: {', '.join(bad)} is not a pruning ratio; give fractions in (0, 1) such as "
