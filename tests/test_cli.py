@@ -178,7 +178,8 @@ def test_finetune_and_rewind(capsys, pretrained, tmp_path):
 def test_run_end_to_end(capsys, tmp_path):
     out = tmp_path / "job"
     rc, stdout, _ = cli(capsys, "run", *TINY, "--methods", "dense,loft-2", "--seeds", "1", "--epochs", "2",
-                        "--finetune-epochs", "1", "--draw-at", "0,2", "--sync-every", "4", "--out", out, "--quiet")
+                        "--finetune-epochs", "1", "--draw-at", "0,2", "--sync-every", "4", "--ratios", "0.5,0.8",
+                        "--out", out, "--quiet")
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
     report.validate_report(rep)
@@ -203,8 +204,8 @@ def test_run_end_to_end(capsys, tmp_path):
     # a finished job resumes to the same report without training again
     before = (out / "report.json").read_text()
     rc, _, _ = cli(capsys, "run", *TINY, "--methods", "dense,loft-2", "--seeds", "1", "--epochs", "2",
-                   "--finetune-epochs", "1", "--draw-at", "0,2", "--sync-every", "4", "--out", out, "--quiet",
-                   "--resume")
+                   "--finetune-epochs", "1", "--draw-at", "0,2", "--sync-every", "4", "--ratios", "0.5,0.8",
+                   "--out", out, "--quiet", "--resume")
     assert rc == 0 and (out / "report.json").read_text() == before
 
 
