@@ -135,3 +135,16 @@ def test_ratios_are_fractions_or_percents():
             parse_ratios(bad)
     assert parse_controls("none") == [] and parse_controls("random-filters,initial-weights") == [
         "initial-weights", "random-filters"]
+
+
+def test_emergence_savings_count_sample_steps():
+    from loft_kernels.cli.run_summary import draws
+    r = {"loss_curve": [1.0] * 8, "epoch_seconds": [2.0] * 8, "comm_curve": [10 * e for e in range(1, 9)],
+         "emerged_epoch": {"footrule": 5, "mask": None}, "drawn_at": {"0": 70.0, "5": 81.0, "8": 81.4},
+         "samples_per_epoch": 1000}
+    d = draws({"loft-4": {0: r}}, {"draw_at": "auto", "draw_ratio": 0.95})
+    save = d["methods"]["loft-4"]["savings"]["footrule"]["0"]
+    assert save == {"epochs_saved": 3, "train_seconds_saved": 6.0, "comm_bytes_saved": 30,
+                    "ticket_acc_change": pytest.approx(-0.4), "sample_steps_saved": 3000, "sample_steps_total": 8000}
+    line = report.format_savings(d)[0]
+    assert "saves 3.0 epochs, 3k sample-steps (38 % of the pretraining)" in line
