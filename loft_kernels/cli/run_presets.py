@@ -3,8 +3,9 @@
 The defaults are sized for a 2-core CPU machine: digits (one seed) in well under
 3 minutes, the Fashion-MNIST showcase (three seeds; a VGG at width 0.5 on
 class-balanced subsets of 10,000 training and 5,000 test images, 8 pretraining
-and 3 fine-tuning epochs, tickets and controls at 50-95 %) within 20 minutes on
-an idle machine; --full is the long multi-seed version of either.
+and 3 fine-tuning epochs, tickets and controls at 50-95 %) in an estimated 15
+minutes on an idle machine (scaled from the previous defaults' measured run, not
+itself measured yet); --full is the long multi-seed version of either.
 """
 from __future__ import annotations
 
