@@ -100,6 +100,11 @@ from .tickets import (
 __all__ += ["FilterTracker", "detect_emergence", "prune", "draw", "rewind", "select_filters", "count_params_flops",
             "inference_speedup", "get_dataset", "Dataset", "BatchLoader", "write_fake_cifar"]
 
+# --- Evaluating a LoFT-pretrained model: BatchNorm statistics of the full model (loft_kernels.engine) ---
+from .engine.evaluation import recalibrate_bn  # noqa: E402
+
+__all__ += ["recalibrate_bn"]
+
 # --- Communication model (loft_kernels.comm_model) ---
 from .comm_model import CommCost, comm_cost
 

@@ -4,10 +4,14 @@ report.json is exactly
     {"dataset": str, "seeds": [int], "methods": {name: M}}
     M = {"no_prune": float, "ticket": {"<ratio>": float}, "per_seed": {"<seed>": {...}},
          "comm_bytes": int, "emerged_epoch": {"footrule": int | None, "mask": int | None}}
-with accuracies in percent and means over seeds. `emerged_epoch` over seeds is
-the median of the seeds' epochs when the criterion fired for every seed, else
-None (per_seed says which seeds it fired for). Everything the table needs
-beyond that (GPipe bytes, wall times) comes in a separate `details` dict.
+with accuracies in percent and means over seeds, plus, when the job ran control tickets,
+    "controls": {name: {"ticket": {"<ratio>": float}, "per_seed": {"<seed>": {"ticket": {...}}}}}
+    "discrimination": what `discrimination` derives from the rest (does the
+        pretrained ticket beat the controls, does LoFT's match dense's).
+`emerged_epoch` over seeds is the median of the seeds' epochs when the
+criterion fired for every seed, else None (per_seed says which seeds it fired
+for). Everything the table needs beyond that (GPipe bytes, wall times) comes
+in a separate `details` dict.
 
 Plots use matplotlib's Agg backend: files only, no display needed.
 """
@@ -98,8 +102,14 @@ def summarize_method(per_seed: Mapping[int, Mapping]) -> dict:
     }
 
 
-def build_report(dataset: str, seeds: Sequence[int], results: Mapping[str, Mapping[int, Mapping]]) -> dict:
-    """report.json's dict from results[method][seed] = per-seed result."""
+def build_report(dataset: str, seeds: Sequence[int], results: Mapping[str, Mapping[int, Mapping]],
+                 controls: Mapping[str, Mapping[int, Mapping]] | None = None) -> dict:
+    """report.json's dict from results[method][seed] = per-seed result.
+
+    controls[name][seed] = {"ticket": {"<ratio>": accuracy}}: control tickets
+    (e.g. drawn from the initial weights, or random filters) at the methods'
+    ratios; they add "controls" and "discrimination" (see `discrimination`).
+    """
     if not isinstance(dataset, str) or not dataset:
         raise ValueError(f"dataset must be a non-empty str, got {dataset!r}")
     seeds = [int(s) for s in seeds]
@@ -113,14 +123,116 @@ def build_report(dataset: str, seeds: Sequence[int], results: Mapping[str, Mappi
             raise ValueError(f"results[{method!r}] has seeds {sorted(per_seed)}, expected {sorted(seeds)}")
         methods[method] = summarize_method({s: per_seed[s] for s in seeds})
     report = {"dataset": dataset, "seeds": seeds, "methods": methods}
+    if controls:
+        if not isinstance(controls, Mapping):
+            raise TypeError(f"controls must be a dict name -> {{seed: result}}, got {type(controls).__name__}")
+        report["controls"] = {}
+        for name, per_seed in controls.items():
+            if not isinstance(per_seed, Mapping) or sorted(per_seed) != sorted(seeds):
+                raise ValueError(f"controls[{name!r}] must have the seeds {sorted(seeds)}")
+            report["controls"][name] = {
+                "ticket": {k: _mean_of(float(per_seed[s]["ticket"][k]) for s in seeds)
+                           for k in sorted(per_seed[seeds[0]]["ticket"])},
+                "per_seed": {str(s): {"ticket": dict(per_seed[s]["ticket"])} for s in seeds}}
+        _check_controls(report)
+        report["discrimination"] = discrimination(report)
     validate_report(report)
     return report
 
 
+def _mean_of(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def spread(xs: Sequence[float]) -> float:
+    """The seeds' spread: sample standard deviation (0 for a single seed)."""
+    xs = [float(x) for x in xs]
+    if len(xs) < 2:
+        return 0.0
+    m = _mean_of(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def ticket_stats(report: Mapping) -> dict:
+    """Every method's and control's ticket accuracies: name -> {"<ratio>": {"mean", "spread", "per_seed"}}."""
+    rows = {**report["methods"], **report.get("controls", {})}
+    return {name: {k: {"mean": m["ticket"][k], "spread": spread([r["ticket"][k] for r in m["per_seed"].values()]),
+                       "per_seed": [r["ticket"][k] for r in m["per_seed"].values()]}
+                   for k in m["ticket"]}
+            for name, m in rows.items()}
+
+
+# What "pretraining matters" and "LoFT finds dense's ticket" mean, at the highest TOP ratios of the job.
+DISCRIMINATION = {"top_ratios": 2, "margin": 1.5, "within": 1.0, "reference": "dense"}
+
+
+def discrimination(report: Mapping, settings: Mapping | None = None) -> dict | None:
+    """Does the pretrained ticket beat the controls, and do the other methods' tickets match it?
+
+    At each of the `top_ratios` highest ratios: the reference (dense-pretrained)
+    ticket beats a control when its mean over seeds is at least `margin` points
+    above the control's AND that margin exceeds the seeds' spread (the larger
+    sample standard deviation of the two); another method matches the reference
+    when its mean is within `within` points of the reference's (either side).
+    None when the report has no controls or no reference method.
+    """
+    cfg = {**DISCRIMINATION, **(settings or {})}
+    controls = report.get("controls") or {}
+    if not controls or cfg["reference"] not in report["methods"]:
+        return None
+    stats = ticket_stats(report)
+    ref = stats[cfg["reference"]]
+    top = sorted(ref, key=float)[-int(cfg["top_ratios"]):]
+    per_ratio = {}
+    for k in top:
+        beat = {}
+        for name in controls:
+            c, margin = stats[name][k], ref[k]["mean"] - stats[name][k]["mean"]
+            noise = max(ref[k]["spread"], c["spread"])
+            beat[name] = {"mean": c["mean"], "spread": c["spread"], "margin": margin,
+                          "beaten": margin >= cfg["margin"] and margin > noise}
+        match = {}
+        for name in report["methods"]:
+            if name != cfg["reference"]:
+                gap = stats[name][k]["mean"] - ref[k]["mean"]
+                match[name] = {"mean": stats[name][k]["mean"], "spread": stats[name][k]["spread"], "gap": gap,
+                               "within": abs(gap) <= cfg["within"]}
+        per_ratio[k] = {"reference": {"mean": ref[k]["mean"], "spread": ref[k]["spread"]},
+                        "controls": beat, "methods": match}
+    return {"settings": cfg, "ratios": top, "per_ratio": per_ratio,
+            "pretraining_matters": all(c["beaten"] for r in per_ratio.values() for c in r["controls"].values()),
+            "methods_match_reference": all(m["within"] for r in per_ratio.values() for m in r["methods"].values())}
+
+
+def _check_controls(report: Mapping) -> None:
+    controls = report["controls"]
+    if not isinstance(controls, Mapping) or not controls:
+        raise ValueError("report['controls'] must be a non-empty dict name -> control")
+    ratios = sorted(next(iter(report["methods"].values()))["ticket"])
+    seeds = sorted(str(s) for s in report["seeds"])
+    for name, c in controls.items():
+        where = f"report['controls'][{name!r}]"
+        if name in report["methods"]:
+            raise ValueError(f"{where}: a control must not share its name with a method")
+        if not isinstance(c, Mapping) or set(c) != {"ticket", "per_seed"}:
+            raise ValueError(f"{where} must have exactly the keys ticket, per_seed")
+        if not isinstance(c["per_seed"], Mapping) or sorted(c["per_seed"]) != seeds:
+            raise ValueError(f"{where}['per_seed'] must have one entry per seed {report['seeds']}")
+        for key, t in [("ticket", c["ticket"])] + [(f"per_seed[{s!r}]['ticket']", r.get("ticket"))
+                                                  for s, r in c["per_seed"].items()]:
+            if not isinstance(t, Mapping) or sorted(t) != ratios:
+                raise ValueError(f"{where}[{key!r}] must map the methods' ratios {ratios} to accuracies, got {t!r}")
+            for r in ratios:
+                _percent(t[r], f"{where}[{key!r}][{r!r}]")
+
+
 def validate_report(report) -> None:
     """Raise ValueError/TypeError unless `report` has exactly report.json's schema."""
-    if not isinstance(report, Mapping) or set(report) != {"dataset", "seeds", "methods"}:
-        raise ValueError("report must be a dict with exactly the keys dataset, seeds, methods")
+    if not isinstance(report, Mapping) or not {"dataset", "seeds", "methods"} <= set(report) <= {
+            "dataset", "seeds", "methods", "controls", "discrimination"}:
+        raise ValueError("report must be a dict with exactly the keys dataset, seeds, methods (and, with control "
+                         "tickets, controls and discrimination)")
     if not isinstance(report["dataset"], str):
         raise TypeError("report['dataset'] must be a str")
     if not isinstance(report["seeds"], list) or not report["seeds"] or not all(
@@ -137,6 +249,14 @@ def validate_report(report) -> None:
         _check_seed_result(m, where, ratios)
         if sorted(m["per_seed"]) != sorted(str(s) for s in report["seeds"]):
             raise ValueError(f"{where}['per_seed'] must have one entry per seed {report['seeds']}")
+    if ("controls" in report) != ("discrimination" in report):
+        raise ValueError("report['controls'] and report['discrimination'] come together")
+    if "controls" in report:
+        _check_controls(report)
+        d = report["discrimination"]
+        settings = d.get("settings") if isinstance(d, Mapping) else None
+        if d != discrimination(report, settings if isinstance(settings, Mapping) else None):
+            raise ValueError("report['discrimination'] does not follow from the tickets and controls")
 
 
 def _fmt_bytes(n) -> str:
@@ -186,6 +306,44 @@ def format_table(report: Mapping, gpipe_bytes: Mapping[str, int | None] | None =
     return "\n".join(lines) + "\n"
 
 
+def format_ratio_table(report: Mapping) -> str:
+    """Markdown: fine-tuned ticket accuracy, mean +- spread over seeds, per method and control (rows) and ratio."""
+    validate_report(report)
+    stats = ticket_stats(report)
+    ratios = sorted(next(iter(stats.values())), key=float)
+    head = ["ticket from"] + [f"{float(r) * 100:g} % pruned" for r in ratios]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, per in stats.items():
+        label = name if name in report["methods"] else f"control: {name}"
+        lines.append("| " + " | ".join([label] + [f"{per[r]['mean']:.2f} ± {per[r]['spread']:.2f}"
+                                                  for r in ratios]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_discrimination(d: Mapping | None) -> list[str]:
+    """Plain-language lines: does the pretrained ticket beat each control, do the methods match it (per ratio)."""
+    if not d:
+        return []
+    cfg, lines = d["settings"], []
+    for k, r in d["per_ratio"].items():
+        ref = r["reference"]
+        for name, c in r["controls"].items():
+            lines.append(f"- {float(k) * 100:g} %: {cfg['reference']} {ref['mean']:.2f} ± {ref['spread']:.2f} vs "
+                         f"{name} {c['mean']:.2f} ± {c['spread']:.2f}: {c['margin']:+.2f} points, "
+                         + ("beaten" if c["beaten"] else f"not beaten (needs >= {cfg['margin']:g} points, above "
+                                                         f"the seeds' spread)"))
+        for name, m in r["methods"].items():
+            lines.append(f"- {float(k) * 100:g} %: {name} {m['mean']:.2f} ± {m['spread']:.2f}, {m['gap']:+.2f} "
+                         f"points vs {cfg['reference']}: " + ("within" if m["within"] else "not within")
+                         + f" {cfg['within']:g} point")
+    lines.append(f"- verdict at {', '.join(f'{float(k) * 100:g} %' for k in d['ratios'])}: pretraining "
+                 + ("matters (the pretrained ticket beats every control)" if d["pretraining_matters"] else
+                    "is not shown to matter (some control is not beaten)")
+                 + "; " + ("every method's ticket is within " if d["methods_match_reference"] else
+                           "not every method's ticket is within ") + f"{cfg['within']:g} point of {cfg['reference']}'s")
+    return lines
+
+
 def format_draw_table(draws: Mapping) -> str:
     """Markdown: fine-tuned accuracy of the ticket drawn at each point (mean, then per seed acc@epoch).
 
@@ -220,10 +378,13 @@ def format_savings(draws: Mapping) -> list[str]:
                 lines.append(f"- {name}, {crit} criterion: did not fire for any seed")
                 continue
             mean = {k: sum(v[k] for v in got) / len(got) for k in got[0]}
+            steps = (f", {mean['sample_steps_saved'] / 1e3:.0f}k sample-steps "
+                     f"({100 * mean['sample_steps_saved'] / mean['sample_steps_total']:.0f} % of the pretraining)"
+                     if "sample_steps_saved" in mean else "")
             lines.append(f"- {name}, {crit} criterion (fired for {len(got)} of {len(per_seed)} seeds): stopping "
-                         f"there saves {mean['epochs_saved']:.1f} epochs, {mean['train_seconds_saved']:.1f} s of "
-                         f"training and {_fmt_bytes(mean['comm_bytes_saved'])} of communication per run; the ticket "
-                         f"changes by {mean['ticket_acc_change']:+.2f} points (mean over those seeds)")
+                         f"there saves {mean['epochs_saved']:.1f} epochs{steps}, {mean['train_seconds_saved']:.1f} s "
+                         f"of training and {_fmt_bytes(mean['comm_bytes_saved'])} of communication per run; the "
+                         f"ticket changes by {mean['ticket_acc_change']:+.2f} points (mean over those seeds)")
     return lines
 
 
@@ -248,8 +409,16 @@ def write_report(out: str | Path, report: Mapping, details: Mapping | None = Non
     details = dict(details or {})
     table = format_table(report, details.get("gpipe_bytes"), details.get("no_prune_bn_recalibrated"),
                          details.get("ddp_bytes"))
-    md = [f"# LoFT tickets on {report['dataset']} (seeds {report['seeds']})", "",
-          "Accuracies are test accuracy in percent, means over seeds. no-prune: the pretrained full model as "
+    md = [f"# LoFT tickets on {report['dataset']} (seeds {report['seeds']})", ""]
+    if "controls" in report:
+        md += ["## Tickets against the pruning ratio", "",
+               "Fine-tuned test accuracy (%) of the ticket of each pretraining method (top L2-norm filters of the "
+               "pretrained weights) and of the controls, fine-tuned exactly like the tickets: initial-weights (top "
+               "L2-norm filters of the initial weights, with those weights) and random-filters (the same number of "
+               "filters per group kept at random from the dense-pretrained weights). Mean ± sample standard "
+               "deviation over the seeds.", "", format_ratio_table(report)]
+        md += format_discrimination(report["discrimination"]) + ["", "## The paper's table", ""]
+    md += ["Accuracies are test accuracy in percent, means over seeds. no-prune: the pretrained full model as "
           "trained; BN re-estimated: the same weights with BatchNorm running statistics re-measured on the "
           "training data (a LoFT worker's statistics describe its sub-model, whose partial sums over 1/S of "
           "the channels are not rescaled). ticket p %: the pretrained model with p % of the filters of every "
@@ -302,6 +471,23 @@ def plot_lines(series: Mapping[str, Sequence[float]], path, *, title: str, xlabe
     if logy:
         ax.set_yscale("symlog", linthresh=1e-2)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, Path(path))
+
+
+def plot_ticket_vs_ratio(report: Mapping, path) -> Path:
+    """ticket accuracy against the pruning ratio: one line per method and control, mean over seeds, spread as bars."""
+    validate_report(report)
+    fig, ax = _pyplot().subplots(figsize=(6.5, 4.2))
+    for name, per in ticket_stats(report).items():
+        ratios = sorted(per, key=float)
+        control = name not in report["methods"]
+        ax.errorbar([float(r) * 100 for r in ratios], [per[r]["mean"] for r in ratios],
+                    yerr=[per[r]["spread"] for r in ratios], marker="s" if control else "o", markersize=4,
+                    capsize=3, linestyle="--" if control else "-", label=f"control: {name}" if control else name)
+    ax.set(title=f"fine-tuned tickets on {report['dataset']} ({len(report['seeds'])} seed(s); bars: ± 1 std)",
+           xlabel="filters pruned per group (%)", ylabel="test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, Path(path))

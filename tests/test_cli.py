@@ -194,7 +194,8 @@ def test_finetune_and_rewind(capsys, pretrained, tmp_path):
 def test_run_end_to_end(capsys, tmp_path):
     out = tmp_path / "job"
     rc, stdout, _ = cli(capsys, "run", *TINY, "--methods", "dense,loft-2", "--seeds", "1", "--epochs", "2",
-                        "--finetune-epochs", "1", "--draw-at", "0,2", "--sync-every", "4", "--out", out, "--quiet")
+                        "--finetune-epochs", "1", "--draw-at", "0,2", "--sync-every", "4", "--ratios", "0.5,0.8",
+                        "--out", out, "--quiet")
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
     report.validate_report(rep)
@@ -219,8 +220,8 @@ def test_run_end_to_end(capsys, tmp_path):
     # a finished job resumes to the same report without training again
     before = (out / "report.json").read_text()
     rc, _, _ = cli(capsys, "run", *TINY, "--methods", "dense,loft-2", "--seeds", "1", "--epochs", "2",
-                   "--finetune-epochs", "1", "--draw-at", "0,2", "--sync-every", "4", "--out", out, "--quiet",
-                   "--resume")
+                   "--finetune-epochs", "1", "--draw-at", "0,2", "--sync-every", "4", "--ratios", "0.5,0.8",
+                   "--out", out, "--quiet", "--resume")
     assert rc == 0 and (out / "report.json").read_text() == before
 
 
@@ -297,7 +298,11 @@ BAD = [
     (["finetune", "--ticket", "{tmp}"], "ticket.pt"),
     (["distance", "--run", "{tmp}/nowhere"], "not a directory"),
     (["distance", "--run", "{tmp}"], "model.pt"),
-    (["run", "--ratios", "0.5,1.2"], r"--ratios must lie in \[0, 1\)"),
+    (["run", "--ratios", "0.5,1.2"], r"--ratios: 1\.2 is not a pruning ratio; give fractions in \(0, 1\)"),
+    (["run", "--ratios", "50,100"], r"--ratios: 100 is not a pruning ratio"),
+    (["run", "--ratios", "0,0.5"], r"--ratios: 0 is not a pruning ratio"),
+    (["run", "--ratios", "0.5,x"], "--ratios must be a comma-separated list of numbers"),
+    (["run", "--controls", "random"], "'random' is not a control"),
     (["run", "--methods", "dense,loft-1"], "'loft-1' is not a method"),
     (["run", "--methods", "dense,gpipe"], "'gpipe' is not a method"),
     (["run", "--epochs", "2", "--draw-at", "1,9"], r"--draw-at epochs must lie in 0\.\.2"),

@@ -1,4 +1,5 @@
 """loft_kernels.engine: evaluation, trainers against plainly written loops, exact resume, model files."""
+import copy
 import csv
 import functools
 import json
@@ -200,6 +201,39 @@ def test_recalibrate_bn_is_the_mean_of_batch_statistics(data):
     assert torch.allclose(model[1].running_mean, means, atol=1e-6)
     assert torch.allclose(model[1].running_var, vars_, atol=1e-5)
     assert model[1].momentum == 0.3 and model.training
+
+
+def test_public_recalibrate_bn_takes_any_iterable_of_batches_and_checks_input(data):
+    import loft_kernels as lk
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 1),
+                          nn.BatchNorm2d(2))
+    loader = BatchLoader(data.train_x, data.train_y, 32, seed=0, shuffle=False)
+    want = copy.deepcopy(model)
+    engine.recalibrate_bn(want, loader)
+    # plain PyTorch reference: the mean of the per-batch statistics of the first BatchNorm's input
+    with torch.no_grad():
+        acts = [model[0](x) for x, _ in loader.epoch(0)]
+    assert torch.allclose(want[1].running_mean, torch.stack([a.mean((0, 2, 3)) for a in acts]).mean(0), atol=1e-6)
+    for batches in ([(x, y) for x, y in loader.epoch(0)], [x for x, _ in loader.epoch(0)],
+                    ([x, y] for x, y in loader.epoch(0))):
+        got = lk.recalibrate_bn(copy.deepcopy(model), batches)
+        for k, v in want.state_dict().items():
+            assert torch.allclose(got.state_dict()[k].float(), v.float(), atol=1e-6), k
+    before = copy.deepcopy(model.state_dict())
+    for bad, err, match in [(5, TypeError, "batches must be a BatchLoader or an iterable"),
+                            (data.train_x, TypeError, "batches must be a BatchLoader"),
+                            ([], ValueError, "yielded no batch"),
+                            ([(data.train_x[:4].long(), None)], TypeError, r"batch 0 of batches \(its first item\)"),
+                            ([data.train_x[:4], "x"], TypeError, "batch 1 of batches must be a torch.Tensor")]:
+        with pytest.raises(err, match=match):
+            lk.recalibrate_bn(model, bad)
+        for k, v in model.state_dict().items():  # a failed pass leaves the statistics as they were
+            assert torch.equal(v, before[k]), k
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        lk.recalibrate_bn("model", loader)
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    assert lk.recalibrate_bn(plain, loader) is plain  # nothing to re-estimate
 
 
 def test_model_and_ticket_files_round_trip(tmp_path, data):

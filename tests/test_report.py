@@ -195,7 +195,7 @@ def test_run_on_idx_files_draws_at_emergence(tmp_path, capsys):
     argv = ["run", "--dataset", "mnist", "--data-dir", str(data), "--model", "vgg", "--width", "0.25",
             "--methods", "dense,loft-2", "--seeds", "2", "--epochs", "3", "--finetune-epochs", "1",
             "--batch-size", "16", "--train-samples", "100", "--footrule-window", "1", "--footrule-threshold", "0.9",
-            "--draw-at", "auto", "--out", str(out), "--quiet"]
+            "--draw-at", "auto", "--ratios", "0.5,0.8", "--out", str(out), "--quiet"]
     assert main(argv) == 0
     stdout = capsys.readouterr().out
     rep = json.loads((out / "report.json").read_text())
@@ -216,7 +216,7 @@ def test_run_on_idx_files_draws_at_emergence(tmp_path, capsys):
                 ft = json.loads((unit_dir / f"drawn-epoch{e}" / "summary.json").read_text())
                 assert r["drawn_at"][str(e)] == pytest.approx(ft["test_acc"])
             # the initial weights are every method's: their ticket is fine-tuned once per seed and shared
-            init = json.loads((out / "units" / "initial-weights" / f"seed{seed}" / "drawn-epoch0" / "summary.json")
+            init = json.loads((out / "units" / "initial-weights" / f"seed{seed}" / "ticket-0.8" / "summary.json")
                               .read_text())
             assert r["drawn_at"]["0"] == pytest.approx(init["test_acc"]) and not (unit_dir / "drawn-epoch0").exists()
         assert details["ddp_bytes"][method] is None if method == "dense" else details["ddp_bytes"][method] > 0
@@ -236,7 +236,7 @@ def test_run_defaults_follow_the_dataset(capsys):
     args = p.parse_args(["--dataset", "fashion-mnist"])
     assert run_presets.apply(args) == "default"
     assert (args.model, args.width, args.batch_size, args.train_samples, args.test_samples, args.draw_at,
-            args.seeds) == ("vgg", 0.5, 64, 10000, 5000, "auto", 2)
+            args.seeds) == ("vgg", 0.5, 64, 10000, 5000, "auto", 3)
     args = p.parse_args(["--dataset", "fashion-mnist", "--model", "preact_resnet18", "--seeds", "5", "--full"])
     run_presets.apply(args)
     assert (args.model, args.seeds, args.train_samples, args.epochs) == ("preact_resnet18", 5, 0, 20)

@@ -3,12 +3,15 @@
 For every seed and method (dense; loft-S = LoFT with S simulated workers):
 pretrain (filter scores snapshotted every epoch), note the epoch each
 emergence criterion fired, prune at each --ratios (top filters by L2 norm),
-fine-tune each ticket and evaluate it. With --draw-at, tickets are also drawn
+fine-tune each ticket and evaluate it. The --controls are fine-tuned the same
+way at every ratio: the ticket drawn from the initial weights, and the same
+number of filters per group kept at random from the dense-pretrained weights;
+report.json's "discrimination" says whether the pretrained ticket beats them. With --draw-at, tickets are also drawn
 from earlier weights (auto: the initial weights, the epoch each emergence
 criterion fired, and the end) and fine-tuned the same way. Then print a table
 shaped like the paper's and write to --out (default runs/<timestamp>):
 report.json, report.md, details.json, footrule_to_final.png,
-footrule_heatmap_<group>.png, curves.png and, with --draw-at,
+footrule_heatmap_<group>.png, curves.png, ticket_vs_ratio.png and, with --draw-at,
 ticket_vs_epoch.png. Every unit of work lives under --out/units/<method>/seed<k>/
 with its own checkpoints, so --resume continues a killed job where it stopped.
 """
@@ -26,13 +29,15 @@ import torch
 from .. import engine, report
 from ..comm_model import comm_cost
 from ..data import stratified_subset
-from ..tickets import draw
+from ..tickets import draw, prune
 from . import _common as U
 from . import run_presets
 from .pretrain import add_loft_args, add_train_args, emergence_options, train_config
 from .run_summary import details, plots, run_info, seed_entry
 
-HELP = "the main job: dense vs LoFT-2/4 pretraining, tickets pruned 50 and 80 percent, emergence, table, plots"
+HELP = ("the main job: dense vs LoFT-2/4 pretraining, tickets pruned 50-95 percent against two controls, emergence, "
+        "table, plots")
+CONTROLS = ("initial-weights", "random-filters")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -43,7 +48,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--methods", default="dense,loft-2,loft-4",
                    help="comma-separated: dense and/or loft-S (S simulated workers) (default: %(default)s)")
     g.add_argument("--seeds", type=int, help="number of seeds, --seed, --seed+1, ...")
-    g.add_argument("--ratios", default="0.5,0.8", help="pruning ratios of the tickets (default: %(default)s)")
+    g.add_argument("--ratios", default="0.5,0.8,0.9,0.95",
+                   help="pruning ratios of the tickets: fractions in (0, 1) or percents in (0, 100), e.g. 50,80,90,95 "
+                        "(default: %(default)s)")
+    g.add_argument("--controls", default=",".join(CONTROLS),
+                   help="control tickets fine-tuned exactly like the tickets, at every ratio: initial-weights (drawn "
+                        "from the initial weights) and/or random-filters (the same number of filters per group kept "
+                        "at random from the pretrained weights), or none (default: %(default)s)")
     g.add_argument("--draw-at", help="also draw tickets from earlier weights, fine-tune them and plot "
                                      "ticket_vs_epoch.png: comma-separated epochs (0: the initial weights), "
                                      "auto (0, each emergence epoch, the end) or none")
@@ -82,6 +93,36 @@ def parse_methods(text: str) -> list[tuple[str, int]]:
     return methods
 
 
+def parse_ratios(text: str) -> list[float]:
+    """'0.5,0.8' or '50,80' (percents; also '50%') -> sorted distinct fractions, each in (0, 1)."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise U.CLIError("--ratios must not be empty")
+    try:
+        values = [float(t.rstrip("%")) for t in items]
+    except ValueError:
+        raise U.CLIError(f"--ratios must be a comma-separated list of numbers, got {text!r}") from None
+    # "80%" is a percent; plain numbers are fractions, or percents when every plain number is >= 1 (50,80,90,95).
+    plain_percent = all(v >= 1 for t, v in zip(items, values) if not t.endswith("%"))
+    ratios = [v / 100 if t.endswith("%") or plain_percent else v for t, v in zip(items, values)]
+    bad = [t for t, r in zip(items, ratios) if not 0 < r < 1]
+    if bad:
+        raise U.CLIError(f"--ratios: {', '.join(bad)} is not a pruning ratio; give fractions in (0, 1) such as "
+                         f"0.5,0.8 or percents in (0, 100) such as 50,80 (not both in one list), got {text!r}")
+    return sorted(set(ratios))
+
+
+def parse_controls(text: str) -> list[str]:
+    if text.strip() == "none":
+        return []
+    controls = [c.strip() for c in U.parse_list(text, str, "--controls")]
+    unknown = [c for c in controls if c not in CONTROLS]
+    if unknown:
+        raise U.CLIError(f"--controls: {', '.join(map(repr, unknown))} is not a control; use "
+                         f"{' and/or '.join(CONTROLS)}, or none")
+    return [c for c in CONTROLS if c in controls]
+
+
 def _draw_at(text: str, epochs: int):
     """'auto' | [] (none) | sorted epochs."""
     if text.strip() in ("auto", "none"):
@@ -99,10 +140,14 @@ def _settings(args) -> dict:
     U.check_non_negative(args.train_samples, "--train-samples")
     U.check_non_negative(args.test_samples, "--test-samples")
     methods = parse_methods(args.methods)
-    ratios = sorted({U.check_ratio(r, "--ratios") for r in U.parse_list(args.ratios, float, "--ratios")})
+    ratios = parse_ratios(args.ratios)
     draw_at = _draw_at(args.draw_at, U.check_positive(args.epochs, "--epochs"))
     draw_ratio = U.check_ratio(args.draw_ratio, "--draw-ratio") if args.draw_ratio is not None else max(ratios)
+    names = [m for m, _ in methods]
     return {"methods": methods, "ratios": ratios, "draw_at": draw_at, "draw_ratio": draw_ratio, "length": length,
+            "controls": parse_controls(args.controls),
+            # the random-filter control keeps filters of the dense-pretrained weights (or the first method's)
+            "control_source": "dense" if "dense" in names else names[0],
             "seeds": [args.seed + i for i in range(args.seeds)]}
 
 
@@ -141,7 +186,10 @@ class Job:
                "epoch_seconds": [r["seconds"] for r in history], "workers": workers,
                "comm_curve": [int(r.get("comm_bytes_sent", 0)) * workers for r in history],
                "footrule_to_final": tracker.footrule_to(tracker.tags[-1]).total.tolist()}
+        res["samples_per_epoch"] = summary["samples_per_epoch"]
         extras = {"tickets": {}}
+        if method == self.st["control_source"]:
+            res["controls"] = self.controls(unit, model, groups, seed)
         for ratio in self.st["ratios"]:
             key = report.ratio_key(ratio)
             pruned, kept, metrics = draw(model, groups, ratio, self.example, speed_repeats=10 if first else 0)
@@ -177,6 +225,35 @@ class Job:
             return self.st["draw_at"]
         return sorted({0, epochs_run, *(e for e in emerged.values() if e is not None)})
 
+    def controls(self, unit: Path, model, groups, seed: int) -> dict:
+        """Control name -> {ratio key: fine-tuned accuracy} at every --ratios (see --controls)."""
+        out = {}
+        for name in self.st["controls"]:
+            ticket = self.initial_ticket if name == "initial-weights" else functools.partial(self.random_ticket, model)
+            out[name] = {report.ratio_key(r): ticket(unit, groups, seed, r) for r in self.st["ratios"]}
+            self.log(f"   {name} control: " + ", ".join(f"{float(k) * 100:g} %: {a:.2f}%" for k, a in out[name].items()))
+        return out
+
+    def initial_ticket(self, unit: Path, groups, seed: int, ratio: float) -> float:
+        """The ticket drawn from the initial weights (top L2 norms at initialisation), fine-tuned.
+
+        Every method starts from the same initial weights (same seed), so this is fine-tuned once per seed and ratio.
+        """
+        model, groups = engine.full_model(engine.load_model_file(unit / "pretrain" / "init.pt"))
+        pruned, kept, _ = draw(model.to(self.device), groups, ratio, self.example)
+        target = self.out / "units" / "initial-weights" / f"seed{seed}" / f"ticket-{report.ratio_key(ratio)}"
+        return self.finetune(target, pruned, groups, kept, ratio, seed)
+
+    def random_ticket(self, model, unit: Path, groups, seed: int, ratio: float) -> float:
+        """The pretrained `model` with the same number of filters per group as its ticket kept at random, fine-tuned.
+
+        The random scores depend on the seed only, so the kept sets are nested across ratios like the tickets'.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        scores = {g.name: torch.rand(g.n, generator=gen) for g in groups}
+        pruned, kept = prune(model, groups, ratio, criterion=scores)
+        return self.finetune(unit / f"random-filters-{report.ratio_key(ratio)}", pruned, groups, kept, ratio, seed)
+
     def finetune(self, out: Path, pruned, groups, kept, ratio: float, seed: int) -> float:
         torch.manual_seed(seed)
         return engine.finetune_run(out, model=pruned, spec=self.spec, groups=groups, kept=kept, ratio=ratio,
@@ -188,12 +265,11 @@ class Job:
         key = report.ratio_key(self.st["draw_ratio"])
         if epoch == epochs_run and key in res["ticket"]:  # the end's weights: that ticket is already fine-tuned
             return res["ticket"][key]
-        name = f"epoch_{epoch:03d}.pt" if epoch else "init.pt"
-        # Every method starts from the same initial weights (same seed): their ticket is fine-tuned once per seed.
-        target = (self.out / "units" / "initial-weights" / f"seed{seed}" if epoch == 0 else unit) / f"drawn-epoch{epoch}"
-        model, groups = engine.full_model(engine.load_model_file(unit / "pretrain" / name))
+        if epoch == 0:
+            return self.initial_ticket(unit, None, seed, self.st["draw_ratio"])
+        model, groups = engine.full_model(engine.load_model_file(unit / "pretrain" / f"epoch_{epoch:03d}.pt"))
         pruned, kept, _ = draw(model.to(self.device), groups, self.st["draw_ratio"], self.example)
-        return self.finetune(target, pruned, groups, kept, self.st["draw_ratio"], seed)
+        return self.finetune(unit / f"drawn-epoch{epoch}", pruned, groups, kept, self.st["draw_ratio"], seed)
 
 
 def _dataset(args):
@@ -223,7 +299,7 @@ def run(args) -> int:
     spec = U.make_spec(args, dataset, workers=largest[1], workers_option=f"--methods {largest[0]}")
     config = {"command": "run", "dataset": args.dataset, "data_dir": args.data_dir, "spec": spec,
               "train_samples": args.train_samples, "test_samples": args.test_samples, "methods": [m for m, _ in st["methods"]], "seeds": st["seeds"],
-              "ratios": st["ratios"], "draw_at": st["draw_at"], "draw_ratio": st["draw_ratio"],
+              "ratios": st["ratios"], "controls": st["controls"], "draw_at": st["draw_at"], "draw_ratio": st["draw_ratio"],
               "pretrain": base_cfg.to_dict(), "finetune": ft_cfg.to_dict(), "emergence": emergence,
               "length": st["length"], "device": str(device)}
     if args.resume:
@@ -234,6 +310,7 @@ def run(args) -> int:
 
     job = Job(args, st, out, dataset, spec, device, emergence, ft_cfg)
     results: dict[str, dict[int, dict]] = {}
+    controls: dict[str, dict[int, dict]] = {}
     extras: dict[str, dict] = {}
     wall: dict[str, float] = {}
     for method, workers in st["methods"]:
@@ -241,18 +318,23 @@ def run(args) -> int:
         for seed in st["seeds"]:
             res, ex = job.unit(method, workers, seed)
             results.setdefault(method, {})[seed] = res
+            for name, accs in res.pop("controls", {}).items():
+                controls.setdefault(name, {})[seed] = {"ticket": accs}
             if "matrix" in ex:
                 extras[method] = ex
         wall[method] = time.perf_counter() - t0
 
     rep = report.build_report(args.dataset, st["seeds"], {m: {s: seed_entry(r) for s, r in per.items()}
-                                                          for m, per in results.items()})
+                                                          for m, per in results.items()}, controls or None)
     info = details(results, extras, st, wall, time.perf_counter() - t_job)
-    plots(out, results, extras, st)
+    plots(out, results, extras, st, rep)
     info["wall_seconds"] = time.perf_counter() - t_job  # including the plots
     info["run"] = run_info(info["wall_seconds"], load_at_start, device)
     report.write_report(out, rep, info)
     print(report.format_table(rep, info["gpipe_bytes"], info["no_prune_bn_recalibrated"], info["ddp_bytes"]))
+    if "controls" in rep:
+        print(report.format_ratio_table(rep))
+        print("\n".join(report.format_discrimination(rep["discrimination"])))
     if info.get("draws"):
         print(report.format_draw_table(info["draws"]))
     for note in info["notes"]:

@@ -43,8 +43,12 @@ def savings(r: dict, epoch: int) -> dict:
     """What stopping pretraining at `epoch` would have saved against running to the end, for one seed."""
     end = len(r["loss_curve"])
     comm = r["comm_curve"]
-    return {"epochs_saved": end - epoch, "train_seconds_saved": sum(r["epoch_seconds"][epoch:]),
-            "comm_bytes_saved": (comm[-1] - (comm[epoch - 1] if epoch else 0)) if comm else 0}
+    out = {"epochs_saved": end - epoch, "train_seconds_saved": sum(r["epoch_seconds"][epoch:]),
+           "comm_bytes_saved": (comm[-1] - (comm[epoch - 1] if epoch else 0)) if comm else 0}
+    if "samples_per_epoch" in r:  # samples all workers together pushed through the model (one step each)
+        out.update(sample_steps_saved=(end - epoch) * r["samples_per_epoch"],
+                   sample_steps_total=end * r["samples_per_epoch"])
+    return out
 
 
 def draws(results: dict, st: dict) -> dict:
@@ -101,11 +105,13 @@ def details(results, extras, st, wall, wall_total) -> dict:
             "draw_ratio": st["draw_ratio"] if st["draw_at"] else None}
 
 
-def plots(out: Path, results, extras, st) -> None:
+def plots(out: Path, results, extras, st, rep: dict | None = None) -> None:
     f = {m: mean_curve([r["footrule_to_final"] for r in per.values()]) for m, per in results.items()}
     report.plot_lines(f, out / "footrule_to_final.png", x={m: range(len(v)) for m, v in f.items()},
                       title="footrule distance to the final ranking (epoch 0: initial weights)",
                       xlabel="epoch", ylabel="F(epoch, final), summed over groups (mean over seeds)")
+    if rep is not None:
+        report.plot_ticket_vs_ratio(rep, out / "ticket_vs_ratio.png")
     report.plot_heatmaps({m: e["matrix"] for m, e in extras.items()}, next(iter(extras.values()))["groups"], out)
     report.plot_curves({m: {"train_loss": mean_curve([r["loss_curve"] for r in per.values()]),
                             "test_acc": mean_curve([r["test_curve"] for r in per.values()])}

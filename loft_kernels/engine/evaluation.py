@@ -34,28 +34,59 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device=None,
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader: BatchLoader, *, epoch: int = 0) -> nn.Module:
-    """Re-estimate every BatchNorm's running statistics of the full model from one pass over `loader`.
+def recalibrate_bn(model: nn.Module, batches, *, epoch: int = 0) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics of `model` from one pass over `batches`.
 
-    A LoFT worker's consumer sums only its 1/S of the input channels (no 1/S
-    rescaling, as in the official code), so the running statistics of the layers
-    after it describe sub-model activations; the full model's are about S times
-    larger. One forward pass in train mode (cumulative averages, no gradients)
-    measures the full model's. Modifies `model` in place and returns it.
+    Use it before evaluating a model pretrained with LoFT (see docs/algorithm.md,
+    "The assembled model"): a LoFT worker's consumer sums only its 1/S of the input
+    channels (no 1/S rescaling, as in the official code), so the running
+    statistics of the layers after it describe sub-model activations while the
+    full model's are about S times larger. One forward pass of the full model in
+    train mode (cumulative averages, no gradients) measures the right ones.
+
+    batches: a `BatchLoader` (its `epoch(epoch)` is used) or any iterable of
+    input batches, each a floating tensor [N, ...] or a tuple/list whose first
+    item is one (e.g. a torch DataLoader yielding (x, y)); moved to the model's
+    device. Other parameters and buffers are untouched. Modifies `model` in
+    place and returns it; a model without BatchNorm statistics is returned as is.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    epoch = C.non_negative_int(epoch, "epoch")
+    if isinstance(batches, BatchLoader):
+        batches = batches.epoch(epoch)
+    elif isinstance(batches, torch.Tensor) or not hasattr(batches, "__iter__"):
+        raise TypeError(f"batches must be a BatchLoader or an iterable of batches (tensors or (x, y) tuples), "
+                        f"got {type(batches).__name__}")
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [(m, m.momentum) for m in norms]
+    if not norms:
+        return model
+    device = next(iter(model.parameters()), norms[0].running_mean).device
+    saved = [(m, m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for m in norms]
     was_training = model.training
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average over the pass
     model.train()
+    seen, ok = 0, False
     try:
         with full_view(model):
-            for x, _ in loader.epoch(epoch):
-                model(x)
+            for i, batch in enumerate(batches):
+                x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+                C.tensor(x, f"batch {i} of batches" + (" (its first item)" if x is not batch else ""),
+                         floating=True)
+                model(x.to(device))
+                seen += 1
+        if not seen:
+            raise ValueError("batches yielded no batch; the statistics need at least one")
+        ok = True
     finally:
-        for m, momentum in saved:
+        for m, momentum, mean, var, count in saved:
             m.momentum = momentum
+            if not ok:  # a failed pass leaves the statistics as they were
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
         model.train(was_training)
     return model
