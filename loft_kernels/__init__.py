@@ -58,10 +58,11 @@ from .training import (
     dense,
     explain_groups,
     find_filter_groups,
+    full_view,
     select_groups,
 )
 
-__all__ += ["LoftConv2d", "LoftBatchNorm2d", "LoftLinear", "activate", "dense", "FilterGroup", "Member",
+__all__ += ["LoftConv2d", "LoftBatchNorm2d", "LoftLinear", "activate", "full_view", "dense", "FilterGroup", "Member",
             "find_filter_groups", "explain_groups", "GroupReport", "select_groups", "convert",
             "get_model", "available_models", "preact_resnet", "preact_resnet18", "preact_resnet34", "resnet",
             "resnet18", "resnet34", "resnet50", "vgg", "vgg11", "vgg16", "wide_resnet", "mobilenet_v2",

@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from . import _checks as C
+from .nn import full_view
 from .training.comm import STATES, loft_sync_bytes, ring_all_reduce_bytes
 from .training.groups import FilterGroup, find_filter_groups, select_groups
-from .training.layers import dense
 
 METHODS = ("loft", "ddp", "localsgd", "gpipe")
 BALANCES = ("stages", "params")
@@ -154,7 +154,7 @@ def _eval_no_grad(model: nn.Module):
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad(), dense(model):
+        with torch.no_grad(), full_view(model):
             yield
     finally:
         for m, training in modes:

@@ -62,7 +62,7 @@ def tiny_convnext(seed: int = 0):
     from loft_kernels.models_modern import ConvNeXt
     torch.manual_seed(seed)
     model = ConvNeXt(depths=(1, 1), dims=(8, 16), num_classes=5, layer_scale=1.0)
-    return lk.convert(model, torch.randn(2, 3, 8, 8))
+    return lk.convert(model, torch.randn(2, 3, 8, 8), loft_layers=True)
 
 
 MODELS = {"preact": tiny_preact, "vgg": tiny_vgg, "mobilenet": tiny_mobilenet, "convnext": tiny_convnext}

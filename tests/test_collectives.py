@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from loft_kernels.training import collectives as col
-from loft_kernels.training.sync import Payload, distributed_exchange
+from loft_kernels.training.exchange import distributed_exchange
+from loft_kernels.training.sync import Payload
 
 EXCHANGES = 400
 

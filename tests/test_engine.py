@@ -40,6 +40,7 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
 def test_evaluate_matches_plain_computation(data):
     model, groups = fresh(data)
     model.train()
+    lk.nn.to_loft_layers(model, groups)
     lk.activate(model, groups, {g.name: torch.tensor([0]) for g in groups})
     got = engine.evaluate(model, data.test_x, data.test_y, batch_size=7)
     with torch.no_grad(), lk.dense(model):

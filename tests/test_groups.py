@@ -90,7 +90,7 @@ def test_zoo_groups_exact(name):
     assert groups == expected
     assert lk.find_filter_groups(model, x, tracer="autograd") == expected
     # After convert (Loft layers are leaves of the trace too) discovery finds the same groups.
-    _, converted = lk.convert(model, x)
+    _, converted = lk.convert(model, x, loft_layers=True)
     assert converted == expected
     assert lk.find_filter_groups(model, x) == expected
 
@@ -116,7 +116,7 @@ def test_discovery_leaves_model_unchanged():
     assert model.training and all(m.training for m in model.modules())
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    _, groups = lk.convert(model, X8)
+    _, groups = lk.convert(model, X8, loft_layers=True)
     lk.activate(model, groups, {g.name: torch.tensor([0]) for g in groups})
     lk.find_filter_groups(model, X8)  # runs dense internally, keeps the active sets
     assert torch.equal(model.get_submodule(groups[0].conv_a).active_out, torch.tensor([0]))
@@ -293,7 +293,7 @@ def test_paper_policy():
 
 def test_paper_policy_leaves_other_layers_plain():
     model = lk.resnet18(width=0.125)
-    lk.convert(model, X8, policy="paper")
+    lk.convert(model, X8, policy="paper", loft_layers=True)
     loft = {n for n, m in model.named_modules() if isinstance(m, (lk.LoftConv2d, lk.LoftBatchNorm2d))}
     assert loft == {f"layer{s}.1.{m}" for s in (2, 3, 4) for m in ("conv1", "bn1", "conv2")}
 
@@ -308,7 +308,7 @@ def test_include_exclude():
     assert names(select_groups(groups, exclude=("layer1.*", "layer4.1.conv2"))) == [
         "layer2.0.conv1", "layer2.1.conv1", "layer3.0.conv1", "layer3.1.conv1", "layer4.0.conv1"]
     assert names(select_groups(groups, "paper", exclude="layer3.*")) == ["layer2.1.conv1", "layer4.1.conv1"]
-    _, got = lk.convert(model, X8, include="layer2.*", exclude="layer2.0.*")
+    _, got = lk.convert(model, X8, include="layer2.*", exclude="layer2.0.*", loft_layers=True)
     assert names(got) == ["layer2.1.conv1"]
     assert type(model.layer2[0].conv1) is nn.Conv2d and type(model.layer2[1].conv1) is lk.LoftConv2d
 
@@ -323,7 +323,7 @@ def test_convert_is_in_place_and_preserves_everything():
     state = copy.deepcopy(model.state_dict())
     x = torch.randn(2, 3, 16, 16)
     y = model(x)
-    out, groups = lk.convert(model, x)
+    out, groups = lk.convert(model, x, loft_layers=True)
     assert out is model
     assert [g.name for g in groups] == ["features.0", "features.4"]
     assert all(p is params[n] for n, p in model.named_parameters())  # optimizers stay valid
@@ -403,7 +403,7 @@ def test_worker_forward_backward_equals_sliced_model(name):
     model = lk.get_model(name, **kw)
     x = torch.randn(3, 3, 16, 16)
     plain = copy.deepcopy(model)
-    _, groups = lk.convert(model, x)
+    _, groups = lk.convert(model, x, loft_layers=True)
     gen = torch.Generator().manual_seed(1)
     assignment = {g.name: torch.randperm(g.n, generator=gen)[: max(1, g.n // 3)].sort().values for g in groups}
     sub = _sliced_copy(plain, groups, assignment)

@@ -286,14 +286,14 @@ def test_untraceable_by_fx_falls_back_to_autograd():
 
 def test_convert_makes_loft_layers_of_every_kind(capsys):
     model = MobileNetV1()
-    _, groups = lk.convert(model, IMG, explain=True)
+    _, groups = lk.convert(model, IMG, explain=True, loft_layers=True)
     printed = capsys.readouterr().out
     assert "2 filter group(s)" in printed and "pw2: pw2 -> bn4 -> relu" in printed and "selected 2 of 2" in printed
     assert groups == MOBILENET_V1
     assert type(model.stem) is lk.LoftConv2d and type(model.pw1) is lk.LoftConv2d
     assert type(model.bn1) is lk.LoftBatchNorm2d and type(model.dw1) is nn.Conv2d  # depthwise stays plain
     mlp = TransformerMLP()
-    _, groups = lk.convert(mlp, TOK)
+    _, groups = lk.convert(mlp, TOK, loft_layers=True)
     assert type(mlp.fc1) is lk.LoftLinear and type(mlp.fc2) is lk.LoftLinear
     assert lk.find_filter_groups(mlp, TOK) == groups  # Loft layers are found again
     with pytest.raises(TypeError, match="explain"):

@@ -97,7 +97,7 @@ def test_non_owned_rows_and_their_state_are_unchanged_within_a_round():
             # the parameters, their gradients and the base optimizer's state exist only for the owned block ...
             full = dict(sim.model.named_parameters())
             for b in opt._rs.blocks:
-                owned_shape = full_block_mask(full[b.slot.name].shape, b.rows, b.cols).sum()
+                owned_shape = full_block_mask(full[b.slot.name].shape, *opt.worker.index(b.slot)).sum()
                 assert b.param.numel() == owned_shape
                 for v in opt.state[b.param].values():
                     assert v.dim() == 0 or v.shape == b.param.shape
@@ -148,8 +148,8 @@ def test_keep_moves_each_filters_state_to_its_next_owner_and_averages_shared_sta
     def spy():  # the workers' state just before the sync ending round 0
         captured["state"] = []
         for opt in sim.optimizers:
-            slots = {b.slot.name: ({key: v.clone() for key, v in opt.state[b.param].items()}, b.rows, b.cols)
-                     for b in opt._rs.blocks}
+            slots = {b.slot.name: ({key: v.clone() for key, v in opt.state[b.param].items()},
+                                   *opt.worker.index(b.slot)) for b in opt._rs.blocks}
             shared = {n: {key: v.clone() for key, v in opt.state[p].items()}
                       for n, p in opt.model.named_parameters() if n in opt._plan.shared_params}
             captured["state"].append((slots, shared))
@@ -168,7 +168,7 @@ def test_keep_moves_each_filters_state_to_its_next_owner_and_averages_shared_sta
             assert not full.isnan().any()
             for opt in sim.optimizers:  # new owner's compact state == previous owners' state of those filters
                 b = next(b for b in opt._rs.blocks if b.slot.name == name)
-                expected = full[full_block_mask(full.shape, b.rows, b.cols)].reshape(b.param.shape)
+                expected = full[full_block_mask(full.shape, *opt.worker.index(b.slot))].reshape(b.param.shape)
                 assert torch.equal(opt.state[b.param][key], expected), (name, key)
                 assert opt.state[b.param]["step"].item() == k
     for name, p in sim.optimizers[0].model.named_parameters():

@@ -132,7 +132,7 @@ def test_zoo_model_with_found_groups_and_loft_layers():
     model = lk.get_model("preact_resnet", depths=(1, 1), num_classes=5, in_channels=1, width=0.25)
     _randomise(model).eval()
     x = torch.randn(2, 1, 8, 8)
-    model, groups = lk.convert(model, x, policy="all")
+    model, groups = lk.convert(model, x, policy="all", loft_layers=True)
     assert any(isinstance(m, lk.LoftConv2d) for m in model.modules())
     lk.activate(model, groups, {g.name: torch.arange(0, g.n, 2) for g in groups})  # a worker's state
     pruned, kept = prune(model, groups, 0.5)

@@ -46,7 +46,7 @@ MODELS = {
 def test_pruned_equals_masked_full_model(name, ratio):
     factory, x = MODELS[name]
     model = _randomise(factory())
-    model, groups = lk.convert(model, x)  # Loft layers: pruning makes them plain
+    model, groups = lk.convert(model, x, loft_layers=True)  # Loft layers: pruning makes them plain
     before = copy.deepcopy(model.state_dict())
     pruned, kept = prune(model, groups, ratio)
     assert not any(isinstance(m, (lk.LoftConv2d, lk.LoftBatchNorm2d, lk.LoftLinear)) for m in pruned.modules())
@@ -109,12 +109,12 @@ def test_tracker_and_prune_read_a_worker_mid_round_at_full_size():
     trained so far, the rest as at the last sync), i.e. of the model its state_dict describes."""
     from loft_reference import MODELS, OPTIMIZERS, batch, loss_fn
 
-    from loft_kernels.training.sync import LocalGroup
+    from loft_kernels.training.exchange import InProcessExchange
 
     full, groups = MODELS["mobilenet"]()
     model = copy.deepcopy(full).train()
     opt = lk.LoftOptimizer(OPTIMIZERS["sgd"](model.parameters()), model, groups, sync_every=1 << 30,
-                           process_group=LocalGroup(1, 2))
+                           exchange=InProcessExchange(2).rank(1))
     x, y = batch(1, 0)
     loss_fn(model(x), y).backward()
     opt.step()

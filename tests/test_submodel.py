@@ -9,7 +9,7 @@ from loft_reference import MODELS, OPTIMIZERS, batch, loss_fn, one_thread, sub_m
 from torch import nn
 
 import loft_kernels as lk
-from loft_kernels.training.sync import LocalGroup
+from loft_kernels.training.exchange import InProcessExchange
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NEVER = 1 << 30
@@ -20,7 +20,7 @@ def worker(rank=1, workers=3, factory=OPTIMIZERS["sgd"], model_name="preact"):
     full, groups = MODELS[model_name]()
     model = copy.deepcopy(full)
     opt = lk.LoftOptimizer(factory(model.parameters()), model, groups, sync_every=NEVER,
-                           process_group=LocalGroup(rank, workers))
+                           exchange=InProcessExchange(workers).rank(rank))
     return full, model.train(), opt, groups
 
 
@@ -151,7 +151,7 @@ def test_add_param_group_behaves_as_on_the_base_optimizer():
     full, groups = MODELS["preact"]()
     head = [full.linear.weight, full.linear.bias]
     base = torch.optim.SGD([p for p in full.parameters() if all(p is not h for h in head)], lr=0.1)
-    opt = lk.LoftOptimizer(base, full, groups, sync_every=NEVER, process_group=LocalGroup(0, 2))
+    opt = lk.LoftOptimizer(base, full, groups, sync_every=NEVER, exchange=InProcessExchange(2).rank(0))
     opt.add_param_group({"params": head, "lr": 0.01})
     assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.01 and base.param_groups is opt.param_groups
     x, y = batch(0, 0)
@@ -237,8 +237,7 @@ def test_the_simulator_holds_one_full_model_and_s_sub_models():
     masters = dict(sim.model.named_parameters())
     for opt in sim.optimizers:
         for b in opt._rs.blocks:
-            module, _, attr = b.slot.name.rpartition(".")
-            rec = opt.model.get_submodule(module).__dict__["_loft_compact"][attr]
+            rec = next(e for e in opt.worker.entries if e.slot is b.slot)
             assert rec.master is masters[b.slot.name]  # cut from the one full model, not a copy
     for name, p in masters.items():
         blocks = [dict(m.named_parameters())[name] for m in sim.worker_models]

@@ -25,11 +25,10 @@ from torch import nn
 from ..models import preact_resnet18
 from ..tickets.flops import count_params_flops
 from ..tickets.prune import prune
+from ..training.exchange import InProcessExchange
 from ..training.groups import convert
 from ..training.optimizer import LoftOptimizer
 from ..training.simulator import LoftSimulator
-from ..training.submodel import compact_modules
-from ..training.sync import LocalGroup
 from .result import Config, Result, Spec, failed, timed, valued
 from .shapes import BATCH, RESOLUTION
 from .timing import interleaved
@@ -79,7 +78,7 @@ def _variants(policy: str, device) -> dict:
     loft, groups = convert(copy.deepcopy(dense), example, policy=policy)
     sliced = prune(loft, groups, 1 - 1 / WORKERS)[0].train()
     opt = LoftOptimizer(_sgd(loft.parameters()), loft, groups, sync_every=NEVER,
-                        process_group=LocalGroup(0, WORKERS))
+                        exchange=InProcessExchange(WORKERS).rank(0))
     return {"dense": (dense, _sgd(dense.parameters())), "loft": (loft, opt),
             "sliced": (sliced, _sgd(sliced.parameters())), "groups": groups, "example": example}
 
@@ -106,7 +105,7 @@ def step_memory(model: nn.Module, opt, device) -> dict:
     loss.backward()
     opt.step()
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-    masters = [rec.master for m in compact_modules(model) for rec in m.__dict__["_loft_compact"].values()]
+    masters = [e.master for e in opt.worker.entries] if getattr(opt, "worker", None) is not None else []
     out = {"parameters": nbytes(model.parameters()), "masters": nbytes(masters),
            "gradients": nbytes(p.grad for p in model.parameters() if p.grad is not None),
            "optimizer_state": nbytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)),

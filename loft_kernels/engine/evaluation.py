@@ -7,7 +7,7 @@ from torch import nn
 
 from .. import _checks as C
 from ..data import BatchLoader
-from ..training import dense
+from ..nn import full_view
 
 
 @torch.no_grad()
@@ -22,7 +22,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device=None,
     model.eval()
     loss_sum, correct = 0.0, 0
     try:
-        with dense(model):
+        with full_view(model):
             for i in range(0, x.shape[0], batch_size):
                 xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
                 out = model(xb)
@@ -37,7 +37,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device=None,
 def recalibrate_bn(model: nn.Module, loader: BatchLoader, *, epoch: int = 0) -> nn.Module:
     """Re-estimate every BatchNorm's running statistics of the full model from one pass over `loader`.
 
-    A LoFT worker's conv_b sums only its 1/S of the input channels (no 1/S
+    A LoFT worker's consumer sums only its 1/S of the input channels (no 1/S
     rescaling, as in the official code), so the running statistics of the layers
     after it describe sub-model activations; the full model's are about S times
     larger. One forward pass in train mode (cumulative averages, no gradients)
@@ -51,7 +51,7 @@ def recalibrate_bn(model: nn.Module, loader: BatchLoader, *, epoch: int = 0) -> 
         m.momentum = None  # cumulative moving average over the pass
     model.train()
     try:
-        with dense(model):
+        with full_view(model):
             for x, _ in loader.epoch(epoch):
                 model(x)
     finally:

@@ -1,10 +1,13 @@
-"""LoFT training: Loft layers, filter groups, and the optimizer/simulator built on them."""
-from ..filter_group import FilterGroup, Member, resolve_groups
-from .groups import GroupReport, convert, explain_groups, find_filter_groups, select_groups
-from .layers import LoftBatchNorm2d, LoftConv2d, activate, dense
-from .linear import LoftLinear
+"""LoFT training: filter groups, the worker model, and the optimizer/simulator built on them.
 
-__all__ = ["LoftConv2d", "LoftBatchNorm2d", "LoftLinear", "activate", "dense",
+The Loft layers live in loft_kernels.nn (training does not need them); they are re-exported here for the
+import paths that predate that package.
+"""
+from ..filter_group import FilterGroup, Member, resolve_groups
+from ..nn import LoftBatchNorm2d, LoftConv2d, LoftLinear, activate, dense, full_view
+from .groups import GroupReport, convert, explain_groups, find_filter_groups, select_groups
+
+__all__ = ["LoftConv2d", "LoftBatchNorm2d", "LoftLinear", "activate", "dense", "full_view",
            "FilterGroup", "Member", "resolve_groups", "find_filter_groups", "explain_groups", "GroupReport",
            "select_groups", "convert"]
 
@@ -13,6 +16,7 @@ from .comm import loft_sync_bytes, ring_all_gather_bytes, ring_all_reduce_bytes
 from .optimizer import LoftOptimizer
 from .partition import partition
 from .simulator import LoftSimulator
+from .worker_model import WorkerModel
 
-__all__ += ["LoftOptimizer", "LoftSimulator", "partition", "loft_sync_bytes", "ring_all_reduce_bytes",
+__all__ += ["LoftOptimizer", "LoftSimulator", "WorkerModel", "partition", "loft_sync_bytes", "ring_all_reduce_bytes",
             "ring_all_gather_bytes"]

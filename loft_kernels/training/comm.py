@@ -20,9 +20,9 @@ from typing import Iterable, Sequence
 from torch import nn
 
 from .. import _checks as C
+from ..nn.views import full_view
 from .groups import FilterGroup
 from .partition import check_groups
-from .submodel import full_size
 from .sync import KINDS, SyncPlan
 
 STATES = ("reset", "keep")
@@ -124,7 +124,7 @@ def loft_sync_bytes(model: nn.Module, groups: Sequence[FilterGroup], workers: in
         state_keys = {n: [(f"state{i}", t[n].dtype) for i in range(state_per_param)]
                       for n in plan.shared_params + [s.name for s in plan.slot_params]}
     collectives = []
-    with full_size(model):  # a worker's model mid-round: count the full-size tensors
+    with full_view(model):  # a worker's model mid-round: count the full-size tensors
         numels = plan.bucket_numels(model, state_keys)
     for (bucket, dtype), numel in numels.items():
         nbytes = numel * dtype.itemsize

@@ -27,9 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from ..filter_group import DEPTHWISE, FilterGroup, Member
+from ..nn import LoftBatchNorm2d, LoftConv2d, LoftLinear, full_view
 from . import trace
-from .layers import LoftBatchNorm2d, LoftConv2d, dense
-from .linear import LoftLinear
 
 CONVS = (nn.Conv2d, LoftConv2d)
 LINEARS = (nn.Linear, LoftLinear)
@@ -85,7 +84,7 @@ def _safe_runner(model: nn.Module):
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
         try:
-            with torch.set_grad_enabled(grad), dense(model):
+            with torch.set_grad_enabled(grad), full_view(model):
                 fn()
         except Exception as e:
             raise ExampleInputError(f"example_input: the model failed to run on it ({type(e).__name__}: {e})") from e

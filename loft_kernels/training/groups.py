@@ -2,7 +2,7 @@
 
 The group record itself lives in loft_kernels.filter_group; discovery of the
 groups of a model in loft_kernels.training.discovery. This module chooses which
-groups to train with LoFT and turns their layers into Loft layers.
+groups to train with LoFT (and, when asked, turns their layers into Loft layers).
 """
 from __future__ import annotations
 
@@ -13,16 +13,15 @@ from typing import Optional, Sequence
 
 from torch import nn
 
-from ..filter_group import BATCHNORM, FilterGroup, Member, check_group_list, resolve_groups
+from ..filter_group import FilterGroup, Member, check_group_list, resolve_groups
+from ..nn import LoftConv2d, LoftLinear, to_loft_layers
 from .discovery import GroupReport, explain_groups, find_filter_groups
-from .layers import LoftBatchNorm2d, LoftConv2d
-from .linear import LoftLinear
 
 __all__ = ["FilterGroup", "Member", "GroupReport", "find_filter_groups", "explain_groups", "select_groups",
            "convert", "POLICIES", "check_group_list", "resolve_groups"]
 
 _PAPER_BLOCK = re.compile(r"^(layer[234]\.(\d+))\.")
-POLICIES = ("all", "paper")
+POLICIES = ("all", "paper", "declared")
 
 
 def _patterns(value, name: str) -> Optional[tuple[str, ...]]:
@@ -61,13 +60,15 @@ def _paper(group: FilterGroup) -> bool:
 
 
 def select_groups(groups: Sequence[FilterGroup], policy: str = "all", include=None,
-                  exclude=None) -> list[FilterGroup]:
+                  exclude=None, *, model: Optional[nn.Module] = None) -> list[FilterGroup]:
     """The groups chosen by `policy`, narrowed to those matching `include` and not matching `exclude`.
 
     policy "all": every group. policy "paper": the official LoFT rule for ResNets,
     groups inside blocks with index >= 1 of layer2..layer4 (stage 1, the first
     block of each stage, the stem and the head stay shared); a model without
-    such blocks is a ValueError. include/exclude: fnmatch patterns (or lists)
+    such blocks is a ValueError. policy "declared" (needs `model`): the groups
+    whose producer the model definition declares partitionable by being a
+    LoftConv2d or LoftLinear. include/exclude: fnmatch patterns (or lists)
     matched against the group name and each of its module names. Every include
     pattern must match some group (a typo would otherwise silently drop groups).
     """
@@ -80,6 +81,13 @@ def select_groups(groups: Sequence[FilterGroup], policy: str = "all", include=No
                          "through per-channel ops into exactly one other conv or linear); lk.explain_groups(model, "
                          "example_input) says why each layer is not one")
     chosen = list(groups)
+    if policy == "declared":
+        if not isinstance(model, nn.Module):
+            raise TypeError("policy='declared' needs model= (the groups' model, whose Loft layers declare them)")
+        chosen = [g for g in chosen if isinstance(model.get_submodule(g.producer), (LoftConv2d, LoftLinear))]
+        if not chosen:
+            raise ValueError("policy='declared' found no group whose producer is a LoftConv2d or LoftLinear in the "
+                             "model definition; declare one or use policy='all'")
     if policy == "paper":
         chosen = [g for g in chosen if _paper(g)]
         if not chosen:
@@ -99,40 +107,36 @@ def select_groups(groups: Sequence[FilterGroup], policy: str = "all", include=No
     return chosen
 
 
-_LOFT_CLASS = {nn.Conv2d: LoftConv2d, nn.Linear: LoftLinear, nn.BatchNorm2d: LoftBatchNorm2d}
-
-
 def convert(model: nn.Module, example_input, policy: str = "all", include=None, exclude=None, *,
-            explain=False) -> tuple[nn.Module, list[FilterGroup]]:
-    """Find the groups, select them (see `select_groups`) and make their layers Loft layers, in place.
+            explain=False, loft_layers: bool = False) -> tuple[nn.Module, list[FilterGroup]]:
+    """Find the groups of `model` and select them (see `select_groups`); returns (model, selected groups).
 
-    Producers and consumers become LoftConv2d / LoftLinear, BatchNorm members
-    LoftBatchNorm2d (each module keeps its identity, parameters and buffers: only
-    its class is switched, so existing optimizers and hooks stay valid).
-    Depthwise members stay nn.Conv2d: the active-set path (`lk.activate`) runs
-    groups=1 convs only, while a compact sub-model cuts a depthwise conv's
-    weight/bias and sets its `groups` to the kept count.
+    Training needs nothing more: a LoFT worker trains a compact sub-model of any
+    model. loft_layers=True also makes the selected groups' layers Loft layers
+    in place (`lk.nn.to_loft_layers`: producers and consumers LoftConv2d /
+    LoftLinear, BatchNorm members LoftBatchNorm2d, each keeping its identity,
+    parameters and buffers), which active sets (`lk.activate`) need.
+    policy="declared" selects the groups whose producer the model definition
+    declares as a Loft layer (a LoftConv2d or LoftLinear).
     explain=True prints the report of `explain_groups` (what each group is made
     of, why every other conv/linear is not a group) and the selection to stdout;
-    a writable file object prints it there instead. Returns (model, selected groups).
+    a writable file object prints it there instead.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not (isinstance(explain, bool) or callable(getattr(explain, "write", None))):
         raise TypeError(f"explain must be a bool or a writable file object, got {type(explain).__name__}")
+    if not isinstance(loft_layers, bool):
+        raise TypeError(f"loft_layers must be a bool, got {type(loft_layers).__name__}")
     _check_selection(policy, include, exclude)  # fail fast, before tracing
     report = explain_groups(model, example_input)
     if explain is not False:
         out = sys.stdout if explain is True else explain
         print(report, file=out)
-    groups = select_groups(report.groups, policy, include, exclude)
+    groups = select_groups(report.groups, policy, include, exclude, model=model)
     if explain is not False:
         print(f"selected {len(groups)} of {len(report.groups)} group(s) with policy={policy!r}, include={include!r}, "
               f"exclude={exclude!r}: {[g.name for g in groups]}", file=out)
-    for g in groups:
-        names = [g.producer, g.consumer] + [m.name for m in g.members if m.kind == BATCHNORM]
-        for name in names:
-            m = model.get_submodule(name)
-            if type(m) in _LOFT_CLASS:
-                m.__class__ = _LOFT_CLASS[type(m)]
+    if loft_layers:
+        to_loft_layers(model, groups)
     return model, groups

@@ -5,9 +5,13 @@ Each of S workers (torch.distributed ranks, or workers simulated by
 `partition(groups, S, seed, t)` plus its own copy of the shared parameters; every
 `sync_every` steps (and on `finalize()`) the workers sync, then repartition.
 
-A worker trains a real sub-model. At the start of a round every parameter and
-buffer holding filters is shrunk in place to the worker's block (its conv_a
-rows, norm channels, conv_b columns; `submodel.shrink_`): the same Parameter
+The optimizer is the base optimizer, the worker's model owner (a
+`WorkerModel`: which block of every filter this rank holds, the full-size
+masters, the full/compact state), the optimizer-state bookkeeping across
+rounds (`RoundState`) and an exchange (`exchange.Exchange`: a process group,
+or the simulator's in-process meeting point). A worker trains a real sub-model. At the start of a round every
+parameter and buffer holding filters is shrunk in place to the worker's block
+(its producer rows, members' channels, consumer columns): the same Parameter
 objects, now small, so the forward is the sliced network's forward, the
 backward fills only compact gradients and the base optimizer keeps state only
 for the compact tensors. The full-size values come back at the sync. Because
@@ -34,23 +38,17 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import _checks as C
+from ..nn.layers import clear_active_sets
 from . import fingerprint as fp
 from .comm import STATES, CommStats, make_plan
-from .layers import activate
-from .optimizer_checks import (
-    ELEMENTWISE,
-    check_loft_groups,
-    check_params,
-    resolve_group,
-)
-from .partition import check_groups, partition
+from .exchange import Exchange, exchange_for
+from .optimizer_checks import ELEMENTWISE, check_params, check_training_groups
+from .partition import deal, partition
 from .round_state import RoundState
-from .submodel import expand_, release_, shrink_
-from .sync import distributed_exchange
+from .worker_model import WorkerModel
 
 
 class LoftOptimizer(torch.optim.Optimizer):
@@ -58,17 +56,25 @@ class LoftOptimizer(torch.optim.Optimizer):
 
     Args:
         base_optimizer: an elementwise torch.optim optimizer over parameters of `model`.
-        model: the model, converted with `lk.convert` (its groups are Loft layers).
-        groups: the filter groups to partition (from `lk.convert`); each needs n >= workers.
+        model: the model (any nn.Module; plain nn layers need no conversion).
+        groups: the filter groups to partition (from `lk.convert` or `lk.find_filter_groups`, or written by
+            hand); each needs n >= workers. They are validated here, once.
         sync_every: K, local steps per round (the paper: 15).
         seed: the partition seed; every rank must use the same.
         state: "reset" or "keep" (optimizer state across rounds).
         process_group: None (the default group if torch.distributed is initialised,
             else one worker) or a torch.distributed ProcessGroup; one rank = one worker.
+        exchange: instead of `process_group`, the `exchange.Exchange` this worker syncs through
+            (`LoftSimulator` passes its in-process one).
+        masters: with `exchange`, slot name -> full-size tensor shared by every worker, from which this
+            worker's blocks are cut (`LoftSimulator` passes its model's); None: the model's own tensors.
+        auto_sync: sync in `step()` after every `sync_every`-th step (True), or leave it to the caller's
+            `sync()` (a simulator that steps its workers one after another).
 
     During a round the model's partitioned tensors are this rank's compact blocks;
-    `model.state_dict()` is full-size at any time and `lk.dense(model)` evaluates the
-    full model. Ranks compare their configuration at construction and on
+    `model.state_dict()` is full-size at any time and `lk.full_view(model)` evaluates the
+    full model. `model.to()`, `.double()`, `.half()`, `.cuda()` work mid-round (the masters
+    follow); `sum(p.numel() for p in model.parameters())` counts this worker's blocks mid-round. Ranks compare their configuration at construction and on
     `load_state_dict` and all raise the same error if it differs. A rank whose peer
     dies gets a RuntimeError from `step()`/`finalize()` within the group's timeout.
     """
@@ -76,7 +82,8 @@ class LoftOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True  # GradScaler hands over grad_scale/found_inf and always calls step()
 
     def __init__(self, base_optimizer, model, groups, sync_every: int = 15, seed: int = 0, state: str = "reset",
-                 process_group=None):
+                 process_group=None, *, exchange: Optional[Exchange] = None, masters: Optional[dict] = None,
+                 auto_sync: bool = True):
         self._ready = False
         if not isinstance(base_optimizer, torch.optim.Optimizer) or isinstance(base_optimizer, LoftOptimizer):
             raise TypeError(f"base_optimizer must be a torch.optim.Optimizer (not a LoftOptimizer), "
@@ -92,35 +99,39 @@ class LoftOptimizer(torch.optim.Optimizer):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if not isinstance(state, str) or state not in STATES:
             raise ValueError(f"state must be one of {STATES}, got {state!r}")
-        self._group, self._rank, self._workers = resolve_group(process_group)
-        self.groups = check_groups(groups, self._workers)
-        check_loft_groups(model, self.groups)
+        if not isinstance(auto_sync, bool):
+            raise TypeError(f"auto_sync must be a bool, got {type(auto_sync).__name__}")
+        if exchange is None:
+            if masters is not None:
+                raise ValueError("masters is given with an exchange only (the simulator's shared full model)")
+            exchange = exchange_for(process_group)
+        elif process_group is not None:
+            raise ValueError("give process_group or exchange, not both")
+        elif not isinstance(exchange, Exchange):
+            raise TypeError(f"exchange must be a loft_kernels.training.exchange.Exchange, got {type(exchange).__name__}")
+        self._exchange, self._rank, self._workers = exchange, exchange.rank, exchange.workers
+        self.groups = check_training_groups(model, groups, self._workers)
         self.base, self.model, self.seed, self.state_mode = base_optimizer, model, seed, state
+        self.auto_sync = auto_sync
         # Optimizer.__init__ sets up the hook registries and patches step(); the groups stay the base's.
         torch.optim.Optimizer.__init__(self, base_optimizer.param_groups, base_optimizer.defaults)
         self._ready = True
         self._plan = make_plan(model, self.groups, self._workers)
-        self._masters = getattr(process_group, "masters", None) or {}
         tensors = self._plan.tensors(model)
-        tensors.update(self._masters)
+        tensors.update(masters or {})
         check_params(model, self.base)
         self._fingerprint = fp.fingerprint(tensors, dict(model.named_parameters()), self.groups, self._workers,
                                            seed, self.sync_every, state, base_optimizer)
-        self._where = {s.name: _owner(model, s.name) for s in self._plan.slots}
-        self._devices = {g.name: tensors[g.filter_tensors(model)[0][0]].device for g in self.groups}
         self._round = 0
         self._step_in_round = 0
-        self._auto_sync = True  # LoftSimulator syncs its workers itself
         self._stats = CommStats(self._workers)
-        self._part: dict[str, list[Tensor]] = {}
-        self._gather_buffers: dict = {}  # all_gather outputs reused between syncs
         self._rs = RoundState(self.base, self._plan, self._workers, state, dict(model.named_parameters()))
-        activate(model, self.groups, None)
+        clear_active_sets(model)
+        self.worker: Optional[WorkerModel] = None  # the model's owner (None: one worker, the model stays full)
         if self._workers == 1:
             return
-        if isinstance(self._group, dist.ProcessGroup):
-            fp.check_across_ranks(self._fingerprint, self._group, self._rank, self._workers,
-                                  what="LoftOptimizer")
+        self._exchange.check(self._fingerprint, "LoftOptimizer")
+        self.worker = WorkerModel(model, self._plan, masters)
         self._dispatch(self._rs.adopt_prior_state())
 
     # ------------------------------------------- Optimizer attributes ----
@@ -176,9 +187,10 @@ class LoftOptimizer(torch.optim.Optimizer):
         return partition(self.groups, self._workers, self.seed, round)
 
     def owned(self) -> dict[str, Tensor]:
-        """This rank's filters of each group in the current round."""
-        return {g.name: self._part[g.name][self._rank] for g in self.groups} if self._part else \
-            {g.name: torch.arange(g.n) for g in self.groups}
+        """This rank's filters of each group in the current round (CPU index tensors)."""
+        if self.worker is None or self.worker.owned is None:
+            return {g.name: torch.arange(g.n) for g in self.groups}
+        return dict(self.worker.owned)
 
     def add_param_group(self, param_group) -> None:
         if not self._ready:  # called by Optimizer.__init__ for the base's own groups
@@ -219,14 +231,14 @@ class LoftOptimizer(torch.optim.Optimizer):
                 self._unscale(grad_scale)
             self.base.step()
         self._step_in_round += 1
-        if self._auto_sync and self._step_in_round >= self.sync_every:
-            self._sync()
+        if self.auto_sync and self._step_in_round >= self.sync_every:
+            self.sync()
         return loss
 
     def finalize(self) -> None:
         """Sync now if the round has unsynced steps: the model is then the full LoFT model."""
         if self._step_in_round > 0:
-            self._sync()
+            self.sync()
 
     def comm_stats(self) -> dict:
         """Bytes this rank sent/received so far per collective kind (ring model), collectives and syncs.
@@ -267,14 +279,11 @@ class LoftOptimizer(torch.optim.Optimizer):
                              "'state', 'param_groups', 'loft'")
         meta = state_dict["loft"]
         problem = self._compare(meta)
-        if isinstance(self._group, dist.ProcessGroup) and self._workers > 1:
-            mine = dict(self._fingerprint, position=(meta.get("round"), meta.get("step_in_round")))
-            fp.check_across_ranks(mine, self._group, self._rank, self._workers,
-                                  what="LoftOptimizer.load_state_dict", local_error=problem)
-        elif problem:
-            raise ValueError(problem)
+        mine = dict(self._fingerprint, position=(meta.get("round"), meta.get("step_in_round"))) \
+            if isinstance(meta, dict) else self._fingerprint
+        self._exchange.check(mine, "LoftOptimizer.load_state_dict", local_error=problem)
         if self._workers > 1:
-            self._collect(write_back=not self._masters)
+            self.worker.expand(write_back=not self.worker.shared)
             self._round, self._step_in_round = int(meta["round"]), int(meta["step_in_round"])
             self.base.state.clear()
             self._rs.load_shadow_state(meta["shadow"])
@@ -321,51 +330,41 @@ class LoftOptimizer(torch.optim.Optimizer):
 
     def _dispatch(self, prior: dict) -> None:
         """Partition for the current round and shrink the model to this rank's sub-model."""
-        part = partition(self.groups, self._workers, self.seed, self._round)
-        self._part = {n: [i.to(self._devices[n]) for i in idx] for n, idx in part.items()}
-        owned = self.owned()
-        for s in self._plan.slots:
-            module, attr = self._where[s.name]
-            rows, cols = s.index(owned)
-            shrink_(module, attr, rows, cols, self._masters.get(s.name))
-        self._rs.dispatch(owned, prior)
+        self._part = deal(self.groups, self._workers, self.seed, self._round)
+        self.worker.shrink({name: idx[self._rank] for name, idx in self._part.items()})
+        self._rs.dispatch(self.worker, prior)
 
-    def _collect(self, write_back: bool = True) -> None:
-        """Give every partitioned tensor its full size back (with this rank's block written in)."""
-        for s in self._plan.slots:
-            module, attr = self._where[s.name]
-            (expand_ if write_back else release_)(module, attr)
+    def sync(self) -> None:
+        """End the round now: exchange with the other workers and start the next round.
 
-    def _pack(self):
-        """Phase 1 of a sync: full-size tensors back, this rank's buffers packed."""
+        `step()` calls it after every `sync_every`-th step (unless built with
+        auto_sync=False); `finalize()` calls it if the round has unsynced steps.
+        """
+        if self._workers == 1:
+            self._round += 1
+            self._step_in_round = 0
+            return
         self._rs.remember_compact_state()
-        self._collect()
-        return self._rs.pack(self.model, self.owned(), self._rank)
-
-    def _finish_sync(self, payload, result) -> None:
-        """Phase 2: write the exchanged buffers back, account the traffic, start the next round."""
-        parts = [{g.name: self._part[g.name][r] for g in self.groups} for r in range(self._workers)]
-        self._rs.unpack(result, parts, self._rank, model_rows=not self._masters)
+        owned = self.worker.owned
+        self.worker.expand(write_back=True)
+        payload = self._rs.pack(self.model, self.worker.on_devices(owned), self._rank)
+        result = self._exchange(payload, f"the sync ending round {self._round}")
+        parts = [self.worker.on_devices({n: idx[r] for n, idx in self._part.items()}) for r in range(self._workers)]
+        self._rs.unpack(result, parts, self._rank, model_rows=not self.worker.shared)
         self._stats.add_sync(payload.collectives(self._workers))
         prior = self._rs.next_round_prior()
         self._round += 1
         self._step_in_round = 0
         self._dispatch(prior)
 
-    def _sync(self) -> None:
-        if self._workers == 1:
-            self._round += 1
-            self._step_in_round = 0
-            return
-        payload = self._pack()
-        result = distributed_exchange(payload, self._group, self._rank, self._workers,
-                                      f"the sync ending round {self._round}", self._gather_buffers)
-        self._finish_sync(payload, result)
+    # ------------------------------------------------ copy and pickle ----
+    def __getstate__(self) -> dict:
+        # torch.optim.Optimizer pickles only defaults/state/param_groups; this wrapper is its whole __dict__
+        # (the exchange refuses where it cannot be copied: a process group, the simulator's meeting point).
+        return dict(self.__dict__)
 
-
-def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    module, _, attr = name.rpartition(".")
-    return (model.get_submodule(module) if module else model), attr
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
 
 __all__ = ["LoftOptimizer"]

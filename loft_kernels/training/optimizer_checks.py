@@ -1,14 +1,23 @@
-"""Argument checks of LoftOptimizer: the base optimizer, the groups against the model, the process group."""
+"""The boundary checks of LoFT training: the base optimizer, and the group list against the model, once.
+
+`check_training_groups` is the one validation of the groups a LoftOptimizer
+or LoftSimulator trains: the list itself (unique names, disjoint roles,
+n >= workers), every module against the model (`resolve_groups`), and what
+training additionally needs of the tensors a group cuts: trainable (a frozen
+tensor would stay full-size and the sub-model would not fit together) and not
+tied to a tensor outside the group (the other user would silently run on one
+worker's block). It returns a `TrainingGroups`, which everything behind the
+boundary (the sync plan, the partition of every round) takes as checked.
+Any model whose groups pass trains: plain nn layers and Loft layers alike.
+"""
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..filter_group import FilterGroup, resolve_groups
-from .sync import LocalGroup
 
 # Optimizers whose update of one element reads only that element's gradient and state, so stepping a
 # worker's compact block equals stepping the full tensor and keeping the other elements.
@@ -17,13 +26,47 @@ ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim
                torch.optim.ASGD)
 
 
-def check_loft_groups(model: nn.Module, groups: Sequence[FilterGroup]) -> None:
-    """The groups fit `model` (modules exist, have the kind their role needs and n channels there).
+class TrainingGroups(tuple):
+    """Groups that passed `check_training_groups` for `workers` workers (a tuple of FilterGroup)."""
+    workers: int
 
-    Any such model trains: a worker's sub-model is cut from the tensors themselves, so
-    plain nn layers work as well as converted Loft layers.
-    """
-    resolve_groups(model, groups)
+    def __new__(cls, groups: Sequence[FilterGroup], workers: int):
+        out = super().__new__(cls, groups)
+        out.workers = workers
+        return out
+
+    def __reduce__(self):
+        return TrainingGroups, (tuple(self), self.workers)
+
+
+def check_training_groups(model: nn.Module, groups, workers: int) -> TrainingGroups:
+    """Validate `groups` against `model` for `workers` workers, once (see the module docstring)."""
+    if isinstance(groups, TrainingGroups) and groups.workers == workers:
+        return groups
+    resolved = resolve_groups(model, groups, workers)
+    names: dict[int, list[str]] = {}
+    for n, t in list(model.named_parameters(remove_duplicate=False)) + \
+            list(model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), []).append(n)
+    for r in resolved:
+        g = r.group
+        for name, t, _ in g.filter_tensors(model):
+            role = _role(g, name)
+            if isinstance(t, nn.Parameter) and not t.requires_grad:
+                raise ValueError(f"groups: group {g.name!r}: {role} tensor {name!r} is frozen (requires_grad=False); "
+                                 f"every tensor of a group is cut into the workers' blocks and trained, so unfreeze "
+                                 f"it or leave this group out")
+            others = [n for n in names.get(id(t), []) if n != name]
+            if others:
+                raise ValueError(f"groups: group {g.name!r}: {role} tensor {name!r} is tied to {others} (the same "
+                                 f"tensor); a worker would cut it to its block under both names, so tied or shared "
+                                 f"weights cannot be in a group: untie them or leave this group out")
+    return TrainingGroups([r.group for r in resolved], workers)
+
+
+def _role(group: FilterGroup, tensor_name: str) -> str:
+    module = tensor_name.rpartition(".")[0]
+    return "producer" if module == group.producer else "consumer" if module == group.consumer else "member"
 
 
 def check_params(model: nn.Module, base: torch.optim.Optimizer) -> None:
@@ -34,24 +77,3 @@ def check_params(model: nn.Module, base: torch.optim.Optimizer) -> None:
             if id(p) not in known:
                 raise ValueError("base_optimizer holds parameters that are not model's; LoFT syncs the model's "
                                  "parameters only")
-
-
-def resolve_group(process_group) -> tuple[object, int, int]:
-    """(group, rank, workers) for `process_group` (see LoftOptimizer)."""
-    if isinstance(process_group, LocalGroup):
-        return process_group, process_group.rank, process_group.size
-    initialised = dist.is_available() and dist.is_initialized()
-    if process_group is None:
-        if not initialised:
-            return None, 0, 1
-        return dist.group.WORLD, dist.get_rank(), dist.get_world_size()
-    if not initialised:
-        raise ValueError("process_group was given but torch.distributed is not initialised "
-                         "(call torch.distributed.init_process_group first)")
-    if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(f"process_group must be None or a torch.distributed ProcessGroup, "
-                        f"got {type(process_group).__name__}")
-    rank = dist.get_rank(process_group)
-    if rank < 0:
-        raise ValueError("process_group does not contain this process")
-    return process_group, rank, dist.get_world_size(process_group)

@@ -44,7 +44,11 @@ def partition(groups: Sequence[FilterGroup], workers: int, seed: int, round: int
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     round = C.non_negative_int(round, "round")
-    groups = check_groups(groups, workers)
+    return deal(check_groups(groups, workers), workers, seed, round)
+
+
+def deal(groups: Sequence[FilterGroup], workers: int, seed: int, round: int) -> dict[str, list[Tensor]]:
+    """`partition` of groups already checked (behind the training boundary: no validation per round)."""
     out = {}
     for g in groups:
         gen = torch.Generator().manual_seed(_group_seed(seed, round, g.name))

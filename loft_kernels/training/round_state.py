@@ -1,11 +1,12 @@
-"""What a LoFT rank carries from round to round: its blocks, optimizer state, and the sync's buffers.
+"""What a LoFT rank carries from round to round besides its model: optimizer state and the sync's buffers.
 
-`RoundState` owns the bookkeeping of LoftOptimizer between two dispatches:
-- which block (rows, cols) of every partitioned parameter this rank trains and
-  the compact shape that block has;
+`RoundState` owns the optimizer-state bookkeeping of LoftOptimizer between two
+dispatches (which block of each tensor this rank holds is the WorkerModel's;
+this module asks it):
+- the compact shape of every partitioned parameter's block this round;
 - state="keep": the full-size *shadow* of each partitioned parameter's
   optimizer state, from which the next owner's compact state is cut. Between
-  syncs only chain convs (a conv that is conv_b of one group and conv_a of
+  syncs only chain convs (a conv that is the consumer of one group and the producer of
   another) keep a shadow: their elements outside every worker's block were
   trained by nobody this round and keep their previous state;
 - packing this rank's sync buffers (shared tensors and their state for the
@@ -18,12 +19,10 @@ parameter once per iteration, so it is equal on all workers.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from .submodel import gather
 from .sync import (
     PackEntry,
     Payload,
@@ -34,6 +33,7 @@ from .sync import (
     unflatten_,
     unpack_owned,
 )
+from .worker_model import gather
 
 
 def split_state(state: dict, shape: torch.Size) -> tuple[dict, dict]:
@@ -48,13 +48,11 @@ def split_state(state: dict, shape: torch.Size) -> tuple[dict, dict]:
 
 
 class _Block:
-    """A partitioned trainable parameter and this rank's block of it in the current round."""
-    __slots__ = ("slot", "param", "rows", "cols", "shape")
+    """A partitioned trainable parameter and the shape of this rank's block of it (rows/cols: the WorkerModel)."""
+    __slots__ = ("slot", "param", "shape")
 
     def __init__(self, slot, param: nn.Parameter):
         self.slot, self.param = slot, param
-        self.rows: Optional[Tensor] = None
-        self.cols: Optional[Tensor] = None
         self.shape = param.shape
 
 
@@ -79,19 +77,21 @@ class RoundState:
             prior[b.slot.name] = rest
         return prior
 
-    def dispatch(self, owned: dict, prior: dict) -> None:
-        """The parameters are compact now: record the blocks and give each its state for the round."""
+    def dispatch(self, worker, prior: dict) -> None:
+        """`worker` (the WorkerModel) is compact now: give each block its optimizer state for the round."""
+        chain = set()
         for b in self.blocks:
-            b.rows, b.cols = b.slot.index(owned)
+            rows, cols = worker.index(b.slot)
+            if rows is not None and cols is not None:
+                chain.add(b.slot.name)
             b.shape = b.param.shape
             new_state = dict(prior.get(b.slot.name, {}))
             for k, full in self.shadow.get(b.slot.name, {}).items():
-                new_state[k] = gather(full, b.rows, b.cols)
+                new_state[k] = gather(full, rows, cols)
             if new_state:
                 self.base.state[b.param] = new_state
         # Only a chain conv's shadow holds state that no owner brings back at the next sync.
-        self.shadow = {b.slot.name: self.shadow[b.slot.name] for b in self.blocks
-                       if b.slot.name in self.shadow and b.rows is not None and b.cols is not None}
+        self.shadow = {n: d for n, d in self.shadow.items() if n in chain}
 
     def shadow_state(self) -> dict:
         return {n: {k: v.clone() for k, v in d.items()} for n, d in self.shadow.items()}

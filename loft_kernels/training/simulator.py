@@ -6,14 +6,16 @@ owns exactly the filters of distributed rank r. The workers' partitioned
 tensors are cut from one set of full-size masters, the simulator's `model`,
 and written back into it at the sync; the shared layers are each worker's own
 copy. Memory: the full model, S sub-models (each 1/S of the partitioned
-tensors plus its copy of the shared ones) and one worker's gradients at a time.
+tensors plus its copy of the shared ones) and, during a step, every worker's gradients.
 The workers run one after another: batching them through
 `grouped_partial_conv2d` measured no clear gain on this CPU and would need
 every worker's shared layers in one launch.
 
-A sync packs every worker's buffers as a rank would and combines them in
-process (sum / S, max); `comm_stats()` reports what one rank of the
-distributed run would have sent.
+Each worker's optimizer is given, explicitly, the simulator's in-process
+exchange and the shared masters; a sync calls every worker's public
+`LoftOptimizer.sync()` (each on its own thread, meeting in the exchange,
+which combines the buffers in process: sum / S, max); `comm_stats()` reports
+what one rank of the distributed run would have sent.
 """
 from __future__ import annotations
 
@@ -24,20 +26,20 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks as C
+from ..filter_group import FilterGroup
+from ..nn.layers import clear_active_sets
 from .comm import STATES, make_plan
-from .groups import FilterGroup
-from .layers import activate
+from .exchange import InProcessExchange
 from .optimizer import LoftOptimizer
-from .partition import check_groups
-from .sync import LocalGroup, simulate_exchange
+from .optimizer_checks import check_training_groups
 
 
 class LoftSimulator:
     """S LoFT workers simulated in one process.
 
     Args:
-        model: the converted model (`lk.convert`); it becomes `sim.model`, the full
-            model as of the last sync (dense: no active filter set).
+        model: the model (any nn.Module); it becomes `sim.model`, the full model as of
+            the last sync. `sim.model.double()`, `.to(...)` convert every worker with it.
         groups: the filter groups to partition; each needs n >= workers.
         optimizer_factory: called with a worker model's parameter list, returns an
             elementwise torch optimizer, e.g. `functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)`.
@@ -59,8 +61,8 @@ class LoftSimulator:
         C.positive_int(sync_every, "sync_every")
         if not isinstance(state, str) or state not in STATES:
             raise ValueError(f"state must be one of {STATES}, got {state!r}")
-        groups = check_groups(groups, workers)
-        activate(model, groups, None)
+        groups = check_training_groups(model, groups, workers)
+        clear_active_sets(model)
         self.model = model
         self._plan = make_plan(model, groups, workers)
         tensors = self._plan.tensors(model)
@@ -68,16 +70,18 @@ class LoftSimulator:
         self._checked: set = set()  # batch signatures that passed the dry run
         self.worker_models: list[nn.Module] = []
         self.optimizers: list[LoftOptimizer] = []
+        self._exchange = InProcessExchange(workers)
         for s in range(workers):
             m = _copy_without(model, masters.values())
             base = optimizer_factory(list(m.parameters()))
             if not isinstance(base, torch.optim.Optimizer):
                 raise TypeError(f"optimizer_factory must return a torch.optim.Optimizer, got {type(base).__name__}")
-            opt = LoftOptimizer(base, m, groups, sync_every, seed, state,
-                                process_group=LocalGroup(s, workers, masters))
-            opt._auto_sync = False
+            opt = LoftOptimizer(base, m, groups, sync_every, seed, state, exchange=self._exchange.rank(s),
+                                masters=masters or None, auto_sync=False)
             self.worker_models.append(m)
             self.optimizers.append(opt)
+        if workers > 1:
+            model.__dict__["_apply"] = _ConvertWorkers(self)
 
     @property
     def workers(self) -> int:
@@ -102,8 +106,12 @@ class LoftSimulator:
         distributed run has its own): the loss is scaled, `scaler.step` and `scaler.update`
         run per worker. Call `step` inside `torch.autocast(...)` for mixed precision.
         All or nothing: the batches are checked (and, for a batch shape not seen
-        before, run once through every worker's forward without grad) before any
-        worker steps, so a batch the model cannot take raises with every worker unchanged.
+        before, run once through every worker's forward without grad), then every
+        worker runs its forward, loss and backward, and only then do the workers
+        step; a batch the model cannot take, or a `loss_fn` or backward that raises
+        on any worker, leaves every worker unchanged (gradients dropped, BatchNorm
+        statistics restored). Memory: every worker's gradients are alive until the
+        step (together about one full model's plus S copies of the shared ones).
         """
         if isinstance(batches, (Tensor, str)) or not isinstance(batches, (list, tuple)):
             raise TypeError(f"batches must be a list of {self.workers} (inputs, targets) tuples, "
@@ -122,21 +130,31 @@ class LoftSimulator:
                 raise TypeError(f"scalers must be None or a list of {self.workers} torch.amp.GradScaler (one per "
                                 f"worker), got {scalers!r}")
         self._dry_run(batches)
+        saved = [[(b, b.detach().clone()) for b in m.buffers()] for m in self.worker_models]
         losses = []
-        for s, (inputs, targets) in enumerate(batches):
-            m, opt = self.worker_models[s], self.optimizers[s]
-            m.train(self.model.training)
-            opt.zero_grad(set_to_none=True)
-            loss = _scalar(loss_fn(m(inputs), targets))
+        try:  # every worker's forward, loss and backward first: a failure on any of them steps none
+            for s, (inputs, targets) in enumerate(batches):
+                m, opt = self.worker_models[s], self.optimizers[s]
+                m.train(self.model.training)
+                opt.zero_grad(set_to_none=True)
+                loss = _scalar(loss_fn(m(inputs), targets))
+                (loss if scalers is None else scalers[s].scale(loss)).backward()
+                losses.append(float(loss.detach()))
+        except Exception as exc:
+            with torch.no_grad():
+                for opt, buffers in zip(self.optimizers, saved):
+                    opt.zero_grad(set_to_none=True)
+                    for b, value in buffers:  # BatchNorm statistics moved by the forwards
+                        b.copy_(value)
+            exc.add_note(f"LoftSimulator.step failed on worker {len(losses)}; no worker has stepped")
+            raise
+        for s, opt in enumerate(self.optimizers):
             if scalers is None:
-                loss.backward()
                 opt.step()
             else:
-                scalers[s].scale(loss).backward()
                 scalers[s].step(opt)
                 scalers[s].update()
-            opt.zero_grad(set_to_none=True)  # only one worker's gradients alive at a time
-            losses.append(float(loss.detach()))
+            opt.zero_grad(set_to_none=True)
         if self.step_in_round >= self.optimizers[0].sync_every:
             self._sync()
         return losses
@@ -195,13 +213,10 @@ class LoftSimulator:
 
     def _sync(self) -> None:
         if self.workers == 1:  # nothing to exchange: the one worker is the model
-            self.optimizers[0]._sync()
+            self.optimizers[0].sync()
             self.model.load_state_dict(self.worker_models[0].state_dict())
             return
-        payloads = [opt._pack() for opt in self.optimizers]  # every worker's blocks are in the masters now
-        result = simulate_exchange(payloads)
-        for opt, payload in zip(self.optimizers, payloads):
-            opt._finish_sync(payload, result)
+        self._exchange.run([opt.sync for opt in self.optimizers])  # the blocks meet in the masters
         # the partitioned tensors are the masters already; the shared ones come from any worker
         mine, theirs = self._plan.tensors(self.model), self._plan.tensors(self.worker_models[0])
         with torch.no_grad():
@@ -223,3 +238,20 @@ def _copy_without(model: nn.Module, skip) -> nn.Module:
         empty = t.new_empty(0)
         memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
     return copy.deepcopy(model, memo)
+
+
+class _ConvertWorkers:
+    """`sim.model._apply`: convert the model (the masters) and every worker's own tensors with it."""
+
+    def __init__(self, sim: LoftSimulator):
+        self.sim = sim
+
+    def __call__(self, fn, recurse: bool = True):
+        model = self.sim.model
+        nn.Module._apply(model, fn, recurse)
+        if recurse:
+            tensors = self.sim._plan.tensors(model)
+            masters = {s.name: tensors[s.name] for s in self.sim._plan.slots}
+            for opt in self.sim.optimizers:
+                opt.worker.apply_shared(fn, masters)
+        return model

@@ -5,11 +5,11 @@
   outside them (e.g. block-input BatchNorm statistics) -> mean over workers
   (one all_reduce per dtype);
 - counters: integer buffers (`num_batches_tracked`) -> max (one all_reduce);
-- slots: tensors holding filters (conv_a rows and bias, the norms' channels and
-  running statistics, conv_b input columns) -> each worker contributes the
+- slots: tensors holding filters (producer rows and bias, the members' channels
+  and running statistics, consumer input columns) -> each worker contributes the
   rows it owns (one all_gather per dtype of `lk.pack_rows` buffers, padded to
   the largest rank's size, written back with `lk.unpack_rows`).
-A conv that is conv_b of one group and conv_a of the next (a VGG chain) is
+A conv that is the consumer of one group and the producer of the next (a VGG chain) is
 one slot with both a row group and a column group: a worker trains only the
 block (its rows) x (its columns), so only that block is sent.
 
@@ -24,14 +24,11 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..ops import pack_rows, unpack_rows
-from .collectives import Collectives
 from .groups import FilterGroup
 from .partition import owned_count
-from .submodel import gather, scatter_  # noqa: F401 (re-exported: the sync's index helpers)
 
 KINDS = ("all_reduce", "all_gather")
 
@@ -200,64 +197,3 @@ class Payload:
         out = [("all_reduce", b.numel() * b.element_size()) for b in (*self.mean.values(), *self.max.values())]
         out += [("all_gather", workers * b.numel() * b.element_size()) for b in self.gather.values()]
         return out
-
-
-# --------------------------------------------------------- communicators ----
-class LocalGroup:
-    """Worker `rank` of `size` simulated in one process; `LoftSimulator` performs its exchanges.
-
-    `masters`: tensor name -> the full-size partitioned tensor shared by all simulated
-    workers (the simulator's full model); each worker's compact blocks are cut from it.
-    """
-
-    def __init__(self, rank: int, size: int, masters: Optional[dict] = None):
-        self.rank, self.size, self.masters = rank, size, masters or {}
-
-
-def simulate_exchange(payloads: Sequence[Payload]) -> Payload:
-    """What every rank receives when all S payloads are exchanged (same result for every rank)."""
-    s = len(payloads)
-    out = Payload()
-    for dt in payloads[0].mean:
-        total = payloads[0].mean[dt].clone()
-        for p in payloads[1:]:
-            total += p.mean[dt]
-        out.mean[dt] = total.div_(s)
-    for dt in payloads[0].max:
-        out.max[dt] = torch.stack([p.max[dt] for p in payloads]).amax(0)
-    for dt in payloads[0].gather:
-        out.gather[dt] = torch.stack([p.gather[dt] for p in payloads])
-    return out
-
-
-def distributed_exchange(payload: Payload, group, rank: int, size: int, what: str,
-                         buffers: Optional[dict] = None) -> Payload:
-    """Run the payload's collectives on a torch.distributed group (all launched, then awaited).
-
-    `buffers` (dtype -> tensor) keeps the all_gather outputs between syncs, so each
-    sync does not page in a fresh model-sized buffer. A peer that died or stalled
-    makes the backend raise (gloo: connection closed, or the process group's
-    timeout); that becomes a RuntimeError saying so. Returns only once the
-    backend's threads have let go of every buffer (see `collectives`).
-    """
-    buffers = {} if buffers is None else buffers
-    comm, out = Collectives(group), Payload()
-    try:
-        for dt, buf in payload.mean.items():
-            out.mean[dt] = comm.all_reduce(buf, dist.ReduceOp.SUM)
-        for dt, buf in payload.max.items():
-            out.max[dt] = comm.all_reduce(buf, dist.ReduceOp.MAX)
-        for dt, buf in payload.gather.items():
-            flat = buffers.get(dt)
-            if flat is None or flat.numel() != size * buf.numel() or flat.device != buf.device:
-                flat = buffers[dt] = buf.new_empty(size * buf.numel())  # gloo takes the concatenated form only
-            out.gather[dt] = flat.view(size, buf.numel())  # the view before the hand-over: it owns `flat` too
-            comm.all_gather(flat, buf)
-        comm.wait()
-    except RuntimeError as exc:
-        raise RuntimeError(f"LoFT sync failed on rank {rank} of {size} during {what}: a peer process died, "
-                           f"was killed or stalled past the process group's timeout ({exc})") from exc
-    for buf in out.mean.values():
-        buf.div_(size)
-    return out
-

@@ -11,7 +11,7 @@ from typing import Optional
 from torch import Tensor
 
 from .. import _checks as C
-from .submodel import refuse_active_sets
+from .views import refuse_active_sets
 
 
 class ActiveInOut:

@@ -1,21 +1,21 @@
 """Loft layers: nn.Conv2d / nn.BatchNorm2d that can run on an active subset of filters.
 
-A LoFT worker computes only the filters it owns (docs/algorithm.md): conv_a
-produces the owned output channels, the norm normalises those, conv_b sums
-over those input channels. `LoftConv2d` and `LoftBatchNorm2d` are drop-in
+A LoFT worker computes only the filters it owns (docs/algorithm.md): the
+producer computes the owned output channels, the BatchNorm members normalise
+those, the consumer sums over those input channels. `LoftConv2d` and `LoftBatchNorm2d` are drop-in
 subclasses (same constructor, same state_dict) with an *active set*; with no
 active set they are exactly their nn parents. With an active set the full-size
 weights stay in place and gradients land in the full-size parameters, zero
 outside the active rows/channels (the `lk.partial_conv2d` contract).
 
-LoftOptimizer does not use active sets: it shrinks the partitioned tensors to
-the worker's compact blocks for a round (`training.submodel`). `activate(model,
-groups, assignment)` sets the active sets of a model from a worker's owned
-filters per group; `dense(model)` evaluates the full model in either case.
+Training does not need these layers: a LoFT worker shrinks its partitioned
+tensors to its compact block for a round (`training.worker_model`), whatever
+the layer classes. `activate(model, groups, assignment)` sets the active sets
+of a model from a worker's owned filters per group; `lk.full_view(model)`
+evaluates the full model in either case.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Iterator, Mapping, Optional
 
 import torch
@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _checks as C
-from ..filter_group import check_group_list, resolve_groups
+from ..filter_group import BATCHNORM, check_group_list, resolve_groups
 from ..ops.partial_conv import _partial_conv2d
 from .active import ActiveInOut
 from .linear import LoftLinear
-from .submodel import full_size, refuse_active_sets
+from .views import refuse_active_sets
 
 
 class LoftConv2d(ActiveInOut, nn.Conv2d):
@@ -116,6 +116,30 @@ def _loft_layers(model: nn.Module) -> Iterator[nn.Module]:
     return (m for m in model.modules() if isinstance(m, _LOFT_LAYERS))
 
 
+_LOFT_CLASS = {nn.Conv2d: LoftConv2d, nn.Linear: LoftLinear, nn.BatchNorm2d: LoftBatchNorm2d}
+
+
+def to_loft_layers(model: nn.Module, groups) -> nn.Module:
+    """Make the producers, consumers and BatchNorm members of `groups` Loft layers, in place; returns `model`.
+
+    Each module keeps its identity, parameters and buffers (only its class is
+    switched, so existing optimizers and hooks stay valid). Depthwise members
+    stay nn.Conv2d (active sets run groups=1 convs only). Training does not need
+    this; active sets (`activate`) do.
+    """
+    for r in resolve_groups(model, groups):
+        for m in (r.producer, r.consumer, *(m for k, m in zip(r.group.members, r.members) if k.kind == BATCHNORM)):
+            if type(m) in _LOFT_CLASS:
+                m.__class__ = _LOFT_CLASS[type(m)]
+    return model
+
+
+def clear_active_sets(model: nn.Module) -> None:
+    """Clear the active set of every Loft layer of `model` (no groups needed: they all compute everything)."""
+    for m in _loft_layers(model):
+        _clear(m)
+
+
 def _clear(module: nn.Module) -> None:
     if isinstance(module, LoftBatchNorm2d):
         module.set_active(None)
@@ -143,8 +167,7 @@ def activate(model: nn.Module, groups, assignment: Optional[Mapping[str, Tensor]
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if assignment is None:
         check_group_list(groups)
-        for m in _loft_layers(model):
-            _clear(m)
+        clear_active_sets(model)
         return
     resolved = resolve_groups(model, groups)
     if not isinstance(assignment, Mapping):
@@ -182,27 +205,3 @@ def activate(model: nn.Module, groups, assignment: Optional[Mapping[str, Tensor]
         model.get_submodule(name).set_active(out_index=outs.get(name), in_index=ins.get(name))
     for name, idx in norms.items():
         model.get_submodule(name).set_active(idx)
-
-
-@contextlib.contextmanager
-def dense(model: nn.Module):
-    """Context manager: `model` computes all filters, as the full model.
-
-    Active sets are cleared and compact sub-model tensors (a LoftOptimizer
-    mid-round) show their full-size values: the owned blocks as trained so far,
-    the rest as at the last sync. Both are restored on exit.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    attrs = ("_active_out", "_active_in", "_active")
-    saved = [(m, {a: m.__dict__[a] for a in attrs if a in m.__dict__}) for m in _loft_layers(model)]
-    for m, _ in saved:
-        _clear(m)
-    try:
-        with full_size(model):
-            yield model
-    finally:
-        for m, state in saved:  # already validated when set: restore as they were
-            for a in attrs:
-                m.__dict__.pop(a, None)
-            m.__dict__.update(state)
