@@ -7,9 +7,10 @@ tensors are cut from one set of full-size masters, the simulator's `model`,
 and written back into it at the sync; the shared layers are each worker's own
 copy. Memory: the full model, S sub-models (each 1/S of the partitioned
 tensors plus its copy of the shared ones) and, during a step, every worker's gradients.
-The workers run one after another: batching them through
-`grouped_partial_conv2d` measured no clear gain on this CPU and would need
-every worker's shared layers in one launch.
+With `execution="loop"` the workers' forwards and backwards run one after
+another; with `execution="batched"` all of them run through one network on
+stacked activations (`batched.py`), and the workers' optimizers then step as
+in the loop.
 
 Each worker's optimizer is given, explicitly, the simulator's in-process
 exchange and the shared masters; a sync calls every worker's public
@@ -28,10 +29,13 @@ from torch import Tensor, nn
 from .. import _checks as C
 from ..filter_group import FilterGroup
 from ..nn.layers import clear_active_sets
+from . import batched
 from .comm import STATES, make_plan
 from .exchange import InProcessExchange
 from .optimizer import LoftOptimizer
 from .optimizer_checks import check_training_groups
+
+EXECUTIONS = ("loop", "batched")
 
 
 class LoftSimulator:
@@ -44,6 +48,10 @@ class LoftSimulator:
         optimizer_factory: called with a worker model's parameter list, returns an
             elementwise torch optimizer, e.g. `functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)`.
         workers, sync_every, seed, state: as for `LoftOptimizer`.
+        execution: "loop" runs the workers' forwards and backwards one after another;
+            "batched" runs all of them through one network on worker-major stacked
+            activations (`training/batched.py`; VGG / ResNet / WideResNet without dropout,
+            other models are refused). Both give the same workers' gradients and steps.
 
     `step(batches, loss_fn)` runs one local step on every worker (worker s on
     batches[s]) and syncs after every `sync_every`-th step; the workers follow
@@ -51,7 +59,8 @@ class LoftSimulator:
     """
 
     def __init__(self, model: nn.Module, groups: Sequence[FilterGroup], optimizer_factory: Callable,
-                 workers: int = 4, sync_every: int = 15, seed: int = 0, state: str = "reset"):
+                 workers: int = 4, sync_every: int = 15, seed: int = 0, state: str = "reset",
+                 execution: str = "loop"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(optimizer_factory):
@@ -61,6 +70,10 @@ class LoftSimulator:
         C.positive_int(sync_every, "sync_every")
         if not isinstance(state, str) or state not in STATES:
             raise ValueError(f"state must be one of {STATES}, got {state!r}")
+        if not isinstance(execution, str) or execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+        if execution == "batched" and (reason := batched.unsupported(model)) is not None:
+            raise ValueError(f"execution='batched' cannot run this model: {reason}; use execution='loop'")
         groups = check_training_groups(model, groups, workers)
         clear_active_sets(model)
         self.model = model
@@ -82,6 +95,8 @@ class LoftSimulator:
             self.optimizers.append(opt)
         if workers > 1:
             model.__dict__["_apply"] = _ConvertWorkers(self)
+        self.execution = execution
+        self._batched = batched.BatchedWorkers(self.worker_models) if execution == "batched" else None
 
     @property
     def workers(self) -> int:
@@ -133,7 +148,12 @@ class LoftSimulator:
         saved = [[(b, b.detach().clone()) for b in m.buffers()] for m in self.worker_models]
         losses = []
         try:  # every worker's forward, loss and backward first: a failure on any of them steps none
-            for s, (inputs, targets) in enumerate(batches):
+            if self._batched is not None:
+                for m, opt in zip(self.worker_models, self.optimizers):
+                    m.train(self.model.training)
+                    opt.zero_grad(set_to_none=True)
+                self._batched.forward_backward(batches, loss_fn, scalers, self.model.training, losses)
+            for s, (inputs, targets) in enumerate(batches if self._batched is None else ()):
                 m, opt = self.worker_models[s], self.optimizers[s]
                 m.train(self.model.training)
                 opt.zero_grad(set_to_none=True)
