@@ -1,5 +1,6 @@
-"""LoftSimulator(execution="batched"): every worker through one network equals the loop, step by step."""
+"""LoftSimulator(execution="batched" / "auto"): every worker through one network equals the loop, step by step."""
 import copy
+import json
 
 import pytest
 import torch
@@ -119,3 +120,83 @@ def test_batched_step_is_all_or_nothing():
     for a, b in zip(before["worker_models"], after["worker_models"]):
         assert max_diff(a, b)[0] == 0
     assert all(p.grad is None for m in batched.worker_models for p in m.parameters())
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    from loft_kernels.training import execution_choice
+    monkeypatch.setenv("LOFT_KERNELS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(execution_choice, "_memory", {})
+    return tmp_path / execution_choice.FILE
+
+
+def _fake_measure(monkeypatch, faster):
+    """Replace the timing by a counted fake: `faster(x_shape)` says which form wins."""
+    from loft_kernels.training import execution_choice
+    calls = []
+
+    def measure(x, weights, biases, run_stacked, run_loop):
+        calls.append(tuple(x.shape))
+        win = faster(tuple(x.shape))
+        return {win: 1.0, ("loop" if win == "stacked" else "stacked"): 2.0}
+    monkeypatch.setattr(execution_choice, "measure_conv", measure)
+    return calls
+
+
+def test_auto_measures_each_shape_once_and_keeps_it_on_disk(one_thread, cache, monkeypatch):  # noqa: F811
+    from loft_kernels.training import execution_choice
+    calls = _fake_measure(monkeypatch, lambda shape: "stacked" if shape[2] >= 4 else "loop")
+    loop = _pair("vgg", 2, "reset", dtype=torch.float64)[0]
+    model, groups = _model("vgg")
+    auto = lk.LoftSimulator(model.double(), groups, OPTIMIZERS["sgd"], 2, 2, execution="auto")
+    auto.model.train()
+    for t in range(3):
+        batches = [(x.double(), y) for x, y in (batch(s, t) for s in range(2))]
+        la, lb = loop.step(batches, F.cross_entropy), auto.step(batches, F.cross_entropy)
+        torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-12, atol=1e-12)
+    _assert_same(loop, auto, 1e-8)
+    chosen = auto.execution_choices()
+    assert set(chosen) == {"features.0", "features.4", "features.8"}
+    stored = json.loads(cache.read_text())
+    assert len(calls) == len(stored) >= 1  # one measurement per distinct key, each stored
+    assert all(e["choice"] in ("stacked", "loop") and set(e["ms"]) == {"stacked", "loop"} for e in stored.values())
+    # a new process (empty memory) reads the file instead of measuring again
+    monkeypatch.setattr(execution_choice, "_memory", {})
+    again = lk.LoftSimulator(copy.deepcopy(_model("vgg")[0].double()), _model("vgg")[1], OPTIMIZERS["sgd"], 2,
+                             execution="auto")
+    again.step([(x.double(), y) for x, y in (batch(s, 0) for s in range(2))], F.cross_entropy)
+    assert len(calls) == len(stored)
+
+
+def test_auto_runs_the_loop_where_every_conv_measured_it_faster(one_thread, cache, monkeypatch):  # noqa: F811
+    _fake_measure(monkeypatch, lambda shape: "loop")
+    model, groups = _model("preact")
+    sim = lk.LoftSimulator(model, groups, OPTIMIZERS["sgd"], 2, execution="auto")
+    sim.step([batch(s, 0) for s in range(2)], F.cross_entropy)  # measures, runs batched once
+    assert all(how == "loop" for layer in sim.execution_choices().values() for how in layer.values())
+
+    def batched_again(*args):
+        raise AssertionError("the batched network ran although every conv measured the loop faster")
+    monkeypatch.setattr(sim._batched, "forward_backward", batched_again)
+    sim.step([batch(s, 1) for s in range(2)], F.cross_entropy)
+
+
+def test_auto_falls_back_to_the_loop_for_a_model_batched_cannot_run(cache):
+    model, groups = _model("preact")
+    model.layer1[0].bn1 = torch.nn.GroupNorm(1, model.layer1[0].bn1.num_features)
+    sim = lk.LoftSimulator(model, groups, OPTIMIZERS["sgd"], 2, execution="auto")
+    assert sim.execution_choices() == {}
+    sim.step([batch(s, 0) for s in range(2)], F.cross_entropy)
+
+
+def test_auto_with_real_measurements_equals_the_loop(one_thread, cache):  # noqa: F811
+    loop, _ = _pair("preact", 2, "reset", dtype=torch.float64)
+    model, groups = _model("preact")
+    auto = lk.LoftSimulator(model.double(), groups, OPTIMIZERS["sgd"], 2, 2, execution="auto")
+    auto.model.train()
+    for t in range(2):
+        batches = [(x.double(), y) for x, y in (batch(s, t) for s in range(2))]
+        loop.step(batches, F.cross_entropy)
+        auto.step(batches, F.cross_entropy)
+    _assert_same(loop, auto, 1e-8)
+    assert cache.exists()

@@ -33,10 +33,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import models
+from . import execution_choice as choice
 
 # Containers whose forward code (adds, flatten, functional relu/pooling) acts per channel or per sample.
 _CONTAINERS = (nn.Sequential, models.ResNet, models.PreActBlock, models.BasicBlock, models.Bottleneck, models.VGG,
                models.WideResNet, models.WideBlock)
+UNEVEN = "the workers' blocks differ in size"  # the choices' key where only the loop form exists
 _CHANNELWISE = (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity, nn.Flatten)
 
 
@@ -63,18 +65,36 @@ def _split_sizes(mods, size_of) -> list[int]:
 
 
 class _Conv(nn.Module):
-    def __init__(self, mods: Sequence[nn.Conv2d]):
+    def __init__(self, mods: Sequence[nn.Conv2d], name: str, auto: bool):
         super().__init__()
         self.mods = list(mods)  # plain list: the workers' modules are not children of the batched network
+        self.name, self.auto = name, auto
+        self.chosen: dict[str, str] = {}  # measurement key -> form, for this layer
+
+    def _stacked(self, x: Tensor, ws, bs) -> Tensor:
+        m0 = self.mods[0]
+        bias = None if bs[0] is None else torch.cat(bs)
+        return F.conv2d(x, torch.cat(ws), bias, m0.stride, m0.padding, m0.dilation, m0.groups * len(ws))
+
+    def _loop(self, x: Tensor, ws, bs) -> Tensor:
+        xs = x.split([w.shape[1] * m.groups for m, w in zip(self.mods, ws)], dim=1)
+        return torch.cat([m._conv_forward(xi, w, b) for m, xi, w, b in zip(self.mods, xs, ws, bs)], dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        mods, m0 = self.mods, self.mods[0]
-        ws = [m.weight for m in mods]
-        if all(w.shape == ws[0].shape for w in ws) and all(m.groups == m0.groups for m in mods):
-            bias = None if m0.bias is None else torch.cat([m.bias for m in mods])
-            return F.conv2d(x, torch.cat(ws), bias, m0.stride, m0.padding, m0.dilation, m0.groups * len(mods))
-        xs = x.split(_split_sizes(mods, lambda m: m.weight.shape[1] * m.groups), dim=1)
-        return torch.cat([m._conv_forward(xi, m.weight, m.bias) for m, xi in zip(mods, xs)], dim=1)
+        mods = self.mods
+        ws, bs = [m.weight for m in mods], [m.bias for m in mods]
+        if not all(w.shape == ws[0].shape for w in ws) or not all(m.groups == mods[0].groups for m in mods):
+            self.chosen.setdefault(UNEVEN, choice.LOOP)
+            return self._loop(x, ws, bs)  # blocks of different sizes: no stacked form
+        if not self.auto:
+            return self._stacked(x, ws, bs)
+        m0 = mods[0]
+        k = choice.key(x, ws, (m0.stride, m0.padding, m0.dilation, m0.groups, bs[0] is not None), len(mods))
+        how = self.chosen.get(k)
+        if how is None:
+            how = self.chosen[k] = choice.choose(k, lambda: choice.measure_conv(x, ws, bs, self._stacked,
+                                                                                 self._loop))
+        return (self._stacked if how == choice.STACKED else self._loop)(x, ws, bs)
 
 
 class _BatchNorm(nn.Module):
@@ -122,20 +142,21 @@ class _Linear(nn.Module):
         return torch.cat([F.linear(xi, m.weight, m.bias) for m, xi in zip(mods, xs)], dim=1)
 
 
-_LEAVES = ((nn.Conv2d, _Conv), (nn.BatchNorm2d, _BatchNorm), (nn.Linear, _Linear))
-
-
-def _build(mods: Sequence[nn.Module]) -> nn.Module:
+def _build(mods: Sequence[nn.Module], name: str, auto: bool) -> nn.Module:
     m0 = mods[0]
-    for kind, batched in _LEAVES:
-        if isinstance(m0, kind):
-            return batched(mods)
+    if isinstance(m0, nn.Conv2d):
+        return _Conv(mods, name, auto)
+    if isinstance(m0, nn.BatchNorm2d):
+        return _BatchNorm(mods)
+    if isinstance(m0, nn.Linear):
+        return _Linear(mods)
     if isinstance(m0, _CHANNELWISE + (nn.Dropout,)):
         return m0
     net = copy.copy(m0)  # the container's own code and attributes; children replaced below
     net._modules = {}
-    for name, child in m0._modules.items():
-        net._modules[name] = None if child is None else _build([m._modules[name] for m in mods])
+    for child_name, child in m0._modules.items():
+        net._modules[child_name] = None if child is None else _build(
+            [m._modules[child_name] for m in mods], f"{name}.{child_name}" if name else child_name, auto)
     net._parameters, net._buffers = {}, {}
     return net
 
@@ -143,12 +164,22 @@ def _build(mods: Sequence[nn.Module]) -> nn.Module:
 class BatchedWorkers:
     """Runs the S worker models' forward, loss and backward as one network (see the module docstring)."""
 
-    def __init__(self, worker_models: Sequence[nn.Module]):
+    def __init__(self, worker_models: Sequence[nn.Module], auto: bool = False):
         reason = unsupported(worker_models[0])
         if reason is not None:
             raise ValueError(f"execution='batched' cannot run this model: {reason}; use execution='loop'")
         self.workers = len(worker_models)
-        self.net = _build(list(worker_models))
+        self.net = _build(list(worker_models), "", auto)
+        self._convs = [m for m in self.net.modules() if isinstance(m, _Conv)]
+
+    def choices(self) -> dict[str, dict[str, str]]:
+        """For every convolution (by its name in the model): measurement key -> the form `auto` chose."""
+        return {c.name: dict(c.chosen) for c in self._convs}
+
+    def all_loop(self) -> bool:
+        """True when `auto` measured the loop faster on every convolution it has run (and ran at least one)."""
+        chosen = [how for c in self._convs for how in c.chosen.values()]
+        return bool(chosen) and all(how == choice.LOOP for how in chosen)
 
     def forward_backward(self, batches: Sequence, loss_fn: Callable, scalers: Optional[Sequence],
                          training: bool, losses: list) -> None:

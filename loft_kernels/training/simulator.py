@@ -35,7 +35,7 @@ from .exchange import InProcessExchange
 from .optimizer import LoftOptimizer
 from .optimizer_checks import check_training_groups
 
-EXECUTIONS = ("loop", "batched")
+EXECUTIONS = ("loop", "batched", "auto")
 
 
 class LoftSimulator:
@@ -52,6 +52,10 @@ class LoftSimulator:
             "batched" runs all of them through one network on worker-major stacked
             activations (`training/batched.py`; VGG / ResNet / WideResNet without dropout,
             other models are refused). Both give the same workers' gradients and steps.
+            "auto" runs the batched network with each convolution in the form measured
+            faster for its shape (`training/execution_choice.py`), and the loop for a batch
+            shape where every convolution measured the loop faster, or for a model the
+            batched network cannot run.
 
     `step(batches, loss_fn)` runs one local step on every worker (worker s on
     batches[s]) and syncs after every `sync_every`-th step; the workers follow
@@ -96,7 +100,10 @@ class LoftSimulator:
         if workers > 1:
             model.__dict__["_apply"] = _ConvertWorkers(self)
         self.execution = execution
-        self._batched = batched.BatchedWorkers(self.worker_models) if execution == "batched" else None
+        self._batched = None
+        if execution == "batched" or (execution == "auto" and batched.unsupported(model) is None):
+            self._batched = batched.BatchedWorkers(self.worker_models, auto=execution == "auto")
+        self._loop_signatures: set = set()  # auto: batch signatures on which every conv measured the loop faster
 
     @property
     def workers(self) -> int:
@@ -144,16 +151,19 @@ class LoftSimulator:
                     not all(isinstance(sc, torch.amp.GradScaler) for sc in scalers):
                 raise TypeError(f"scalers must be None or a list of {self.workers} torch.amp.GradScaler (one per "
                                 f"worker), got {scalers!r}")
-        self._dry_run(batches)
+        sig = self._dry_run(batches) + (_autocast_state(batches[0][0]),)
+        engine = None if sig in self._loop_signatures else self._batched
         saved = [[(b, b.detach().clone()) for b in m.buffers()] for m in self.worker_models]
         losses = []
         try:  # every worker's forward, loss and backward first: a failure on any of them steps none
-            if self._batched is not None:
+            if engine is not None:
                 for m, opt in zip(self.worker_models, self.optimizers):
                     m.train(self.model.training)
                     opt.zero_grad(set_to_none=True)
-                self._batched.forward_backward(batches, loss_fn, scalers, self.model.training, losses)
-            for s, (inputs, targets) in enumerate(batches if self._batched is None else ()):
+                engine.forward_backward(batches, loss_fn, scalers, self.model.training, losses)
+                if self.execution == "auto" and engine.all_loop():
+                    self._loop_signatures.add(sig)
+            for s, (inputs, targets) in enumerate(batches if engine is None else ()):
                 m, opt = self.worker_models[s], self.optimizers[s]
                 m.train(self.model.training)
                 opt.zero_grad(set_to_none=True)
@@ -179,14 +189,14 @@ class LoftSimulator:
             self._sync()
         return losses
 
-    def _dry_run(self, batches: Sequence) -> None:
+    def _dry_run(self, batches: Sequence) -> tuple:
         """Run each worker's forward once without grad (eval mode: no statistic moves) on a batch signature
         not seen yet. The loss function is not called: it may count or log (its own side effects)."""
         sig = tuple((type(x), getattr(x, "shape", None), getattr(x, "dtype", None), getattr(x, "device", None),
                      type(y), getattr(y, "shape", None), getattr(y, "dtype", None)) for x, y in batches)
         sig += (self.model.training,)
         if sig in self._checked:
-            return
+            return sig
         for s, (inputs, targets) in enumerate(batches):
             m = self.worker_models[s]
             mode = m.training
@@ -200,6 +210,12 @@ class LoftSimulator:
             finally:
                 m.train(mode)
         self._checked.add(sig)
+        return sig
+
+    def execution_choices(self) -> dict[str, dict[str, str]]:
+        """execution="auto"/"batched": for every convolution, measurement key -> the form it runs in
+        ("stacked" or "loop"; a convolution whose workers' blocks differ in size always loops). Empty for "loop"."""
+        return {} if self._batched is None else self._batched.choices()
 
     def finalize(self) -> None:
         """Sync now if the round has unsynced steps; `model` is then the full LoFT model."""
@@ -242,6 +258,13 @@ class LoftSimulator:
         with torch.no_grad():
             for n in self._plan.shared_params + self._plan.shared_buffers + self._plan.counters:
                 mine[n].copy_(theirs[n])
+
+
+def _autocast_state(x) -> tuple:
+    kind = x.device.type if isinstance(x, Tensor) else "cpu"
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return ()
+    return (kind, torch.get_autocast_dtype(kind))
 
 
 def _scalar(loss) -> Tensor:
