@@ -150,7 +150,8 @@ def _clear(module: nn.Module) -> None:
 def _require_loft(group: str, role: str, name: str, m: nn.Module, kinds: tuple) -> None:
     if not isinstance(m, kinds):
         raise TypeError(f"groups: group {group!r}: {role} {name!r} is {type(m).__name__}, not a Loft layer "
-                        f"({' or '.join(k.__name__ for k in kinds)}); call lk.convert(model, ...) first")
+                        f"({' or '.join(k.__name__ for k in kinds)}); active sets need Loft layers: call "
+                        f"lk.nn.to_loft_layers(model, groups) or lk.convert(model, ..., loft_layers=True) first")
 
 
 def activate(model: nn.Module, groups, assignment: Optional[Mapping[str, Tensor]]) -> None:

@@ -74,8 +74,11 @@ class LoftOptimizer(torch.optim.Optimizer):
     During a round the model's partitioned tensors are this rank's compact blocks;
     `model.state_dict()` is full-size at any time and `lk.full_view(model)` evaluates the
     full model. `model.to()`, `.double()`, `.half()`, `.cuda()` work mid-round (the masters
-    follow); `sum(p.numel() for p in model.parameters())` counts this worker's blocks mid-round. Ranks compare their configuration at construction and on
-    `load_state_dict` and all raise the same error if it differs. A rank whose peer
+    follow; optimizer state already created keeps its dtype, as with any torch optimizer);
+    `sum(p.numel() for p in model.parameters())` counts this worker's blocks mid-round;
+    `copy.deepcopy`/pickling copy the optimizer with its model (not on a process group).
+    Ranks compare their configuration at construction and on `load_state_dict` and all
+    raise the same error if it differs. A rank whose peer
     dies gets a RuntimeError from `step()`/`finalize()` within the group's timeout.
     """
 
@@ -330,8 +333,8 @@ class LoftOptimizer(torch.optim.Optimizer):
 
     def _dispatch(self, prior: dict) -> None:
         """Partition for the current round and shrink the model to this rank's sub-model."""
-        self._part = deal(self.groups, self._workers, self.seed, self._round)
-        self.worker.shrink({name: idx[self._rank] for name, idx in self._part.items()})
+        part = deal(self.groups, self._workers, self.seed, self._round)
+        self.worker.shrink({name: idx[self._rank] for name, idx in part.items()})
         self._rs.dispatch(self.worker, prior)
 
     def sync(self) -> None:
@@ -349,7 +352,8 @@ class LoftOptimizer(torch.optim.Optimizer):
         self.worker.expand(write_back=True)
         payload = self._rs.pack(self.model, self.worker.on_devices(owned), self._rank)
         result = self._exchange(payload, f"the sync ending round {self._round}")
-        parts = [self.worker.on_devices({n: idx[r] for n, idx in self._part.items()}) for r in range(self._workers)]
+        part = deal(self.groups, self._workers, self.seed, self._round)  # every rank's block, for the gathered rows
+        parts = [self.worker.on_devices({n: idx[r] for n, idx in part.items()}) for r in range(self._workers)]
         self._rs.unpack(result, parts, self._rank, model_rows=not self.worker.shared)
         self._stats.add_sync(payload.collectives(self._workers))
         prior = self._rs.next_round_prior()

@@ -105,6 +105,7 @@ class WorkerModel:
         for s in plan.slots:
             owner, _, attr = s.name.rpartition(".")
             self.entries.append(_Entry(s, model.get_submodule(owner) if owner else model, attr))
+        self._by_name = {e.slot.name: e for e in self.entries}
         hooked = {}
         for e in self.entries:
             hooked.setdefault(id(e.module), e.module)
@@ -169,10 +170,8 @@ class WorkerModel:
         return self._to(slot.row_group, rows, device), self._to(slot.col_group, cols, device)
 
     def _device(self, name: str) -> torch.device:
-        for e in self.entries:
-            if e.slot.name == name:
-                return (e.master if e.master is not None else e.tensor()).device
-        raise KeyError(name)
+        e = self._by_name[name]
+        return (e.master if e.master is not None else e.tensor()).device
 
     def _to(self, group, idx, device):
         if idx is None:
