@@ -33,7 +33,7 @@ from ..training.collectives import Collectives
 from ..training.comm import loft_sync_bytes, make_plan
 from ..training.groups import convert
 from ..training.optimizer import LoftOptimizer
-from ..training.sync import gather, scatter_
+from ..training.worker_model import gather, scatter_
 from .result import Config, Result, Spec, timed
 from .shapes import RESOLUTION
 from .timing import Timings, interleaved
