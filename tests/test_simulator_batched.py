@@ -158,14 +158,31 @@ def test_auto_measures_each_shape_once_and_keeps_it_on_disk(one_thread, cache, m
     chosen = auto.execution_choices()
     assert set(chosen) == {"features.0", "features.4", "features.8"}
     stored = json.loads(cache.read_text())
-    assert len(calls) == len(stored) >= 1  # one measurement per distinct key, each stored
+    convs = {k: e for k, e in stored.items() if '"step"' not in k}
+    assert len(calls) == len(convs) >= 1  # one measurement per distinct key, each stored
+    assert len(stored) == len(convs) + 1  # and one of the whole step, batched against the loop
     assert all(e["choice"] in ("stacked", "loop") and set(e["ms"]) == {"stacked", "loop"} for e in stored.values())
     # a new process (empty memory) reads the file instead of measuring again
     monkeypatch.setattr(execution_choice, "_memory", {})
     again = lk.LoftSimulator(copy.deepcopy(_model("vgg")[0].double()), _model("vgg")[1], OPTIMIZERS["sgd"], 2,
                              execution="auto")
     again.step([(x.double(), y) for x, y in (batch(s, 0) for s in range(2))], F.cross_entropy)
-    assert len(calls) == len(stored)
+    assert len(calls) == len(convs)
+
+
+def test_auto_runs_the_loop_where_the_whole_step_measured_it_faster(one_thread, cache, monkeypatch):  # noqa: F811
+    """Every conv faster stacked, yet the batched network's whole step slower (its copies, its other layers):
+    the loop runs."""
+    from loft_kernels.training import execution_choice
+    _fake_measure(monkeypatch, lambda shape: "stacked")
+    monkeypatch.setattr(execution_choice, "measure_steps", lambda runs, device: {"stacked": 2.0, "loop": 1.0})
+    model, groups = _model("vgg")
+    sim = lk.LoftSimulator(model, groups, OPTIMIZERS["sgd"], 2, execution="auto")
+    runs, real = [], sim._batched.forward_backward
+    monkeypatch.setattr(sim._batched, "forward_backward", lambda *a: runs.append(a[1]) or real(*a))
+    losses = sim.step([batch(s, 0) for s in range(2)], F.cross_entropy)
+    assert len(runs) == 1 and runs[0] is not F.cross_entropy  # the untimed pass of the decision only
+    assert len(losses) == 2
 
 
 def test_auto_runs_the_loop_where_every_conv_measured_it_faster(one_thread, cache, monkeypatch):  # noqa: F811

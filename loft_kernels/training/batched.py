@@ -181,11 +181,16 @@ class BatchedWorkers:
         chosen = [how for c in self._convs for how in c.chosen.values()]
         return bool(chosen) and all(how == choice.LOOP for how in chosen)
 
+    @staticmethod
+    def accepts(inputs: Sequence) -> bool:
+        """Whether the workers' inputs stack: [N, C, H, W] tensors of one shape."""
+        return all(isinstance(x, Tensor) and x.dim() == 4 and x.shape == inputs[0].shape for x in inputs)
+
     def forward_backward(self, batches: Sequence, loss_fn: Callable, scalers: Optional[Sequence],
                          training: bool, losses: list) -> None:
         """Every worker's loss (appended to `losses`, as floats) and gradients, in one forward and one backward."""
         inputs = [x for x, _ in batches]
-        if not all(isinstance(x, Tensor) and x.dim() == 4 and x.shape == inputs[0].shape for x in inputs):
+        if not self.accepts(inputs):
             raise ValueError("execution='batched' needs every worker's inputs as [N, C, H, W] tensors of one shape, "
                              f"got {[tuple(getattr(x, 'shape', ())) for x in inputs]}")
         self.net.train(training)

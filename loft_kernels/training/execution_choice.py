@@ -6,8 +6,10 @@ per-worker convolutions on channel slices. Which is faster depends on the
 device, dtype, shape and S (on a 2-core CPU the loop usually wins; on a GPU one
 launch for S small convolutions usually does), so it is measured: forward +
 backward of both forms on random inputs of the layer's shape, interleaved,
-medians, once per (device, dtype, shape, S), and kept in a JSON file under the
-user's cache directory ($LOFT_KERNELS_CACHE_DIR, else $XDG_CACHE_HOME/loft_kernels,
+medians, once per (device, dtype, shape, S). Then the whole forward + backward
+of the batched network with those choices is timed against the loop's on the
+step's batch shapes (the network's other layers and copies cost too), and
+the faster is run. Both are kept in a JSON file under the user's cache directory ($LOFT_KERNELS_CACHE_DIR, else $XDG_CACHE_HOME/loft_kernels,
 else ~/.cache/loft_kernels), never in the repository.
 """
 from __future__ import annotations
@@ -102,3 +104,9 @@ def measure_conv(x: torch.Tensor, weights, biases, run_stacked, run_loop) -> dic
     with torch.enable_grad():
         t = interleaved({STACKED: setup(run_stacked), LOOP: setup(run_loop)}, REPEATS, warmup=1, device=x.device)
     return {name: t.median(name) for name in (STACKED, LOOP)}
+
+
+def measure_steps(runs: dict[str, Callable[[], None]], device) -> dict[str, float]:
+    """Median milliseconds of whole forward + backward passes (`runs`: name -> a pass that leaves no trace)."""
+    t = interleaved({name: (lambda run=run: run) for name, run in runs.items()}, REPEATS, warmup=1, device=device)
+    return {name: t.median(name) for name in runs}

@@ -30,6 +30,7 @@ from .. import _checks as C
 from ..filter_group import FilterGroup
 from ..nn.layers import clear_active_sets
 from . import batched
+from . import execution_choice as choice
 from .comm import STATES, make_plan
 from .exchange import InProcessExchange
 from .optimizer import LoftOptimizer
@@ -103,7 +104,8 @@ class LoftSimulator:
         self._batched = None
         if execution == "batched" or (execution == "auto" and batched.unsupported(model) is None):
             self._batched = batched.BatchedWorkers(self.worker_models, auto=execution == "auto")
-        self._loop_signatures: set = set()  # auto: batch signatures on which every conv measured the loop faster
+        self._loop_signatures: set = set()  # auto: batch signatures on which the loop measured faster
+        self._decided: set = set()
 
     @property
     def workers(self) -> int:
@@ -152,6 +154,8 @@ class LoftSimulator:
                 raise TypeError(f"scalers must be None or a list of {self.workers} torch.amp.GradScaler (one per "
                                 f"worker), got {scalers!r}")
         sig = self._dry_run(batches) + (_autocast_state(batches[0][0]),)
+        if self.execution == "auto" and self._batched is not None and sig not in self._decided:
+            self._decide(sig, batches)
         engine = None if sig in self._loop_signatures else self._batched
         saved = [[(b, b.detach().clone()) for b in m.buffers()] for m in self.worker_models]
         losses = []
@@ -161,8 +165,6 @@ class LoftSimulator:
                     m.train(self.model.training)
                     opt.zero_grad(set_to_none=True)
                 engine.forward_backward(batches, loss_fn, scalers, self.model.training, losses)
-                if self.execution == "auto" and engine.all_loop():
-                    self._loop_signatures.add(sig)
             for s, (inputs, targets) in enumerate(batches if engine is None else ()):
                 m, opt = self.worker_models[s], self.optimizers[s]
                 m.train(self.model.training)
@@ -211,6 +213,48 @@ class LoftSimulator:
                 m.train(mode)
         self._checked.add(sig)
         return sig
+
+    def _decide(self, sig: tuple, batches: Sequence) -> None:
+        """auto: time the batched network (its convs in their measured forms) against the loop, forward +
+        backward on `batches` with `out.sum()` as the loss (the user's loss_fn is not called), leaving no trace:
+        gradients dropped, BatchNorm statistics restored. Cached on disk with the per-conv choices."""
+        models = self.worker_models
+        inputs = [x for x, _ in batches]
+        saved = [(b, b.detach().clone()) for m in models for b in m.buffers()]
+
+        def clean():
+            with torch.no_grad():
+                for b, value in saved:
+                    b.copy_(value)
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+
+        def run_batched():
+            self._batched.forward_backward([(x, None) for x in inputs], lambda out, _: out.float().sum(), None,
+                                           self.model.training, [])
+            clean()
+
+        def run_loop():
+            for m, x in zip(models, inputs):
+                m.train(self.model.training)
+                m(x).float().sum().backward()
+            clean()
+        if not self._batched.accepts(inputs):
+            self._loop_signatures.add(sig)
+            self._decided.add(sig)
+            return
+        try:
+            run_batched()  # the per-conv choices are measured (or read) here, outside the timing
+            shapes = [list(getattr(x, "shape", ())) for x in inputs]
+            params = [list(p.shape) for p in models[0].parameters()]
+            k = choice.key(inputs[0], [], ("step", shapes, params, self.model.training), self.workers)
+            how = choice.choose(k, lambda: choice.measure_steps({choice.STACKED: run_batched, choice.LOOP: run_loop},
+                                                               inputs[0].device))
+        finally:
+            clean()
+        if how == choice.LOOP or self._batched.all_loop():
+            self._loop_signatures.add(sig)
+        self._decided.add(sig)
 
     def execution_choices(self) -> dict[str, dict[str, str]]:
         """execution="auto"/"batched": for every convolution, measurement key -> the form it runs in
