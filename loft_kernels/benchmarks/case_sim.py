@@ -20,12 +20,12 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..models import preact_resnet18, resnet50
+from ..models import preact_resnet, preact_resnet18, resnet50
 from ..training import execution_choice as choice
 from ..training.batched import _Conv
 from ..training.groups import convert
 from ..training.simulator import LoftSimulator
-from .result import Config, Result, Spec, failed, valued
+from .result import Config, Result, Spec, failed, timed, valued
 from .shapes import BATCH, RESOLUTION
 from .timing import interleaved
 
@@ -42,13 +42,25 @@ P8 = tuple(Spec(f"P8t{s}", f"LoftSimulator S={s} step, execution auto", "executi
 _sgd = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9)
 
 
+QUICK_WIDTH, QUICK_BATCH = 0.25, 8  # --quick: a quarter-width network, 8 samples per worker
+
+
+def cfg_width(cfg: Config) -> float:
+    return QUICK_WIDTH if cfg.quick else 1.0
+
+
+def _n(cfg: Config) -> int:
+    return QUICK_BATCH if cfg.quick else BATCH
+
+
 def _batch(device, n=BATCH):
     return torch.randn(n, 3, RESOLUTION, RESOLUTION, device=device), torch.randint(0, 10, (n,), device=device)
 
 
-def _sims(workers: int, device) -> tuple[dict, torch.nn.Module]:
+def _sims(workers: int, cfg: Config) -> tuple[dict, torch.nn.Module]:
+    device = cfg.device
     torch.manual_seed(0)
-    dense = preact_resnet18(num_classes=10).to(device).train()
+    dense = preact_resnet(num_classes=10, width=cfg_width(cfg)).to(device).train()
     full, groups = convert(copy.deepcopy(dense), torch.randn(2, 3, RESOLUTION, RESOLUTION, device=device))
     sims = {e: LoftSimulator(copy.deepcopy(full), groups, _sgd, workers, NEVER, execution=e) for e in EXECUTIONS}
     for sim in sims.values():
@@ -75,7 +87,7 @@ def step_bytes(run, params, optimizers, grads_of) -> dict:
             "saved_for_backward": saved[0]}
 
 
-def _sim_bytes(sim, device) -> dict:
+def _sim_bytes(sim, device, n) -> dict:
     grads = [0]
 
     def run():  # the gradients are counted just before the workers step and drop them
@@ -83,16 +95,16 @@ def _sim_bytes(sim, device) -> dict:
             opt.register_step_pre_hook(lambda o, a, k: grads.__setitem__(0, grads[0] + sum(
                 p.grad.numel() * p.grad.element_size() for g in o.param_groups for p in g["params"]
                 if p.grad is not None)))
-        sim.step([_batch(device) for _ in range(sim.workers)], F.cross_entropy)
+        sim.step([_batch(device, n) for _ in range(sim.workers)], F.cross_entropy)
     params = list(sim.model.parameters()) + [p for m in sim.worker_models for p in m.parameters()]
     return step_bytes(run, params, sim.optimizers, lambda: grads[0])
 
 
-def _dense_bytes(dense, device) -> dict:
+def _dense_bytes(dense, device, n) -> dict:
     opt = _sgd(dense.parameters())
 
     def run():
-        x, y = _batch(device)
+        x, y = _batch(device, n)
         opt.zero_grad()
         F.cross_entropy(dense(x), y).backward()
         opt.step()
@@ -101,36 +113,37 @@ def _dense_bytes(dense, device) -> dict:
 
 
 def _time_row(spec: Spec, workers: int, cfg: Config) -> Result:
-    dev = cfg.device
-    sims, dense = _sims(workers, dev)
+    dev, n = cfg.device, _n(cfg)
+    sims, dense = _sims(workers, cfg)
     dense_opt = _sgd(dense.parameters())
 
     def sim_setup(e):
         def setup():
-            batches = [_batch(dev) for _ in range(workers)]
+            batches = [_batch(dev, n) for _ in range(workers)]
             return lambda: sims[e].step(batches, F.cross_entropy)
         return setup
 
     def dense_setup():
-        x, y = _batch(dev)
+        x, y = _batch(dev, n)
 
         def run():
             dense_opt.zero_grad()
             F.cross_entropy(dense(x), y).backward()
             dense_opt.step()
         return run
-    sims["auto"].step([_batch(dev) for _ in range(workers)], F.cross_entropy)  # auto measures its choices
+    sims["auto"].step([_batch(dev, n) for _ in range(workers)], F.cross_entropy)  # auto measures its choices
     reps = cfg.reps(full=6, quick=2)
     t = interleaved({**{e: sim_setup(e) for e in EXECUTIONS}, "dense": dense_setup}, reps, warmup=cfg.warmup,
                     device=dev)
     vs_dense = {e: round(t.ratio(e, "dense"), 3) for e in EXECUTIONS}
     chosen = sims["auto"].execution_choices()
     stacked = sorted(n for n, c in chosen.items() if choice.STACKED in c.values())
-    return valued(spec, t.median("auto"), t.median("loop"),
-                  note=f"per-repetition median ratio auto/loop {t.ratio('auto', 'loop'):.3f}; to one dense step: "
-                       + ", ".join(f"{e} {r:.2f}x" for e, r in vs_dense.items())
-                       + f"; auto runs {len(stacked)} of {len(chosen)} convs stacked",
-                  vs_dense=vs_dense, ratio_auto_loop=round(t.ratio("auto", "loop"), 4), choices=chosen)
+    runs = "the loop" if sims["auto"]._loop_signatures else "the batched network"
+    return timed(spec, t, "auto", "loop",
+                 note="to one dense step: " + ", ".join(f"{e} {r:.2f}x" for e, r in vs_dense.items())
+                      + f"; auto runs {runs}, its convs {len(stacked)} of {len(chosen)} stacked"
+                      + (f" (width {cfg_width(cfg)}, batch {_n(cfg)} per worker)" if cfg.quick else ""),
+                 vs_dense=vs_dense, choices=chosen)
 
 
 def _conv_shapes(device) -> list[tuple]:
@@ -150,7 +163,7 @@ def _conv_shapes(device) -> list[tuple]:
 
 def _regret_row(cfg: Config) -> Result:
     dev = cfg.device
-    batch = 8 if cfg.quick else BATCH
+    batch = 2 if cfg.quick else BATCH
     worst, where, table = 1.0, "", []
     for workers in SIZES:
         for c_in, c_out, k, stride, pad, size in _conv_shapes(dev):
@@ -169,14 +182,14 @@ def _regret_row(cfg: Config) -> Result:
 
 
 def _memory_row(cfg: Config) -> Result:
-    dev = cfg.device
+    dev, n = cfg.device, _n(cfg)
     out = {}
     for workers in SIZES:
-        sims, dense = _sims(workers, dev)
-        out[workers] = {e: _sim_bytes(sims[e], dev) for e in ("loop", "batched")}
-        out[workers]["dense"] = _dense_bytes(dense, dev)
+        sims, dense = _sims(workers, cfg)
+        out[workers] = {e: _sim_bytes(sims[e], dev, n) for e in ("loop", "batched")}
+        out[workers]["dense"] = _dense_bytes(dense, dev, n)
     total = lambda d: sum(d.values())  # noqa: E731
-    note = "; ".join(f"S={s}: " + ", ".join(f"{e} {total(v) / 2**20:.0f} MiB" for e, v in out[s].items())
+    note = ("(quick: width 0.25, batch 8) " if cfg.quick else "") + "; ".join(f"S={s}: " + ", ".join(f"{e} {total(v) / 2**20:.0f} MiB" for e, v in out[s].items())
                      for s in SIZES)
     return valued(P8[4], total(out[4]["batched"]), total(out[4]["loop"]), note=note, bytes=out)
 
