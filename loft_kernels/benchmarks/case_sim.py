@@ -25,6 +25,7 @@ from ..training import execution_choice as choice
 from ..training.batched import _Conv
 from ..training.groups import convert
 from ..training.simulator import LoftSimulator
+from .case_step import saved_bytes
 from .result import Config, Result, Spec, failed, timed, valued
 from .shapes import BATCH, RESOLUTION
 from .timing import interleaved
@@ -70,21 +71,12 @@ def _sims(workers: int, cfg: Config) -> tuple[dict, torch.nn.Module]:
 
 def step_bytes(run, params, optimizers, grads_of) -> dict:
     """Exact bytes of one step `run()`: parameters, gradients, optimizer state, tensors saved for backward."""
-    saved, seen = [0], set()
-
-    def pack(t):
-        k = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape), t.stride())
-        if k not in seen:
-            seen.add(k)
-            saved[0] += t.numel() * t.element_size()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
+    saved = saved_bytes(run)
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
     return {"parameters": nbytes(params), "gradients": grads_of(),
             "optimizer_state": nbytes(v for o in optimizers for st in o.state.values() for v in st.values()
                                       if torch.is_tensor(v)),
-            "saved_for_backward": saved[0]}
+            "saved_for_backward": saved}
 
 
 def _sim_bytes(sim, device, n) -> dict:
