@@ -87,7 +87,7 @@ def choose(k: str, measure: Callable[[], dict[str, float]]) -> str:
     return entry["choice"]
 
 
-def measure_conv(x: torch.Tensor, weights, biases, run_stacked, run_loop, repeats: int = REPEATS) -> dict[str, float]:
+def measure_conv(x: torch.Tensor, weights, biases, run_stacked, run_loop, repeats: int | None = None) -> dict[str, float]:
     """Median forward + backward milliseconds of both forms on fresh random inputs shaped like the layer's."""
     def setup(run):
         def make():
@@ -102,7 +102,8 @@ def measure_conv(x: torch.Tensor, weights, biases, run_stacked, run_loop, repeat
             return go
         return make
     with torch.enable_grad():
-        t = interleaved({STACKED: setup(run_stacked), LOOP: setup(run_loop)}, repeats, warmup=1, device=x.device)
+        t = interleaved({STACKED: setup(run_stacked), LOOP: setup(run_loop)}, repeats or REPEATS, warmup=1,
+                        device=x.device)
     return {name: t.median(name) for name in (STACKED, LOOP)}
 
 
