@@ -35,6 +35,11 @@ def same_device_dtype(ref: torch.Tensor, ref_name: str, other: torch.Tensor, nam
         raise TypeError(f"{name} has dtype {other.dtype} but {ref_name} has {ref.dtype}; they must match")
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake  # deferred: a heavy import most runs never need
+    return is_fake(t)
+
+
 def index(value, name: str, size: int, device: torch.device, *, ndim: int = 1, distinct: bool = True) -> torch.Tensor:
     """Validate an index tensor over `size` entries; returns it as int64 on `device`.
 
@@ -50,9 +55,9 @@ def index(value, name: str, size: int, device: torch.device, *, ndim: int = 1, d
         raise ValueError(f"{name} is on {value.device} but must be on {device}, the device of the data it indexes")
     if value.shape[-1] == 0:
         raise ValueError(f"{name} must not be empty")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or value.device.type == "meta" or _is_fake(value):
         # Range and duplicate checks read the values (a host sync and a graph break);
-        # inside a compiled graph only the static checks above apply.
+        # inside a compiled graph, and for meta/fake tensors (no values), only the static checks above apply.
         return value.long()
     lo, hi = int(value.min()), int(value.max())
     if lo < 0:

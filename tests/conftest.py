@@ -3,13 +3,16 @@
 Triton kernels run on CPU tensors only in the numpy interpreter, so the
 interpreter is switched on for the whole session when no GPU is present
 (before anything asks the backend registry whether triton is usable).
+Measured execution choices go to a temporary directory, never the user's cache.
 """
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["LOFT_KERNELS_CACHE_DIR"] = tempfile.mkdtemp(prefix="loft_kernels_test_cache_")
 
 import pytest  # noqa: E402
 

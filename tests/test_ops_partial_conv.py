@@ -212,3 +212,56 @@ def test_autocast_convolves_in_its_dtype_like_conv2d(grouped):
     assert gx.dtype == gw.dtype == torch.float32
     torch.testing.assert_close(gw, rw, rtol=2e-2, atol=5e-2)
     torch.testing.assert_close(gx, rx, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_meta_and_fake_tensors_give_shapes_without_values(grouped):
+    """Meta and fake tensors (shape propagation, torch.compile tracing) run the op's fake kernels, backward too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def run(device):
+        x = torch.randn(3, 2, 6, 7, 7, device=device)[: 3 if grouped else 1]
+        x = (x if grouped else x[0]).requires_grad_()
+        w = torch.randn(8, 6, 3, 3, device=device, requires_grad=True)
+        b = torch.randn(8, device=device, requires_grad=True)
+        rows = torch.tensor([[1, 5, 6], [0, 2, 7], [3, 4, 6]], device=device)[: 3 if grouped else 1]
+        op = lk.grouped_partial_conv2d if grouped else lk.partial_conv2d
+        y = op(x, w, b, 2, 1, out_index=rows if grouped else rows[0])
+        gx, gw, gb = torch.autograd.grad(y.sum(), [x, w, b])
+        return y, gx, gw, gb
+
+    real = run("cpu")
+    for got in (run("meta"), None):
+        if got is None:
+            with FakeTensorMode():
+                got = run("cpu")
+        for r, g in zip(real, got):
+            assert g.shape == r.shape and g.dtype == r.dtype
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_eager_path_equals_the_custom_op(grouped):
+    """Plain CPU tensors skip the custom-op machinery; the result and every gradient equal the custom op's."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 5, 6, 6, generator=g, dtype=torch.float64)
+    x = (x[:2] if grouped else x[0]).requires_grad_()
+    w = torch.randn(7, 5, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    rows = torch.tensor([[6, 1, 3], [0, 2, 5]])
+    if grouped:
+        eager = lk.grouped_partial_conv2d(x, w, b, 1, 1, out_index=rows)
+        custom = torch.ops.loft_kernels.grouped_partial_conv2d(x, w, b, rows, None, [1, 1], [1, 1], [1, 1])
+    else:
+        eager = lk.partial_conv2d(x, w, b, 1, 1, out_index=rows[0])
+        custom = torch.ops.loft_kernels.partial_conv2d(x, w, b, rows[0], None, [1, 1], [1, 1], [1, 1], 1)
+    assert eager.grad_fn is not None and "Eager" in type(eager.grad_fn).__name__
+    assert "loft_kernels" in type(custom.grad_fn).__name__
+    torch.testing.assert_close(eager, custom, rtol=0, atol=0)
+    grad = torch.randn(eager.shape, generator=g, dtype=torch.float64)
+    for a, c in zip(torch.autograd.grad(eager, [x, w, b], grad), torch.autograd.grad(custom, [x, w, b], grad)):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    # no double backward on either path: a clear error, not a silently wrong second derivative
+    y = lk.partial_conv2d(x if not grouped else x[0], w, None, 1, 1, out_index=rows[0])
+    (gw,) = torch.autograd.grad(y.square().sum(), [w], create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(gw.sum(), [w])

@@ -19,8 +19,20 @@ constexpr int64_t kGrainElems = 1 << 16;  // elements per thread before going pa
 // Grain in k-element blocks.
 inline int64_t grain_blocks(int64_t k) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(k, 1)); }
 
-void gather(const ConvSlice& s, const at::Tensor& weight, const at::Tensor* bias, at::Tensor& w_sel,
+// With every column selected, a selected row is one contiguous run of c_in * k elements:
+// move whole rows (one copy per row instead of one per kh x kw block, which dominates
+// small kernels on wide layers).
+ConvSlice in_rows(const ConvSlice& s) {
+  if (s.cols) return s;
+  ConvSlice r = s;
+  r.k = s.c_in * s.k;
+  r.c_in = r.n_cols = 1;
+  return r;
+}
+
+void gather(const ConvSlice& full, const at::Tensor& weight, const at::Tensor* bias, at::Tensor& w_sel,
             at::Tensor* b_sel) {
+  const ConvSlice s = in_rows(full);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "gather_weight", [&] {
     const scalar_t* src = weight.const_data_ptr<scalar_t>();
     scalar_t* dst = w_sel.data_ptr<scalar_t>();
@@ -35,8 +47,9 @@ void gather(const ConvSlice& s, const at::Tensor& weight, const at::Tensor* bias
   });
 }
 
-void scatter(const ConvSlice& s, const int64_t* row_pos, const int64_t* col_pos, const at::Tensor& gw_sel,
+void scatter(const ConvSlice& full, const int64_t* row_pos, const int64_t* col_pos, const at::Tensor& gw_sel,
              const at::Tensor* gb_sel, at::Tensor& gw, at::Tensor* gb) {
+  const ConvSlice s = in_rows(full);  // col_pos is null exactly when s.cols is
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gw.scalar_type(), "scatter_weight_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* src = gw_sel.const_data_ptr<scalar_t>();

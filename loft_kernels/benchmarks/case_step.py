@@ -83,8 +83,8 @@ def _variants(policy: str, device) -> dict:
             "sliced": (sliced, _sgd(sliced.parameters())), "groups": groups, "example": example}
 
 
-def step_memory(model: nn.Module, opt, device) -> dict:
-    """Exact bytes of one step: parameters (+ full-size masters), gradients, optimizer state, saved activations."""
+def saved_bytes(run) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while `run()` runs."""
     saved, seen = [0], set()
 
     def pack(t):
@@ -93,23 +93,29 @@ def step_memory(model: nn.Module, opt, device) -> dict:
             seen.add(key)
             saved[0] += t.numel() * t.element_size()
         return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return saved[0]
 
+
+def step_memory(model: nn.Module, opt, device) -> dict:
+    """Exact bytes of one step: parameters (+ full-size masters), gradients, optimizer state, saved activations."""
     x, y = _batch(device)
     opt.zero_grad(set_to_none=True)
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(model(x), y)
-    loss.backward()
+    losses = []
+    saved = saved_bytes(lambda: losses.append(F.cross_entropy(model(x), y)))
+    losses[0].backward()
     opt.step()
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
     masters = [e.master for e in opt.worker.entries] if getattr(opt, "worker", None) is not None else []
     out = {"parameters": nbytes(model.parameters()), "masters": nbytes(masters),
            "gradients": nbytes(p.grad for p in model.parameters() if p.grad is not None),
            "optimizer_state": nbytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)),
-           "saved_activations": saved[0]}
+           "saved_activations": saved}
     # CPU: the step's peak as accounted (everything above is alive when the backward starts);
     # CUDA: what the allocator really reached.
     out["peak"] = torch.cuda.max_memory_allocated(device) if cuda else sum(out.values())

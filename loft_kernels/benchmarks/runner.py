@@ -1,6 +1,6 @@
 """The ratio benchmark runner: `loft bench [--quick] [--json FILE]` (also `python -m loft_kernels.benchmarks`).
 
-Runs cases P1..P7, each comparing a candidate with a named baseline
+Runs cases P1..P8, each comparing a candidate with a named baseline
 or limit inside this process (timing.py), prints a table and writes JSON
     {"machine": {...}, "results": [{"id", "name", "candidate_ms", "baseline_ms",
                                     "ratio", "limit", "goal", "met", ...}, ...]}
@@ -27,10 +27,11 @@ import torch
 
 from ..backends import available_backends
 from ..io import atomic_write_text, check_writable
-from . import case_comm, case_conv, case_stats, case_step, case_sync
+from . import case_comm, case_conv, case_sim, case_stats, case_step, case_sync
 from .result import Config, Result, failed
 
-CASES = {**case_conv.CASES, **case_stats.CASES, **case_sync.CASES, **case_step.CASES, **case_comm.CASES}
+CASES = {**case_conv.CASES, **case_stats.CASES, **case_sync.CASES, **case_step.CASES, **case_comm.CASES,
+         **case_sim.CASES}
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"
 
 
@@ -122,7 +123,7 @@ def store(report: dict, results_dir) -> Path:
 
 def _parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="loft bench", description=(
-        "Ratio benchmarks P1..P7: each candidate against its baseline or limit, interleaved in one process, "
+        "Ratio benchmarks P1..P8: each candidate against its baseline or limit, interleaved in one process, "
         "medians over repetitions on fresh random inputs. Goals not met are reported as NOT MET."))
     p.add_argument("--quick", action="store_true", help="fewer repetitions (under 2 minutes on a 2-core CPU)")
     p.add_argument("--json", metavar="FILE", help="also write the JSON report to FILE")

@@ -136,6 +136,65 @@ def _grouped_backward(ctx, grad):
 _grouped_op.register_autograd(_grouped_backward, setup_context=_grouped_setup_context)
 
 
+# ------------------------------------------------------ eager fast path ----
+class _EagerPartialConv(torch.autograd.Function):
+    """The op without the custom-op machinery, for plain CPU tensors in eager mode.
+
+    A custom op's Python dispatch round trip and generated autograd wrapper cost
+    a few hundred microseconds per forward + backward, which dominates a small
+    convolution. Same backend selection and kernels as the custom op (`op` is
+    its dispatch name, `conf` its trailing non-tensor arguments); compiled
+    graphs, fake/meta tensors, subclasses and active modes take the custom op.
+    """
+
+    @staticmethod
+    def forward(ctx, op: str, x, weight, bias, out_index, in_index, *conf):
+        ctx.save_for_backward(x, weight, out_index, in_index)
+        ctx.op, ctx.has_bias, ctx.conf = op, bias is not None, conf
+        return dispatch(op, x, x, weight, bias, out_index, in_index, *conf)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, out_index, in_index = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        has_bias = ctx.has_bias and ctx.needs_input_grad[3]
+        args = (grad.contiguous(), x, weight, out_index, in_index, has_bias, *ctx.conf, need_x, need_w)
+        if torch.is_grad_enabled():  # create_graph: the custom backward op, whose double backward raises clearly
+            gx, gw, gb = _BACKWARD_OPS[ctx.op](*(list(c) if isinstance(c, tuple) else c for c in args))
+        else:
+            gx, gw, gb = dispatch(ctx.op + "_backward", x, *args)
+        return (None, gx if need_x else None, gw if need_w else None, gb if has_bias else None,
+                None, None) + (None,) * len(ctx.conf)
+
+
+_BACKWARD_OPS = {"partial_conv2d": _partial_conv2d_backward_op, "grouped_partial_conv2d": _grouped_backward_op}
+
+
+def _plain_cpu(*tensors) -> bool:
+    """True when the eager fast path may run: eager mode, no torch function/dispatch mode, and every
+    tensor a plain (or Parameter) CPU tensor that no functorch transform wraps."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_function_stack() or \
+            torch._C._len_torch_dispatch_stack():
+        return False
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) not in _PLAIN or t.device.type != "cpu" or _functorch_wrapped(t):
+            return False
+    return True
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _run(op: str, custom, x, weight, bias, out_index, in_index, *conf) -> Tensor:
+    if _plain_cpu(x, weight, bias, out_index, in_index):
+        conf = tuple(tuple(c) if isinstance(c, list) else c for c in conf)
+        return _EagerPartialConv.apply(op, x, weight, bias, out_index, in_index, *conf)
+    return custom(x, weight, bias, out_index, in_index, *conf)
+
+
 # ------------------------------------------------------- public functions ----
 def _autocast(x, weight, bias):
     """Under autocast, convolve in autocast's dtype as F.conv2d does (gradients flow back through the cast).
@@ -143,7 +202,8 @@ def _autocast(x, weight, bias):
     The custom ops have no autocast kernel of their own, so without this a layer
     after an autocast convolution would hand a low-precision x to a float32 weight.
     """
-    if not isinstance(x, Tensor) or not torch.is_autocast_enabled(x.device.type):
+    if not isinstance(x, Tensor) or not torch.amp.is_autocast_available(x.device.type) \
+            or not torch.is_autocast_enabled(x.device.type):  # meta/fake tensors: no autocast device
         return x, weight, bias
     dtype = torch.get_autocast_dtype(x.device.type)
     cast = [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in (x, weight, bias)]
@@ -234,7 +294,8 @@ def _partial_conv2d(x, weight, bias, stride, padding, dilation, groups, out_inde
     if x.shape[1] != want:
         what = "len(in_index)" if in_index is not None else "weight.shape[1] * groups"
         raise ValueError(f"x must have {want} channels ({what}), got {x.shape[1]} (x shape {tuple(x.shape)})")
-    y = _partial_conv2d_op(x, weight, bias, out_index, in_index, stride, padding, dilation, groups)
+    y = _run("partial_conv2d", _partial_conv2d_op, x, weight, bias, out_index, in_index, stride, padding,
+             dilation, groups)
     return y.squeeze(0) if unbatched else y
 
 
@@ -269,4 +330,5 @@ def grouped_partial_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = N
     if x.shape[2] != want:
         what = "in_index.shape[1]" if in_index is not None else "weight.shape[1]"
         raise ValueError(f"x must have {want} channels ({what}), got {x.shape[2]} (x shape {tuple(x.shape)})")
-    return _grouped_op(x, weight, bias, out_index, in_index, stride, padding, dilation)
+    return _run("grouped_partial_conv2d", _grouped_op, x, weight, bias, out_index, in_index, stride, padding,
+                dilation)

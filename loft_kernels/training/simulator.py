@@ -7,9 +7,10 @@ tensors are cut from one set of full-size masters, the simulator's `model`,
 and written back into it at the sync; the shared layers are each worker's own
 copy. Memory: the full model, S sub-models (each 1/S of the partitioned
 tensors plus its copy of the shared ones) and, during a step, every worker's gradients.
-The workers run one after another: batching them through
-`grouped_partial_conv2d` measured no clear gain on this CPU and would need
-every worker's shared layers in one launch.
+With `execution="loop"` the workers' forwards and backwards run one after
+another; with `execution="batched"` all of them run through one network on
+stacked activations (`batched.py`), and the workers' optimizers then step as
+in the loop.
 
 Each worker's optimizer is given, explicitly, the simulator's in-process
 exchange and the shared masters; a sync calls every worker's public
@@ -28,10 +29,14 @@ from torch import Tensor, nn
 from .. import _checks as C
 from ..filter_group import FilterGroup
 from ..nn.layers import clear_active_sets
+from . import batched
+from . import execution_choice as choice
 from .comm import STATES, make_plan
 from .exchange import InProcessExchange
 from .optimizer import LoftOptimizer
 from .optimizer_checks import check_training_groups
+
+EXECUTIONS = ("loop", "batched", "auto")
 
 
 class LoftSimulator:
@@ -44,6 +49,14 @@ class LoftSimulator:
         optimizer_factory: called with a worker model's parameter list, returns an
             elementwise torch optimizer, e.g. `functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9)`.
         workers, sync_every, seed, state: as for `LoftOptimizer`.
+        execution: "loop" runs the workers' forwards and backwards one after another;
+            "batched" runs all of them through one network on worker-major stacked
+            activations (`training/batched.py`; VGG / ResNet / WideResNet without dropout,
+            other models are refused). Both give the same workers' gradients and steps.
+            "auto" runs the batched network with each convolution in the form measured
+            faster for its shape (`training/execution_choice.py`), and the loop for a batch
+            shape where every convolution measured the loop faster, or for a model the
+            batched network cannot run.
 
     `step(batches, loss_fn)` runs one local step on every worker (worker s on
     batches[s]) and syncs after every `sync_every`-th step; the workers follow
@@ -51,7 +64,8 @@ class LoftSimulator:
     """
 
     def __init__(self, model: nn.Module, groups: Sequence[FilterGroup], optimizer_factory: Callable,
-                 workers: int = 4, sync_every: int = 15, seed: int = 0, state: str = "reset"):
+                 workers: int = 4, sync_every: int = 15, seed: int = 0, state: str = "reset",
+                 execution: str = "loop"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(optimizer_factory):
@@ -61,6 +75,10 @@ class LoftSimulator:
         C.positive_int(sync_every, "sync_every")
         if not isinstance(state, str) or state not in STATES:
             raise ValueError(f"state must be one of {STATES}, got {state!r}")
+        if not isinstance(execution, str) or execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+        if execution == "batched" and (reason := batched.unsupported(model)) is not None:
+            raise ValueError(f"execution='batched' cannot run this model: {reason}; use execution='loop'")
         groups = check_training_groups(model, groups, workers)
         clear_active_sets(model)
         self.model = model
@@ -82,6 +100,12 @@ class LoftSimulator:
             self.optimizers.append(opt)
         if workers > 1:
             model.__dict__["_apply"] = _ConvertWorkers(self)
+        self.execution = execution
+        self._batched = None
+        if execution == "batched" or (execution == "auto" and batched.unsupported(model) is None):
+            self._batched = batched.BatchedWorkers(self.worker_models, auto=execution == "auto")
+        self._loop_signatures: set = set()  # auto: batch signatures on which the loop measured faster
+        self._decided: set = set()
 
     @property
     def workers(self) -> int:
@@ -129,11 +153,19 @@ class LoftSimulator:
                     not all(isinstance(sc, torch.amp.GradScaler) for sc in scalers):
                 raise TypeError(f"scalers must be None or a list of {self.workers} torch.amp.GradScaler (one per "
                                 f"worker), got {scalers!r}")
-        self._dry_run(batches)
+        sig = self._dry_run(batches) + (_autocast_state(batches[0][0]),)
+        if self.execution == "auto" and self._batched is not None and sig not in self._decided:
+            self._decide(sig, batches)
+        engine = None if sig in self._loop_signatures else self._batched
         saved = [[(b, b.detach().clone()) for b in m.buffers()] for m in self.worker_models]
         losses = []
         try:  # every worker's forward, loss and backward first: a failure on any of them steps none
-            for s, (inputs, targets) in enumerate(batches):
+            if engine is not None:
+                for m, opt in zip(self.worker_models, self.optimizers):
+                    m.train(self.model.training)
+                    opt.zero_grad(set_to_none=True)
+                engine.forward_backward(batches, loss_fn, scalers, self.model.training, losses)
+            for s, (inputs, targets) in enumerate(batches if engine is None else ()):
                 m, opt = self.worker_models[s], self.optimizers[s]
                 m.train(self.model.training)
                 opt.zero_grad(set_to_none=True)
@@ -159,14 +191,14 @@ class LoftSimulator:
             self._sync()
         return losses
 
-    def _dry_run(self, batches: Sequence) -> None:
+    def _dry_run(self, batches: Sequence) -> tuple:
         """Run each worker's forward once without grad (eval mode: no statistic moves) on a batch signature
         not seen yet. The loss function is not called: it may count or log (its own side effects)."""
         sig = tuple((type(x), getattr(x, "shape", None), getattr(x, "dtype", None), getattr(x, "device", None),
                      type(y), getattr(y, "shape", None), getattr(y, "dtype", None)) for x, y in batches)
         sig += (self.model.training,)
         if sig in self._checked:
-            return
+            return sig
         for s, (inputs, targets) in enumerate(batches):
             m = self.worker_models[s]
             mode = m.training
@@ -180,6 +212,54 @@ class LoftSimulator:
             finally:
                 m.train(mode)
         self._checked.add(sig)
+        return sig
+
+    def _decide(self, sig: tuple, batches: Sequence) -> None:
+        """auto: time the batched network (its convs in their measured forms) against the loop, forward +
+        backward on `batches` with `out.sum()` as the loss (the user's loss_fn is not called), leaving no trace:
+        gradients dropped, BatchNorm statistics restored. Cached on disk with the per-conv choices."""
+        models = self.worker_models
+        inputs = [x for x, _ in batches]
+        saved = [(b, b.detach().clone()) for m in models for b in m.buffers()]
+
+        def clean():
+            with torch.no_grad():
+                for b, value in saved:
+                    b.copy_(value)
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+
+        def run_batched():
+            self._batched.forward_backward([(x, None) for x in inputs], lambda out, _: out.float().sum(), None,
+                                           self.model.training, [])
+            clean()
+
+        def run_loop():
+            for m, x in zip(models, inputs):
+                m.train(self.model.training)
+                m(x).float().sum().backward()
+            clean()
+        if not self._batched.accepts(inputs):
+            self._loop_signatures.add(sig)
+            self._decided.add(sig)
+            return
+        try:
+            run_batched()  # the per-conv choices are measured (or read) here, outside the timing
+            shapes = [list(getattr(x, "shape", ())) for x in inputs]
+            params = [list(p.shape) for p in models[0].parameters()]
+            k = choice.key(inputs[0], [], ("step", shapes, params, self.model.training), self.workers)
+            how = choice.choose(k, lambda: choice.measure_steps({choice.STACKED: run_batched, choice.LOOP: run_loop},
+                                                               inputs[0].device))
+        finally:
+            clean()
+        if how == choice.LOOP or self._batched.all_loop():
+            self._loop_signatures.add(sig)
+        self._decided.add(sig)
+
+    def execution_choices(self) -> dict[str, dict[str, str]]:
+        """execution="auto"/"batched": for every convolution, measurement key -> the form it runs in
+        ("stacked" or "loop"; a convolution whose workers' blocks differ in size always loops). Empty for "loop"."""
+        return {} if self._batched is None else self._batched.choices()
 
     def finalize(self) -> None:
         """Sync now if the round has unsynced steps; `model` is then the full LoFT model."""
@@ -222,6 +302,13 @@ class LoftSimulator:
         with torch.no_grad():
             for n in self._plan.shared_params + self._plan.shared_buffers + self._plan.counters:
                 mine[n].copy_(theirs[n])
+
+
+def _autocast_state(x) -> tuple:
+    kind = x.device.type if isinstance(x, Tensor) else "cpu"
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return ()
+    return (kind, torch.get_autocast_dtype(kind))
 
 
 def _scalar(loss) -> Tensor:

@@ -1,0 +1,220 @@
+"""P8: the simulator's executions (loop, batched, auto) against one dense step; auto's regret; memory.
+
+P8t: one `LoftSimulator` step of all S workers (PreActResNet-18, batch 32 per
+worker, SGD, no sync), S = 2, 4, 8, in each execution, interleaved with one
+dense step of the same model on 32 samples: the work of S workers is about
+one dense step's FLOPs, so one dense step is the floor. Rows: auto / loop
+(auto must never be more than 3 % slower) and, as notes, every execution's
+ratio to the dense step. P8r: auto's regret per convolution: both forms of
+every distinct conv shape of PreActResNet-18 and ResNet-50 (CIFAR stems) timed
+afresh, forward + backward, against the form auto stored for it; the row is
+the worst (time of the chosen form / time of the faster form). P8m: exact
+bytes of one step (parameters and masters, gradients, optimizer state, tensors
+saved for backward) of each execution and of the dense step.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ..models import preact_resnet, preact_resnet18, resnet50
+from ..training import execution_choice as choice
+from ..training.batched import _Conv
+from ..training.groups import convert
+from ..training.simulator import LoftSimulator
+from .case_step import saved_bytes
+from .result import Config, Result, Spec, failed, timed, valued
+from .shapes import BATCH, RESOLUTION
+from .timing import interleaved
+
+SIZES = (2, 4, 8)
+EXECUTIONS = ("loop", "batched", "auto")
+NEVER = 1 << 30
+
+P8 = tuple(Spec(f"P8t{s}", f"LoftSimulator S={s} step, execution auto", "execution loop", 1.03, "ratio <= 1.03")
+           for s in SIZES) + (
+    Spec("P8r", "auto's choice per conv (PreActResNet-18, ResNet-50 shapes, S=2/4/8)", "the faster form",
+         1.05, "worst ratio <= 1.05"),
+    Spec("P8m", "batched step bytes, S=4", "loop step bytes", 1.5, "ratio <= 1.5"),
+)
+_sgd = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9)
+
+
+QUICK_WIDTH, QUICK_BATCH = 0.25, 8  # --quick: a quarter-width network, 8 samples per worker
+QUICK_SHAPES = 6  # --quick: about this many of the distinct conv shapes for the regret row
+
+
+def cfg_width(cfg: Config) -> float:
+    return QUICK_WIDTH if cfg.quick else 1.0
+
+
+def _n(cfg: Config) -> int:
+    return QUICK_BATCH if cfg.quick else BATCH
+
+
+def _batch(device, n=BATCH):
+    return torch.randn(n, 3, RESOLUTION, RESOLUTION, device=device), torch.randint(0, 10, (n,), device=device)
+
+
+def _sims(workers: int, cfg: Config) -> tuple[dict, torch.nn.Module]:
+    device = cfg.device
+    torch.manual_seed(0)
+    dense = preact_resnet(num_classes=10, width=cfg_width(cfg)).to(device).train()
+    full, groups = convert(copy.deepcopy(dense), torch.randn(2, 3, RESOLUTION, RESOLUTION, device=device))
+    sims = {e: LoftSimulator(copy.deepcopy(full), groups, _sgd, workers, NEVER, execution=e) for e in EXECUTIONS}
+    for sim in sims.values():
+        sim.model.train()
+    return sims, dense
+
+
+def step_bytes(run, params, optimizers, grads_of) -> dict:
+    """Exact bytes of one step `run()`: parameters, gradients, optimizer state, tensors saved for backward."""
+    saved = saved_bytes(run)
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    return {"parameters": nbytes(params), "gradients": grads_of(),
+            "optimizer_state": nbytes(v for o in optimizers for st in o.state.values() for v in st.values()
+                                      if torch.is_tensor(v)),
+            "saved_for_backward": saved}
+
+
+def _sim_bytes(sim, device, n) -> dict:
+    grads = [0]
+
+    def run():  # the gradients are counted just before the workers step and drop them
+        for opt in sim.optimizers:
+            opt.register_step_pre_hook(lambda o, a, k: grads.__setitem__(0, grads[0] + sum(
+                p.grad.numel() * p.grad.element_size() for g in o.param_groups for p in g["params"]
+                if p.grad is not None)))
+        sim.step([_batch(device, n) for _ in range(sim.workers)], F.cross_entropy)
+    params = list(sim.model.parameters()) + [p for m in sim.worker_models for p in m.parameters()]
+    return step_bytes(run, params, sim.optimizers, lambda: grads[0])
+
+
+def _dense_bytes(dense, device, n) -> dict:
+    opt = _sgd(dense.parameters())
+
+    def run():
+        x, y = _batch(device, n)
+        opt.zero_grad()
+        F.cross_entropy(dense(x), y).backward()
+        opt.step()
+    return step_bytes(run, list(dense.parameters()), [opt],
+                      lambda: sum(p.grad.numel() * p.grad.element_size() for p in dense.parameters()))
+
+
+def _time_row(spec: Spec, workers: int, cfg: Config) -> Result:
+    dev, n = cfg.device, _n(cfg)
+    sims, dense = _sims(workers, cfg)
+    dense_opt = _sgd(dense.parameters())
+
+    def sim_setup(e):
+        def setup():
+            batches = [_batch(dev, n) for _ in range(workers)]
+            return lambda: sims[e].step(batches, F.cross_entropy)
+        return setup
+
+    def dense_setup():
+        x, y = _batch(dev, n)
+
+        def run():
+            dense_opt.zero_grad()
+            F.cross_entropy(dense(x), y).backward()
+            dense_opt.step()
+        return run
+    sims["auto"].step([_batch(dev, n) for _ in range(workers)], F.cross_entropy)  # auto measures its choices
+    reps = cfg.reps(full=6, quick=2)
+    t = interleaved({**{e: sim_setup(e) for e in EXECUTIONS}, "dense": dense_setup}, reps, warmup=cfg.warmup,
+                    device=dev)
+    vs_dense = {e: round(t.ratio(e, "dense"), 3) for e in EXECUTIONS}
+    chosen = sims["auto"].execution_choices()
+    stacked = sorted(n for n, c in chosen.items() if choice.STACKED in c.values())
+    runs = "the loop" if sims["auto"]._loop_signatures else "the batched network"
+    return timed(spec, t, "auto", "loop",
+                 note="to one dense step: " + ", ".join(f"{e} {r:.2f}x" for e, r in vs_dense.items())
+                      + f"; auto runs {runs}, its convs {len(stacked)} of {len(chosen)} stacked"
+                      + (f" (width {cfg_width(cfg)}, batch {_n(cfg)} per worker)" if cfg.quick else ""),
+                 vs_dense=vs_dense, choices=chosen)
+
+
+def _conv_shapes(device) -> list[tuple]:
+    """Distinct (c_in, c_out, k, stride, padding, size) of every conv of PreActResNet-18 and ResNet-50."""
+    shapes = {}
+    for model in (preact_resnet18(), resnet50()):
+        def hook(m, inp, out):
+            shapes[(m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0], m.padding[0],
+                    inp[0].shape[-1])] = None
+        handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        with torch.no_grad():
+            model.eval()(torch.randn(1, 3, RESOLUTION, RESOLUTION))
+        for h in handles:
+            h.remove()
+    return list(shapes)
+
+
+def _regret_row(cfg: Config) -> Result:
+    dev = cfg.device
+    batch = 2 if cfg.quick else BATCH
+    worst, where, table = 1.0, "", []
+    shapes = _conv_shapes(dev)
+    if cfg.quick:  # an even sample of the distinct shapes
+        shapes = shapes[::max(1, len(shapes) // QUICK_SHAPES)]
+    for workers in SIZES:
+        for c_in, c_out, k, stride, pad, size in shapes:
+            mods = [torch.nn.Conv2d(c_in, c_out, k, stride, pad, bias=False).to(dev) for _ in range(workers)]
+            conv = _Conv(mods, "", auto=True)
+            x = torch.randn(batch, workers * c_in, size, size, device=dev)
+            conv(x)  # auto's choice (measured now, or from the cache)
+            how = next(iter(conv.chosen.values()))
+            ws, bs = [m.weight for m in mods], [None] * workers
+            fresh = choice.measure_conv(x, ws, bs, conv._stacked, conv._loop,  # an independent re-measurement
+                                        cfg.reps(full=choice.REPEATS, quick=3))
+            ratio = fresh[how] / min(fresh.values())
+            table.append({"S": workers, "shape": [c_in, c_out, k, stride, size], "chose": how, "ms": fresh})
+            if ratio > worst:
+                worst, where = ratio, f"S={workers} {c_in}->{c_out} k{k} s{stride} @{size}"
+    return valued(P8[3], worst, 1.0, note=f"{len(shapes)} distinct conv shapes x S = 2/4/8, batch {batch} per "
+                                          f"worker; worst at {where or 'none'}", convs=table)
+
+
+def _memory_row(cfg: Config) -> Result:
+    dev, n = cfg.device, _n(cfg)
+    out = {}
+    for workers in SIZES:
+        sims, dense = _sims(workers, cfg)
+        out[workers] = {e: _sim_bytes(sims[e], dev, n) for e in ("loop", "batched")}
+        out[workers]["dense"] = _dense_bytes(dense, dev, n)
+    total = lambda d: sum(d.values())  # noqa: E731
+    note = ("(quick: width 0.25, batch 8) " if cfg.quick else "") + "; ".join(f"S={s}: " + ", ".join(f"{e} {total(v) / 2**20:.0f} MiB" for e, v in out[s].items())
+                     for s in SIZES)
+    return valued(P8[4], total(out[4]["batched"]), total(out[4]["loop"]), note=note, bytes=out)
+
+
+def p8(cfg: Config) -> list[Result]:
+    saved = choice.REPEATS
+    if cfg.quick:  # auto's own measurements, too: fewer repetitions
+        choice.REPEATS = 2
+    try:
+        return _rows(cfg)
+    finally:
+        choice.REPEATS = saved
+
+
+def _rows(cfg: Config) -> list[Result]:
+    rows = []
+    for spec, workers in zip(P8[:3], SIZES):
+        try:
+            rows.append(_time_row(spec, workers, cfg))
+        except Exception as exc:  # one failing row still reports the others
+            rows.append(failed(spec, f"{type(exc).__name__}: {exc}"))
+    for spec, fn in ((P8[3], _regret_row), (P8[4], _memory_row)):
+        try:
+            rows.append(fn(cfg))
+        except Exception as exc:
+            rows.append(failed(spec, f"{type(exc).__name__}: {exc}"))
+    return rows
+
+
+CASES = {"P8": (P8, p8)}

@@ -1,0 +1,113 @@
+"""execution="auto": for each convolution of the batched network, the faster of its two forms, measured.
+
+The two forms of one layer over S workers: one stacked grouped convolution
+(the workers' weights concatenated, S times the channel groups) or a loop of S
+per-worker convolutions on channel slices. Which is faster depends on the
+device, dtype, shape and S (on a 2-core CPU the loop usually wins; on a GPU one
+launch for S small convolutions usually does), so it is measured: forward +
+backward of both forms on random inputs of the layer's shape, interleaved,
+medians, once per (device, dtype, shape, S). Then the whole forward + backward
+of the batched network with those choices is timed against the loop's on the
+step's batch shapes (the network's other layers and copies cost too), and
+the faster is run. Both are kept in a JSON file under the user's cache directory ($LOFT_KERNELS_CACHE_DIR, else $XDG_CACHE_HOME/loft_kernels,
+else ~/.cache/loft_kernels), never in the repository.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..benchmarks.timing import interleaved
+from ..io import atomic_write_text
+
+ENV_VAR = "LOFT_KERNELS_CACHE_DIR"
+FILE = "execution_choices.json"
+STACKED, LOOP = "stacked", "loop"
+REPEATS = 5
+
+_lock = threading.Lock()
+_memory: dict[Path, dict] = {}
+
+
+def cache_dir() -> Path:
+    """Where the measured choices are kept (see the module docstring)."""
+    own = os.environ.get(ENV_VAR)
+    if own:
+        return Path(own)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "loft_kernels"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+def key(x: torch.Tensor, weights, conf, workers: int) -> str:
+    """The measurement's identity: device (model), the dtype convolutions run in, input and weight shapes, S."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.amp.is_autocast_available(x.device.type) and \
+        torch.is_autocast_enabled(x.device.type) else x.dtype
+    return json.dumps([_device_name(x.device), str(dtype), workers, list(x.shape),
+                       [list(w.shape) for w in weights], [list(c) if isinstance(c, tuple) else c for c in conf]])
+
+
+def _load(path: Path) -> dict:
+    if path not in _memory:
+        try:
+            data = json.loads(path.read_text())
+            _memory[path] = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):  # none yet, or unreadable: measure again
+            _memory[path] = {}
+    return _memory[path]
+
+
+def choose(k: str, measure: Callable[[], dict[str, float]]) -> str:
+    """The cached choice for key `k`, measuring (and storing) it first if there is none."""
+    path = cache_dir() / FILE
+    with _lock:
+        entry = _load(path).get(k)
+    if isinstance(entry, dict) and entry.get("choice") in (STACKED, LOOP):
+        return entry["choice"]
+    times = measure()
+    entry = {"choice": min(times, key=times.get), "ms": times}
+    with _lock:
+        table = _load(path)
+        table[k] = entry
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(json.dumps(table, indent=1, sort_keys=True), path)
+        except OSError:  # a read-only home still runs, it measures again in the next process
+            pass
+    return entry["choice"]
+
+
+def measure_conv(x: torch.Tensor, weights, biases, run_stacked, run_loop, repeats: int | None = None) -> dict[str, float]:
+    """Median forward + backward milliseconds of both forms on fresh random inputs shaped like the layer's."""
+    def setup(run):
+        def make():
+            xs = torch.randn(x.shape, device=x.device, dtype=x.dtype, requires_grad=True)
+            ws = [torch.randn(w.shape, device=w.device, dtype=w.dtype, requires_grad=True) for w in weights]
+            bs = [None if b is None else torch.randn(b.shape, device=b.device, dtype=b.dtype, requires_grad=True)
+                  for b in biases]
+
+            def go():
+                y = run(xs, ws, bs)
+                y.backward(torch.ones_like(y))
+            return go
+        return make
+    with torch.enable_grad():
+        t = interleaved({STACKED: setup(run_stacked), LOOP: setup(run_loop)}, repeats or REPEATS, warmup=1,
+                        device=x.device)
+    return {name: t.median(name) for name in (STACKED, LOOP)}
+
+
+def measure_steps(runs: dict[str, Callable[[], None]], device) -> dict[str, float]:
+    """Median milliseconds of whole forward + backward passes (`runs`: name -> a pass that leaves no trace)."""
+    t = interleaved({name: (lambda run=run: run) for name, run in runs.items()}, REPEATS, warmup=1, device=device)
+    return {name: t.median(name) for name in runs}
