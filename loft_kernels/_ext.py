@@ -9,16 +9,20 @@ uses -march=native, so a cache shared between machines must not mix them).
 Guarded like torchao's extension: importing this module never compiles and
 never fails. `load()` builds on first call and raises `ExtensionUnavailable`
 with the reason; `unavailable_reason()` returns that reason (None if it loads).
+A build interrupted by a kill leaves torch's lock file behind; the next build
+removes it (see `builder_lock`) instead of waiting on it forever.
 Set LOFT_KERNELS_NO_EXT=1 to disable the extension (the registry then falls
 back to the `torch` backend). Prebuild once, e.g. in CI: `python -m loft_kernels._ext`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -99,6 +103,45 @@ def build_name(root: Path, with_cuda: bool) -> str:
     return f"loft_kernels_{'cuda' if with_cuda else 'cpu'}_{h.hexdigest()[:16]}"
 
 
+def build_directory(name: str) -> Path:
+    """Where extension `name` is built: TORCH_EXTENSIONS_DIR/name, else torch's cache root/<python>_<cpu|cuXY>/name."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+        accel = "cpu" if torch.version.cuda is None else "cu" + torch.version.cuda.replace(".", "")
+        root = os.path.join(get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}_{accel}")
+    path = Path(root) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def builder_lock(build_dir: Path):
+    """Hold an exclusive flock on `build_dir` while this process may build there.
+
+    torch marks a build in progress with a `lock` file that outlives a builder
+    killed mid-build (Ctrl-C, OOM): every later build then waits on it forever.
+    The flock is released by the kernel when its process dies, so a `lock` file
+    found while holding the flock belongs to no live builder and is removed.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): torch's own lock file alone
+        yield
+        return
+    with open(build_dir / ".loft_kernels_builder", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                warnings.warn(f"loft_kernels: removing {stale}, left by an extension build that was interrupted",
+                              RuntimeWarning, stacklevel=3)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _build(verbose: bool):
     root = source_root()
     if root is None:
@@ -107,10 +150,13 @@ def _build(verbose: bool):
     from torch.utils.cpp_extension import load as cpp_load
     with_cuda = cuda_skip_reason() is None
     cflags = list(_CFLAGS) + (["-DLK_WITH_CUDA"] if with_cuda else [])
-    return cpp_load(name=build_name(root, with_cuda), sources=[str(p) for p in _sources(root, with_cuda)],
-                    extra_include_paths=[str(root / "include"), str(root)], extra_cflags=cflags,
-                    extra_cuda_cflags=list(_CUDA_FLAGS) if with_cuda else None, extra_ldflags=list(_LDFLAGS),
-                    with_cuda=with_cuda, verbose=verbose)
+    name = build_name(root, with_cuda)
+    directory = build_directory(name)
+    with builder_lock(directory):
+        return cpp_load(name=name, sources=[str(p) for p in _sources(root, with_cuda)],
+                        extra_include_paths=[str(root / "include"), str(root)], extra_cflags=cflags,
+                        extra_cuda_cflags=list(_CUDA_FLAGS) if with_cuda else None, extra_ldflags=list(_LDFLAGS),
+                        build_directory=str(directory), with_cuda=with_cuda, verbose=verbose)
 
 
 def load(verbose: bool = False):

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import naive
@@ -128,6 +129,40 @@ def test_build_name_tracks_sources(tmp_path):
     header = root / "include" / "loft_kernels" / "ranking.h"
     header.write_text(header.read_text() + "\n// changed\n")
     assert _ext.build_name(root, with_cuda=False) != name
+
+
+def test_build_directory_follows_torch_extensions_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert _ext.build_directory("some_ext") == tmp_path / "some_ext"
+    assert (tmp_path / "some_ext").is_dir()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX-only")
+def test_a_lock_left_by_a_killed_build_is_removed_not_waited_on(tmp_path):
+    # torch's `lock` file with no live builder (here: a child that took the flock and was killed mid-build)
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"f = open({str(tmp_path / '.loft_kernels_builder')!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        f"open({str(tmp_path / 'lock')!r}, 'w').close(); print('building', flush=True); time.sleep(600)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "building"
+        entered = []
+        waiter = threading.Thread(target=lambda: _enter(tmp_path, entered))
+        waiter.start()
+        waiter.join(1.0)
+        assert not entered and (tmp_path / "lock").exists()  # a live builder is waited for, its lock kept
+    finally:
+        child.kill()
+        child.wait()
+    waiter.join(30)
+    assert entered == ["stale lock removed"] and not (tmp_path / "lock").exists()
+
+
+def _enter(build_dir, log):
+    with pytest.warns(RuntimeWarning, match="interrupted"):
+        with _ext.builder_lock(build_dir):
+            log.append("stale lock removed" if not (build_dir / "lock").exists() else "lock still there")
 
 
 def test_cuda_sources_need_no_torch_headers():
