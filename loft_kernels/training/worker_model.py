@@ -165,11 +165,10 @@ class WorkerModel:
         """(rows, cols) of `slot` this round, on the device of its tensor (None = all along that dim)."""
         if self.owned is None:
             raise RuntimeError("internal: the worker model is full-size; it holds no block")
-        rows, cols = slot.index(self.owned)
         device = self._device(slot.name)
-        # a grouped consumer's columns are in-block positions, not the group's indices: cached apart
-        col_key = (slot.col_group, slot.col_blocks)
-        return self._to(slot.row_group, rows, device), self._to(col_key, cols, device)
+        # the groups' indices move to the device once (cached); the slot derives its rows/columns from them
+        owned = {g: self._to(g, self.owned[g], device) for g in (slot.row_group, slot.col_group) if g is not None}
+        return slot.index(owned)
 
     def _device(self, name: str) -> torch.device:
         e = self._by_name[name]
