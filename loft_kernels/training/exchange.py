@@ -14,6 +14,7 @@ order. `check(fingerprint, what)` compares the configuration of all ranks.
 """
 from __future__ import annotations
 
+import abc
 import threading
 from typing import Callable, Optional, Sequence
 
@@ -25,14 +26,15 @@ from .collectives import Collectives
 from .sync import Payload
 
 
-class Exchange:
+class Exchange(abc.ABC):
     """Base: rank `rank` of `workers`; see the module docstring."""
 
     def __init__(self, rank: int, workers: int):
         self.rank, self.workers = rank, workers
 
+    @abc.abstractmethod
     def __call__(self, payload: Payload, what: str) -> Payload:
-        raise NotImplementedError
+        """This rank's exchanged buffers for `payload` (the sync named `what` in errors)."""
 
     def check(self, fingerprint: dict, what: str, local_error: str = "") -> None:
         """Raise the same ValueError on every rank if the configurations differ (or one rank reports an error)."""
