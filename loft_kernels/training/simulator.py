@@ -77,8 +77,9 @@ class LoftSimulator:
             raise ValueError(f"state must be one of {STATES}, got {state!r}")
         if not isinstance(execution, str) or execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
-        if execution == "batched" and (reason := batched.unsupported(model)) is not None:
-            raise ValueError(f"execution='batched' cannot run this model: {reason}; use execution='loop'")
+        unsupported = None if execution == "loop" else batched.unsupported(model)
+        if execution == "batched" and unsupported is not None:
+            raise ValueError(f"execution='batched' cannot run this model: {unsupported}; use execution='loop'")
         groups = check_training_groups(model, groups, workers)
         clear_active_sets(model)
         self.model = model
@@ -102,7 +103,7 @@ class LoftSimulator:
             model.__dict__["_apply"] = _ConvertWorkers(self)
         self.execution = execution
         self._batched = None
-        if execution == "batched" or (execution == "auto" and batched.unsupported(model) is None):
+        if execution != "loop" and unsupported is None:
             self._batched = batched.BatchedWorkers(self.worker_models, auto=execution == "auto")
         self._loop_signatures: set = set()  # auto: batch signatures on which the loop measured faster
         self._decided: set = set()
@@ -157,7 +158,7 @@ class LoftSimulator:
         if self.execution == "auto" and self._batched is not None and sig not in self._decided:
             self._decide(sig, batches)
         engine = None if sig in self._loop_signatures else self._batched
-        saved = [[(b, b.detach().clone()) for b in m.buffers()] for m in self.worker_models]
+        saved = self._snapshot()
         losses = []
         try:  # every worker's forward, loss and backward first: a failure on any of them steps none
             if engine is not None:
@@ -173,11 +174,7 @@ class LoftSimulator:
                 (loss if scalers is None else scalers[s].scale(loss)).backward()
                 losses.append(float(loss.detach()))
         except Exception as exc:
-            with torch.no_grad():
-                for opt, buffers in zip(self.optimizers, saved):
-                    opt.zero_grad(set_to_none=True)
-                    for b, value in buffers:  # BatchNorm statistics moved by the forwards
-                        b.copy_(value)
+            self._undo(saved)
             exc.add_note(f"LoftSimulator.step failed on worker {len(losses)}; no worker has stepped")
             raise
         for s, opt in enumerate(self.optimizers):
@@ -214,20 +211,28 @@ class LoftSimulator:
         self._checked.add(sig)
         return sig
 
+    def _snapshot(self) -> list[tuple[Tensor, Tensor]]:
+        """(buffer, copy of its value) for every worker's buffers: what a forward in train mode moves."""
+        return [(b, b.detach().clone()) for m in self.worker_models for b in m.buffers()]
+
+    def _undo(self, saved: list[tuple[Tensor, Tensor]]) -> None:
+        """Put the buffers back as `_snapshot` saw them and drop every worker's gradients."""
+        with torch.no_grad():
+            for b, value in saved:  # BatchNorm statistics moved by the forwards
+                b.copy_(value)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
     def _decide(self, sig: tuple, batches: Sequence) -> None:
         """auto: time the batched network (its convs in their measured forms) against the loop, forward +
         backward on `batches` with `out.sum()` as the loss (the user's loss_fn is not called), leaving no trace:
         gradients dropped, BatchNorm statistics restored. Cached on disk with the per-conv choices."""
         models = self.worker_models
         inputs = [x for x, _ in batches]
-        saved = [(b, b.detach().clone()) for m in models for b in m.buffers()]
+        saved = self._snapshot()
 
         def clean():
-            with torch.no_grad():
-                for b, value in saved:
-                    b.copy_(value)
-            for opt in self.optimizers:
-                opt.zero_grad(set_to_none=True)
+            self._undo(saved)
 
         def run_batched():
             self._batched.forward_backward([(x, None) for x in inputs], lambda out, _: out.float().sum(), None,
