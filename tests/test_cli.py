@@ -340,6 +340,19 @@ def test_bad_input_fails_cleanly(capsys, tmp_path, pretrained, argv, message):
     assert not out.exists()  # nothing half-written
 
 
+def test_workers_check_counts_a_grouped_groups_conv_blocks():
+    # 32 filters in 8 conv groups of 4: every worker needs a filter of every conv group, so at most 4 workers
+    from loft_kernels.cli._common import CLIError, check_workers_fit
+    from loft_kernels.filter_group import FilterGroup, check_group_list
+    grouped = FilterGroup("grouped", "a", (), "b", 32, conv_groups=8)
+    plain = FilterGroup("plain", "c", (), "d", 16)
+    check_workers_fit([grouped, plain], 4, "--workers")
+    with pytest.raises(CLIError, match=r"'grouped' with 32 filters in 8 conv groups of 4: use at most 4 workers"):
+        check_workers_fit([grouped, plain], 5, "--workers")
+    with pytest.raises(ValueError, match="fewer filters than workers=5"):  # the library's rule agrees
+        check_group_list([grouped, plain], 5)
+
+
 def test_a_refused_run_leaves_an_existing_out_untouched(capsys, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

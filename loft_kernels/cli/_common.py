@@ -293,12 +293,15 @@ def check_model_fits(spec: dict, option: str) -> None:
 
 
 def check_workers_fit(groups, workers: int, option: str) -> None:
-    """Every worker owns at least one filter of every group: refuse, naming `option`, groups with fewer."""
-    small = sorted((g for g in groups if g.n < workers), key=lambda g: (g.n, g.name))
+    """Every worker owns at least one filter of every group (of every conv group of a grouped one): refuse,
+    naming `option`, groups with fewer; the same rule as the library's group check, said for the CLI."""
+    small = sorted((g for g in groups if g.block_size < workers), key=lambda g: (g.block_size, g.name))
     if small:
         least = small[0]
         many, which = ((f"{len(small)} filter groups have", "those groups") if len(small) > 1
                        else ("1 filter group has", "that group"))
+        size = f"{least.n} filters" + (f" in {least.conv_groups} conv groups of {least.block_size}"
+                                       if least.conv_groups > 1 else "")
         raise CLIError(f"{option}: {many} fewer filters than {workers} workers (every worker owns at least one "
-                       f"filter of every group); the smallest is {least.name!r} with {least.n} filters: use at most "
-                       f"{least.n} workers, a larger --width, or --exclude {which}")
+                       f"filter of every group); the smallest is {least.name!r} with {size}: use at most "
+                       f"{least.block_size} workers, a larger --width, or --exclude {which}")
