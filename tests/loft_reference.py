@@ -293,8 +293,12 @@ def run_reference(model, groups, factory, workers, sync_every, seed, state, step
 
 
 def run_simulator(model, groups, factory, workers, sync_every, seed, state, steps, data_seed=0, batches=batch):
-    """The same run through lk.LoftSimulator; returns (snapshots after every sync, simulator)."""
-    sim = lk.LoftSimulator(copy.deepcopy(model), groups, factory, workers, sync_every, seed, state)
+    """The same run through lk.LoftSimulator; returns (snapshots after every sync, simulator).
+
+    The loop execution: these comparisons hold it to float32 rounding of one summation order (the batched
+    execution's equality to the loop is tested on its own, in test_simulator_batched.py)."""
+    sim = lk.LoftSimulator(copy.deepcopy(model), groups, factory, workers, sync_every, seed, state,
+                           execution="loop")
     sim.model.train()
     snapshots = []
     for t in range(steps):
@@ -355,7 +359,7 @@ def train_with_checkpoints(config: dict, ckpt: str, crash_at=None) -> lk.LoftSim
     """
     model, groups = MODELS[config["model"]]()
     sim = lk.LoftSimulator(model, groups, OPTIMIZERS[config["optimizer"]], config["workers"],
-                           config["sync_every"], config["seed"], config["state"])
+                           config["sync_every"], config["seed"], config["state"], execution="loop")
     sim.model.train()
     start = 0
     if os.path.exists(ckpt):

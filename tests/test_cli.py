@@ -316,6 +316,8 @@ BAD = [
     (["pretrain", "--width", "1e4"], r"--width 10000: preact_resnet18 would have [\d,]+ parameters \([\d,.]+ GiB\), "
                                      r"more than the [\d,.]+ GiB of memory"),
     (["run", "--width", "1e4"], "--width 10000: vgg would have"),
+    (["pretrain", "--model", "wide_resnet", "--width", "0.25", "--workers", "2", "--execution", "batched"],
+     "--execution batched cannot run --model wide_resnet: module .*dropout"),
     (["pretrain", "--out", "{pre}/config.json/sub"], "--out .* which is a file"),
     (["pretrain", "--out", "/sys/loft_kernels_out"], "--out '/sys/loft_kernels_out' cannot be created"),
     (["prune", "--checkpoint", "{tmp}/junk.pt"], "--checkpoint: .*junk.pt.* is not a loft_kernels model file"),

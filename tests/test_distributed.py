@@ -148,7 +148,7 @@ def test_grad_scaler_and_autocast_over_gloo(tmp_path):
         assert max_diff(a, b)[0] == 0.0
     # ... and equals the simulator in which worker 1 skips the same step
     model, groups = MODELS["preact"]()
-    sim = lk.LoftSimulator(model, groups, OPTIMIZERS["sgd"], workers=2, sync_every=3)
+    sim = lk.LoftSimulator(model, groups, OPTIMIZERS["sgd"], workers=2, sync_every=3, execution="loop")
     sim.model.train()
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 16) for _ in range(2)]
     for t in range(7):

@@ -217,3 +217,40 @@ def test_auto_with_real_measurements_equals_the_loop(one_thread, cache):  # noqa
         auto.step(batches, F.cross_entropy)
     _assert_same(loop, auto, 1e-8)
     assert cache.exists()
+
+
+def test_auto_is_the_default_and_checks_the_batched_network_against_the_loop(one_thread, cache,  # noqa: F811
+                                                                              monkeypatch):
+    """A batched network whose gradients are wrong (here: every worker's loss doubled) is never run: auto warns
+    and trains with the loop, and the result equals the loop simulator's."""
+    from loft_kernels.training import execution_choice
+    _fake_measure(monkeypatch, lambda shape: "stacked")
+    monkeypatch.setattr(execution_choice, "measure_steps", lambda runs, device: {"stacked": 1.0, "loop": 2.0})
+    loop = _pair("vgg", 2, "reset", dtype=torch.float64)[0]
+    model, groups = _model("vgg")
+    auto = lk.LoftSimulator(model.double(), groups, OPTIMIZERS["sgd"], 2, 2)
+    assert auto.execution == "auto"
+    auto.model.train()
+    real = auto._batched.forward_backward
+    monkeypatch.setattr(auto._batched, "forward_backward",
+                        lambda batches, loss_fn, *rest: real(batches, lambda o, y: 2 * loss_fn(o, y), *rest))
+    batches = [(x.double(), y) for x, y in (batch(s, 0) for s in range(2))]
+    with pytest.warns(RuntimeWarning, match="gradients differ from the loop's"):
+        auto.step(batches, F.cross_entropy)
+    loop.step(batches, F.cross_entropy)
+    _assert_same(loop, auto, 1e-12)
+    assert not json.loads(cache.read_text()) or all('"step"' not in k for k in json.loads(cache.read_text()))
+
+
+def test_gradient_mismatch_against_hand_made_cases():
+    from loft_kernels.training.simulator import gradient_mismatch
+    g = [torch.tensor([1.0, -2.0]), None, torch.tensor([1e-9, -1e-9])]
+    assert gradient_mismatch([t if t is None else t.clone() for t in g], g, False) is None
+    # rounding noise in a gradient that is itself noise (far below the model's largest) is no mismatch
+    assert gradient_mismatch([g[0], None, torch.tensor([3e-9, 0.0])], g, False) is None
+    assert "parameter 0" in gradient_mismatch([g[0] * 1.01, None, g[2]], g, False)
+    assert gradient_mismatch([g[0] * 1.01, None, g[2]], g, True) is None  # within autocast's 5 %
+    assert "one execution only" in gradient_mismatch([g[0], torch.zeros(1), g[2]], g, False)
+    assert gradient_mismatch([torch.tensor([float("nan"), -2.0]), None, g[2]], g, False) is not None
+    d = [torch.tensor([1.0, -2.0], dtype=torch.float64)]
+    assert gradient_mismatch([d[0] * (1 + 1e-6)], d, False) is not None  # float64 is held to 1e-7

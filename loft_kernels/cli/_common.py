@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_write_text, check_writable, existing_ancestor
+from ..training.batched import unsupported as batched_unsupported
 
 
 class CLIError(Exception):
@@ -240,7 +241,7 @@ def make_spec(args, dataset, *, workers: int = 1, workers_option: str = "--worke
                              exclude=exclude)
     check_model_fits(spec, f"--width {args.width:g}")
     try:
-        _, groups = engine.build_model(spec)
+        model, groups = engine.build_model(spec)
     except (ValueError, TypeError) as e:
         raise CLIError(f"--model {args.model} with --policy {args.policy}: {e}") from None
     except (MemoryError, RuntimeError) as e:  # fits the machine on paper, not in the memory free now
@@ -249,6 +250,11 @@ def make_spec(args, dataset, *, workers: int = 1, workers_option: str = "--worke
         raise CLIError(f"--width {args.width:g}: {args.model} does not fit in the memory available "
                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
     check_workers_fit(groups, workers, workers_option)
+    if workers > 1 and getattr(args, "execution", None) == "batched":
+        reason = batched_unsupported(model)
+        if reason is not None:
+            raise CLIError(f"--execution batched cannot run --model {args.model}: {reason}; use --execution loop "
+                           f"or auto")
     return spec
 
 

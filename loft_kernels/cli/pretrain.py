@@ -41,6 +41,11 @@ def add_loft_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sync-every", type=int, default=15, help="K: local steps per round (default: %(default)s)")
     g.add_argument("--state", choices=("reset", "keep"), default="reset",
                    help="optimizer state across rounds: reset (official code) or keep (default: %(default)s)")
+    g.add_argument("--execution", choices=("auto", "loop", "batched"), default="auto",
+                   help="how simulated workers run: one after another (loop), through one batched network "
+                        "(batched; VGG/ResNet without dropout), or whichever measured faster for each batch shape "
+                        "after the batched network matched the loop's gradients (auto); results are the same "
+                        "(default: %(default)s)")
     g.add_argument("--mask-ratio", type=U.finite_float, default=0.5,
                    help="pruning ratio whose keep-masks the Early-Bird criterion compares (default: %(default)s)")
     g.add_argument("--footrule-threshold", type=U.finite_float, default=0.1,
@@ -94,7 +99,8 @@ def train_config(args, workers: int = 1, distributed: bool = False, *, schedule:
     return engine.TrainConfig(method="dense" if workers == 1 else "loft", epochs=epochs,
                               batch_size=args.batch_size, lr=lr, momentum=args.momentum,
                               weight_decay=args.weight_decay, schedule=schedule, workers=workers,
-                              distributed=distributed, sync_every=sync_every, state=state)
+                              distributed=distributed, sync_every=sync_every, state=state,
+                              execution=getattr(args, "execution", "auto"))
 
 
 def emergence_options(args) -> dict:

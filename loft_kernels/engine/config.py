@@ -10,6 +10,7 @@ from .. import _checks as C
 
 METHODS = ("dense", "loft")
 SCHEDULES = ("constant", "cosine")
+EXECUTIONS = ("auto", "loop", "batched")  # how LoftSimulator runs simulated workers (see its docstring)
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,8 @@ class TrainConfig:
     workers/distributed/sync_every/state apply to "loft" (S workers simulated in
     one process, or one process per worker under torchrun with distributed=True).
     schedule: "constant" learning rate (the official LoFT pretraining) or
-    "cosine" annealing to 0 over `epochs` (fine-tuning).
+    "cosine" annealing to 0 over `epochs` (fine-tuning). execution: how simulated
+    workers run (`LoftSimulator`'s execution; the same results either way).
     """
     method: str = "dense"
     epochs: int = 10
@@ -33,10 +35,13 @@ class TrainConfig:
     sync_every: int = 15
     state: str = "reset"
     max_steps: Optional[int] = None  # stop every epoch after this many steps (smoke runs of big recipes)
+    execution: str = "auto"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         C.positive_int(self.epochs, "epochs")

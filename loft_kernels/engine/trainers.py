@@ -145,7 +145,7 @@ class SimulatedLoftTrainer(Trainer):
     def __init__(self, model, groups, dataset, cfg, *, seed, device):
         super().__init__(model.to(device), dataset, cfg, seed=seed, device=device, workers=cfg.workers)
         self.sim = LoftSimulator(self.model, groups, _sgd(cfg), workers=cfg.workers, sync_every=cfg.sync_every,
-                                 seed=seed, state=cfg.state)
+                                 seed=seed, state=cfg.state, execution=cfg.execution)
 
     def _optimizers(self):
         return self.sim.optimizers

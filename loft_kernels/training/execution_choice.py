@@ -67,13 +67,19 @@ def _load(path: Path) -> dict:
     return _memory[path]
 
 
+def cached(k: str) -> str | None:
+    """The stored choice for key `k`, or None if it has not been measured (or the entry is unreadable)."""
+    with _lock:
+        entry = _load(cache_dir() / FILE).get(k)
+    return entry["choice"] if isinstance(entry, dict) and entry.get("choice") in (STACKED, LOOP) else None
+
+
 def choose(k: str, measure: Callable[[], dict[str, float]]) -> str:
     """The cached choice for key `k`, measuring (and storing) it first if there is none."""
     path = cache_dir() / FILE
-    with _lock:
-        entry = _load(path).get(k)
-    if isinstance(entry, dict) and entry.get("choice") in (STACKED, LOOP):
-        return entry["choice"]
+    known = cached(k)
+    if known is not None:
+        return known
     times = measure()
     entry = {"choice": min(times, key=times.get), "ms": times}
     with _lock:

@@ -21,6 +21,7 @@ what one rank of the distributed run would have sent.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -53,10 +54,11 @@ class LoftSimulator:
             "batched" runs all of them through one network on worker-major stacked
             activations (`training/batched.py`; VGG / ResNet / WideResNet without dropout,
             other models are refused). Both give the same workers' gradients and steps.
-            "auto" runs the batched network with each convolution in the form measured
-            faster for its shape (`training/execution_choice.py`), and the loop for a batch
-            shape where every convolution measured the loop faster, or for a model the
-            batched network cannot run.
+            "auto" (the default) runs the batched network with each convolution in the form
+            measured faster for its shape (`training/execution_choice.py`), but only for a
+            batch shape on which its gradients matched the loop's and its whole step measured
+            faster; otherwise, and for a model the batched network cannot run, the loop
+            (on a 2-core CPU: the loop, as measured).
 
     `step(batches, loss_fn)` runs one local step on every worker (worker s on
     batches[s]) and syncs after every `sync_every`-th step; the workers follow
@@ -65,7 +67,7 @@ class LoftSimulator:
 
     def __init__(self, model: nn.Module, groups: Sequence[FilterGroup], optimizer_factory: Callable,
                  workers: int = 4, sync_every: int = 15, seed: int = 0, state: str = "reset",
-                 execution: str = "loop"):
+                 execution: str = "auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(optimizer_factory):
@@ -224,9 +226,11 @@ class LoftSimulator:
             opt.zero_grad(set_to_none=True)
 
     def _decide(self, sig: tuple, batches: Sequence) -> None:
-        """auto: time the batched network (its convs in their measured forms) against the loop, forward +
-        backward on `batches` with `out.sum()` as the loss (the user's loss_fn is not called), leaving no trace:
-        gradients dropped, BatchNorm statistics restored. Cached on disk with the per-conv choices."""
+        """auto: check the batched network against the loop, then time the two, on `batches` with `out.sum()`
+        as the loss (the user's loss_fn is not called), leaving no trace: gradients dropped, BatchNorm
+        statistics restored. The batched network is used only if its gradients match the loop's on this
+        batch shape (checked in every process, never cached) and its step measured faster (cached on disk
+        with the per-conv choices)."""
         models = self.worker_models
         inputs = [x for x, _ in batches]
         saved = self._snapshot()
@@ -234,27 +238,47 @@ class LoftSimulator:
         def clean():
             self._undo(saved)
 
-        def run_batched():
+        def grads(into):
+            if into is not None:
+                into.extend(None if p.grad is None else p.grad.detach().clone() for m in models for p in m.parameters())
+
+        def run_batched(into=None):
             self._batched.forward_backward([(x, None) for x in inputs], lambda out, _: out.float().sum(), None,
                                            self.model.training, [])
+            grads(into)
             clean()
 
-        def run_loop():
+        def run_loop(into=None):
             for m, x in zip(models, inputs):
                 m.train(self.model.training)
                 m(x).float().sum().backward()
+            grads(into)
             clean()
         if not self._batched.accepts(inputs):
             self._loop_signatures.add(sig)
             self._decided.add(sig)
             return
+        shapes = [list(getattr(x, "shape", ())) for x in inputs]
+        params = [list(p.shape) for p in models[0].parameters()]
+        k = choice.key(inputs[0], [], ("step", shapes, params, self.model.training), self.workers)
+        if choice.cached(k) == choice.LOOP:  # measured before: nothing to check or time
+            self._loop_signatures.add(sig)
+            self._decided.add(sig)
+            return
         try:
-            run_batched()  # the per-conv choices are measured (or read) here, outside the timing
-            shapes = [list(getattr(x, "shape", ())) for x in inputs]
-            params = [list(p.shape) for p in models[0].parameters()]
-            k = choice.key(inputs[0], [], ("step", shapes, params, self.model.training), self.workers)
-            how = choice.choose(k, lambda: choice.measure_steps({choice.STACKED: run_batched, choice.LOOP: run_loop},
-                                                               inputs[0].device))
+            # the per-conv choices are measured (or read) in this first pass, outside the timing
+            batched_grads, loop_grads = [], []
+            run_batched(batched_grads)
+            run_loop(loop_grads)
+            mismatch = gradient_mismatch(batched_grads, loop_grads, _autocast_state(inputs[0]) != ())
+            if mismatch is not None:
+                warnings.warn(f"LoftSimulator(execution='auto'): the batched network's gradients differ from the "
+                              f"loop's ({mismatch}); running the loop for this batch shape", RuntimeWarning,
+                              stacklevel=3)
+                how = choice.LOOP
+            else:
+                how = choice.choose(k, lambda: choice.measure_steps(
+                    {choice.STACKED: lambda: run_batched(), choice.LOOP: lambda: run_loop()}, inputs[0].device))
         finally:
             clean()
         if how == choice.LOOP or self._batched.all_loop():
@@ -307,6 +331,29 @@ class LoftSimulator:
         with torch.no_grad():
             for n in self._plan.shared_params + self._plan.shared_buffers + self._plan.counters:
                 mine[n].copy_(theirs[n])
+
+
+# How far the batched network's gradients may lie from the loop's, relative to the tensor's largest loop gradient
+# (floored at a thousandth of the model's largest, so a gradient that is rounding noise, such as a conv bias
+# before a BatchNorm, is not compared digit by digit): both sum the same products in different orders.
+_AGREE = {torch.float64: 1e-7, torch.float32: 5e-3}
+_AGREE_LOW_PRECISION = 5e-2  # float16 / bfloat16 tensors, or any dtype under autocast
+
+
+def gradient_mismatch(batched: list, loop: list, autocast: bool) -> Optional[str]:
+    """None if the two lists of gradients agree (see _AGREE), else where and by how much they differ."""
+    scale = max((float(g.abs().max()) for g in loop if g is not None and g.numel()), default=0.0)
+    for i, (b, g) in enumerate(zip(batched, loop)):
+        if (b is None) != (g is None):
+            return f"parameter {i} has a gradient in one execution only"
+        if g is None or not g.numel():
+            continue
+        tol = _AGREE_LOW_PRECISION if autocast else _AGREE.get(g.dtype, _AGREE_LOW_PRECISION)
+        err = float((b.float() - g.float()).abs().max())
+        bound = tol * max(float(g.abs().max()), 1e-3 * scale)
+        if not err <= bound:  # also catches NaN
+            return f"parameter {i} {tuple(g.shape)} by {err:.3g}, more than {bound:.3g}"
+    return None
 
 
 def _autocast_state(x) -> tuple:
