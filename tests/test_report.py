@@ -174,7 +174,10 @@ def test_draws_rows_means_and_savings():
                                "n/a (not fired, 70.00 @1) |")
     lines = report.format_savings(d)
     assert "loft-2, footrule criterion (fired for 2 of 2 seeds): stopping there saves 1.5 epochs, 4.2 s" in lines[0]
-    assert "ticket changes by -2.00 points" in lines[0]
+    assert "ticket changes by -2.00 points (mean over those seeds: not within 0.5 point of the end" in lines[0]
+    d["methods"]["loft-2"]["savings"]["footrule"]["0"]["ticket_acc_change"] = 0.25
+    d["methods"]["loft-2"]["savings"]["footrule"]["1"]["ticket_acc_change"] = -0.75
+    assert "changes by -0.25 points (mean over those seeds: within 0.5 point" in report.format_savings(d)[0]
     assert lines[1].startswith("- loft-2, mask criterion (fired for 1 of 2 seeds)")
 
 

@@ -119,6 +119,10 @@ def format_draw_table(draws: Mapping) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The ticket drawn where a criterion fired should be as good as the end's: within this many points (mean over seeds).
+EMERGED_WITHIN = 0.5
+
+
 def format_savings(draws: Mapping) -> list[str]:
     """One line per method and criterion: what stopping at emergence saved and what it cost the ticket."""
     lines = []
@@ -135,7 +139,9 @@ def format_savings(draws: Mapping) -> list[str]:
             lines.append(f"- {name}, {crit} criterion (fired for {len(got)} of {len(per_seed)} seeds): stopping "
                          f"there saves {mean['epochs_saved']:.1f} epochs{steps}, {mean['train_seconds_saved']:.1f} s "
                          f"of training and {_fmt_bytes(mean['comm_bytes_saved'])} of communication per run; the "
-                         f"ticket changes by {mean['ticket_acc_change']:+.2f} points (mean over those seeds)")
+                         f"ticket changes by {mean['ticket_acc_change']:+.2f} points (mean over those seeds: "
+                         f"{'within' if abs(mean['ticket_acc_change']) <= EMERGED_WITHIN else 'not within'} "
+                         f"{EMERGED_WITHIN:g} point of the end-of-pretraining ticket)")
     return lines
 
 
