@@ -15,7 +15,8 @@ from torch import nn
 
 from ..filter_group import FilterGroup, Member, check_group_list, resolve_groups
 from ..nn import LoftConv2d, LoftLinear, to_loft_layers
-from .discovery import GroupReport, ParameterShare, explain_groups, find_filter_groups, parameter_share
+from .discovery import explain_groups, find_filter_groups
+from .group_report import GroupReport, ParameterShare, parameter_share
 
 __all__ = ["FilterGroup", "Member", "GroupReport", "ParameterShare", "parameter_share", "find_filter_groups",
            "explain_groups", "select_groups",
