@@ -83,22 +83,25 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def train_config(args, workers: int = 1, distributed: bool = False, *, schedule: str = "constant",
-                 epochs: int | None = None, lr: float | None = None) -> engine.TrainConfig:
-    """The TrainConfig of the training options (epochs/lr overridable), with errors naming the options."""
+                 epochs: int | None = None, lr: float | None = None,
+                 weight_decay: float | None = None) -> engine.TrainConfig:
+    """The TrainConfig of the training options (epochs/lr/weight decay overridable), with errors naming the options."""
     epochs = args.epochs if epochs is None else epochs
     lr = args.lr if lr is None else lr
+    weight_decay = args.weight_decay if weight_decay is None else weight_decay
     U.check_positive(epochs, "--epochs")
     U.check_positive(args.batch_size, "--batch-size")
     sync_every, state = getattr(args, "sync_every", 15), getattr(args, "state", "reset")
     U.check_positive(sync_every, "--sync-every")
     if not (lr > 0 and math.isfinite(lr)):
         raise U.CLIError(f"the learning rate must be a finite number > 0, got {lr:g}")
-    for name in ("momentum", "weight_decay"):
-        if not getattr(args, name) >= 0:
-            raise U.CLIError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name):g}")
+    if not args.momentum >= 0:
+        raise U.CLIError(f"--momentum must be >= 0, got {args.momentum:g}")
+    if not weight_decay >= 0:
+        raise U.CLIError(f"the weight decay must be >= 0, got {weight_decay:g}")
     return engine.TrainConfig(method="dense" if workers == 1 else "loft", epochs=epochs,
                               batch_size=args.batch_size, lr=lr, momentum=args.momentum,
-                              weight_decay=args.weight_decay, schedule=schedule, workers=workers,
+                              weight_decay=weight_decay, schedule=schedule, workers=workers,
                               distributed=distributed, sync_every=sync_every, state=state,
                               execution=getattr(args, "execution", "auto"))
 

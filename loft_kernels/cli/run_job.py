@@ -68,8 +68,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--full", action="store_true", help="the long multi-seed version (3 seeds, more epochs)")
     add_train_args(p, epochs=None, lr=None, batch_size=None, epochs_help="pretraining epochs")
     g.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs per ticket")
-    g.add_argument("--finetune-lr", type=U.finite_float, default=0.05,
-                   help="fine-tuning learning rate, cosine-annealed (default: %(default)s)")
+    g.add_argument("--finetune-lr", type=U.finite_float, help="fine-tuning learning rate, cosine-annealed")
+    g.add_argument("--finetune-weight-decay", type=U.finite_float,
+                   help="fine-tuning weight decay (default: per dataset; else --weight-decay)")
     add_loft_args(p)
     p.add_argument("--resume", action="store_true", help="continue the job in --out where it stopped")
     U.add_common(p)
@@ -289,7 +290,8 @@ def run(args) -> int:
     t_job, load_at_start = time.perf_counter(), os.getloadavg()
     st = _settings(args)
     base_cfg = train_config(args)
-    ft_cfg = train_config(args, schedule="cosine", epochs=args.finetune_epochs, lr=args.finetune_lr)
+    ft_cfg = train_config(args, schedule="cosine", epochs=args.finetune_epochs, lr=args.finetune_lr,
+                          weight_decay=args.finetune_weight_decay)
     emergence = emergence_options(args)
     out_text = args.out or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     U.check_out_free(out_text, resume=args.resume)

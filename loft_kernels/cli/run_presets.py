@@ -14,10 +14,12 @@ import argparse
 from . import _common as U
 
 # Options whose default depends on the dataset and length. Anything given on the command line wins.
-KEYS = ("model", "width", "batch_size", "lr", "seeds", "epochs", "finetune_epochs", "train_samples", "test_samples",
-        "draw_at", "footrule_threshold")
-BASE = {"model": "preact_resnet18", "width": 0.25, "batch_size": 24, "lr": 0.05, "seeds": 1, "epochs": 12,
-        "finetune_epochs": 8, "train_samples": 0, "test_samples": 0, "draw_at": "none", "footrule_threshold": 0.1}
+KEYS = ("model", "width", "batch_size", "lr", "weight_decay", "seeds", "epochs", "finetune_epochs", "finetune_lr",
+        "finetune_weight_decay", "train_samples", "test_samples", "draw_at", "footrule_threshold")
+# finetune_weight_decay None: the pretraining's --weight-decay
+BASE = {"model": "preact_resnet18", "width": 0.25, "batch_size": 24, "lr": 0.05, "weight_decay": 5e-4, "seeds": 1,
+        "epochs": 12, "finetune_epochs": 8, "finetune_lr": 0.05, "finetune_weight_decay": None, "train_samples": 0,
+        "test_samples": 0, "draw_at": "none", "footrule_threshold": 0.1}
 PRESETS = {
     # dataset -> length -> overrides of BASE ("default" applies to every length of that dataset)
     "digits": {"default": {"model": "vgg", "width": 0.5, "epochs": 10, "finetune_epochs": 6},
@@ -51,10 +53,12 @@ def describe() -> str:
             d = resolve(name, length)
             flag = "" if length == "default" else f" --{length}"
             subset = (f"{d['train_samples'] or 'all'} training and {d['test_samples'] or 'all'} test images")
+            ft_wd = d["weight_decay"] if d["finetune_weight_decay"] is None else d["finetune_weight_decay"]
             lines.append(f"  --dataset {name}{flag}: {d['model']} width {d['width']:g}, batch {d['batch_size']}, "
-                         f"lr {d['lr']:g}, {d['seeds']} seed(s), {d['epochs']} pretraining + {d['finetune_epochs']} "
-                         f"fine-tuning epochs, {subset}, draw-at {d['draw_at']}, footrule threshold "
-                         f"{d['footrule_threshold']:g}")
+                         f"{d['seeds']} seed(s), {d['epochs']} pretraining epochs (lr {d['lr']:g}, weight decay "
+                         f"{d['weight_decay']:g}) + {d['finetune_epochs']} fine-tuning epochs (lr "
+                         f"{d['finetune_lr']:g}, weight decay {ft_wd:g}), {subset}, draw-at {d['draw_at']}, "
+                         f"footrule threshold {d['footrule_threshold']:g}")
     lines.append("  other datasets: " + ", ".join(f"{k} {v}" for k, v in BASE.items() if k != "draw_at")
                  + " (--quick / --full as digits)")
     return "\n".join(lines)
@@ -77,4 +81,6 @@ def apply(args) -> str:
     for key, value in resolve(args.dataset, length).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.finetune_weight_decay is None:
+        args.finetune_weight_decay = args.weight_decay
     return length
