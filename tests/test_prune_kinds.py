@@ -132,3 +132,32 @@ def test_tracker_and_prune_read_a_worker_mid_round_at_full_size():
     for key, value in want.state_dict().items():
         assert torch.equal(pruned.state_dict()[key], value), key
     assert model.get_submodule(groups[0].producer).weight.shape[0] < groups[0].n  # still compact after
+    _assert_plain(pruned, want)
+
+
+def _assert_plain(ticket, want):
+    """A ticket is a plain model: nothing a LoFT run attached to the source (owner marks, conversion hooks,
+    state-dict hooks) came along, so it converts and reports its state like the reference ticket `want`."""
+    for name, m in ticket.named_modules():
+        assert "_apply" not in m.__dict__ and not [k for k in m.__dict__ if k.startswith("_loft")], name
+    ticket.double()
+    assert all(t.dtype == torch.float64 for t in ticket.state_dict().values() if t.is_floating_point())
+    want.double()
+    for key, value in want.state_dict().items():
+        assert torch.equal(ticket.state_dict()[key], value), key
+
+
+def test_a_ticket_from_a_simulators_model_is_plain():
+    """Pruning `sim.model` (whose `.to()` converts every worker with it) gives a ticket that neither carries
+    a copy of the simulator nor converts its workers."""
+    from loft_reference import MODELS, OPTIMIZERS, batch, loss_fn
+    full, groups = MODELS["mobilenet"]()
+    sim = lk.LoftSimulator(copy.deepcopy(full), groups, OPTIMIZERS["sgd"], 2, 3, execution="loop")
+    sim.model.train()
+    sim.step([batch(s, 0) for s in range(2)], loss_fn)  # mid-round: the workers hold compact blocks
+    plain = copy.deepcopy(full)
+    plain.load_state_dict(sim.model.state_dict())
+    pruned, _ = prune(sim.model, groups, 0.5)
+    _assert_plain(pruned, prune(plain, groups, 0.5)[0])
+    worker_dtype = sim.worker_models[0].get_submodule(groups[0].producer).weight.dtype
+    assert worker_dtype == torch.float32  # converting the ticket left the workers alone

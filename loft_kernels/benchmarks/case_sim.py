@@ -10,7 +10,11 @@ every distinct conv shape of PreActResNet-18 and ResNet-50 (CIFAR stems) timed
 afresh, forward + backward, against the form auto stored for it; the row is
 the worst (time of the chosen form / time of the faster form). P8m: exact
 bytes of one step (parameters and masters, gradients, optimizer state, tensors
-saved for backward) of each execution and of the dense step.
+saved for backward) of each execution and of the dense step. P8g / P8v: the
+goals for a GPU, run on any device (bfloat16 autocast on CUDA, float32
+elsewhere): the S = 4 batched step against one dense step, and against the
+obvious batched baseline, the S sliced sub-models stacked and run with
+`torch.func.vmap`.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import preact_resnet, preact_resnet18, resnet50
+from ..tickets import prune
 from ..training import execution_choice as choice
 from ..training.batched import _Conv
 from ..training.groups import convert
@@ -39,6 +44,10 @@ P8 = tuple(Spec(f"P8t{s}", f"LoftSimulator S={s} step, execution auto", "executi
     Spec("P8r", "auto's choice per conv (PreActResNet-18, ResNet-50 shapes, S=2/4/8)", "the faster form",
          1.05, "worst ratio <= 1.05"),
     Spec("P8m", "batched step bytes, S=4", "loop step bytes", 1.5, "ratio <= 1.5"),
+    # goals set for a GPU (bfloat16 autocast there; float32 on a CPU, where they are not expected to hold)
+    Spec("P8g", "LoftSimulator S=4 step, execution batched", "one dense step", 1.25, "ratio <= 1.25 (GPU goal)"),
+    Spec("P8v", "LoftSimulator S=4 step, execution batched", "torch.func.vmap over the S sliced sub-models",
+         1 / 1.3, "ratio <= 0.77, 1.3x faster (GPU goal)"),
 )
 _sgd = functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9)
 
@@ -59,7 +68,7 @@ def _batch(device, n=BATCH):
     return torch.randn(n, 3, RESOLUTION, RESOLUTION, device=device), torch.randint(0, 10, (n,), device=device)
 
 
-def _sims(workers: int, cfg: Config) -> tuple[dict, torch.nn.Module]:
+def _sims(workers: int, cfg: Config, with_groups: bool = False):
     device = cfg.device
     torch.manual_seed(0)
     dense = preact_resnet(num_classes=10, width=cfg_width(cfg)).to(device).train()
@@ -67,7 +76,7 @@ def _sims(workers: int, cfg: Config) -> tuple[dict, torch.nn.Module]:
     sims = {e: LoftSimulator(copy.deepcopy(full), groups, _sgd, workers, NEVER, execution=e) for e in EXECUTIONS}
     for sim in sims.values():
         sim.model.train()
-    return sims, dense
+    return (sims, dense, groups) if with_groups else (sims, dense)
 
 
 def step_bytes(run, params, optimizers, grads_of) -> dict:
@@ -192,6 +201,87 @@ def _memory_row(cfg: Config) -> Result:
     return valued(P8[4], total(out[4]["batched"]), total(out[4]["loop"]), note=note, bytes=out)
 
 
+def _vmap_step(sim: LoftSimulator, groups, n: int, device):
+    """The obvious batched baseline: the S workers' sub-models as plain sliced networks (the full model pruned to
+    each worker's filters of round 0), stacked with `torch.func.stack_module_state` and run as one `vmap`ped
+    functional call, forward + backward into the stacked parameters (BatchNorm on batch statistics, running
+    statistics not tracked, which vmap cannot update in place). Needs S equal-sized workers."""
+    owned = sim.partition(0)
+    models = []
+    for s in range(sim.workers):
+        scores = {g.name: torch.zeros(g.n).index_fill_(0, owned[g.name][s].cpu(), 1.0) for g in groups}
+        sliced, _ = prune(sim.model, groups, 1 - 1 / sim.workers, criterion=scores)
+        models.append(sliced.to(device).train())
+    for m in models:
+        torch.func.replace_all_batch_norm_modules_(m)
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+
+    def one(p, b, x, y):
+        return F.cross_entropy(torch.func.functional_call(base, (p, b), (x,)), y)
+    step = torch.vmap(one)
+
+    def setup():
+        xs = torch.randn(sim.workers, n, 3, RESOLUTION, RESOLUTION, device=device)
+        ys = torch.randint(0, 10, (sim.workers, n), device=device)
+
+        def run():
+            for t in params.values():
+                t.grad = None
+            step(params, buffers, xs, ys).sum().backward()
+        return run
+    return setup
+
+
+def _gpu_goal_rows(cfg: Config) -> list[Result]:
+    """P8g and P8v: S = 4 batched (bfloat16 autocast on CUDA) against one dense step and against vmap."""
+    dev, n, workers = cfg.device, _n(cfg), 4
+    sims, dense, groups = _sims(workers, cfg, with_groups=True)
+    sim = sims["batched"]
+    dense_opt = _sgd(dense.parameters())
+    low = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+    dtype = torch.bfloat16 if low else torch.float32
+
+    def autocast():
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=low)
+
+    def sim_setup():
+        batches = [_batch(dev, n) for _ in range(workers)]
+
+        def run():
+            with autocast():
+                sim.step(batches, F.cross_entropy)
+        return run
+
+    def dense_setup():
+        x, y = _batch(dev, n)
+
+        def run():
+            dense_opt.zero_grad()
+            with autocast():
+                loss = F.cross_entropy(dense(x), y)
+            loss.backward()
+            dense_opt.step()
+        return run
+    vmap_setup = _vmap_step(sim, groups, n, dev)
+
+    def vmap_run():
+        run = vmap_setup()
+
+        def go():
+            with autocast():
+                run()
+        return go
+    t = interleaved({"batched": sim_setup, "dense": dense_setup, "vmap": vmap_run}, cfg.reps(full=6, quick=2),
+                    warmup=cfg.warmup, device=dev)
+    where = f"{dev.type}, {'bfloat16 autocast' if low else 'float32'}" + (
+        f", width {cfg_width(cfg)}, batch {n} per worker" if cfg.quick else f", batch {n} per worker")
+    note = ("" if dev.type == "cuda" else "goal set for a GPU; ") + where
+    return [timed(P8[5], t, "batched", "dense", note=note, dtype=str(dtype)),
+            timed(P8[6], t, "batched", "vmap", note=f"{note}; vmap / dense {t.ratio('vmap', 'dense'):.2f}x",
+                  dtype=str(dtype))]
+
+
 def p8(cfg: Config) -> list[Result]:
     saved = choice.REPEATS
     if cfg.quick:  # auto's own measurements, too: fewer repetitions
@@ -214,6 +304,10 @@ def _rows(cfg: Config) -> list[Result]:
             rows.append(fn(cfg))
         except Exception as exc:
             rows.append(failed(spec, f"{type(exc).__name__}: {exc}"))
+    try:
+        rows += _gpu_goal_rows(cfg)
+    except Exception as exc:
+        rows += [failed(spec, f"{type(exc).__name__}: {exc}") for spec in P8[5:]]
     return rows
 
 

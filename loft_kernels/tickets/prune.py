@@ -175,7 +175,7 @@ def _build_pruned(model: nn.Module, groups, kept) -> nn.Module:
         for name in (*(m.name for m in g.members if m.input_side), g.consumer):
             in_size[name] = len(kept[g.name])
         depthwise.update(g.depthwise)
-    new = copy.deepcopy(model)
+    new = _plain_copy(model)
     for name, m in model.named_modules():
         loft = _groups.is_loft_layer(m)
         if not (name in out_size or name in in_size or loft):
@@ -186,6 +186,42 @@ def _build_pruned(model: nn.Module, groups, kept) -> nn.Module:
         rebuilt = _plain(m, out_size.get(name), in_size.get(name), name in depthwise)
         _set_module(new, name, _carry_attributes(new.get_submodule(name), rebuilt))
     new.load_state_dict(slice_state_dict(model.state_dict(), resolved, kept))
+    return new
+
+
+_HOOK_DICTS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+
+
+def _is_attached(v) -> bool:
+    inner = getattr(v, "hook", None)  # torch wraps some hooks (the wrapper keeps the hook as `.hook`)
+    return getattr(v, "_loft_attached", False) or getattr(inner, "_loft_attached", False)
+
+
+def _attached(m: nn.Module) -> list[tuple[str | None, object]]:
+    """What a LoFT run attached to module `m`, as (hook dict name or None for the module's own attributes,
+    key): its owner marker, its conversion hook (an instance `_apply` that converts a simulator's workers, or
+    a worker's blocks, with the module) and its state-dict hooks."""
+    found = [(None, k) for k, v in m.__dict__.items() if k.startswith("_loft") or _is_attached(v)]
+    for name in _HOOK_DICTS:
+        found += [(name, k) for k, h in (m.__dict__.get(name) or {}).items() if _is_attached(h)]
+    return found
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` without what a LoFT run attached to it (see `_attached`): copying those would
+    copy the whole simulator or worker state into the ticket and tie its `.to()` and state dict to them."""
+    attached = {name: _attached(m) for name, m in model.named_modules()}
+    memo = {}
+    for name, items in attached.items():
+        m = model.get_submodule(name)
+        for where, k in items:
+            memo[id((m.__dict__ if where is None else m.__dict__[where])[k])] = None
+    new = copy.deepcopy(model, memo)
+    for name, items in attached.items():
+        m = new.get_submodule(name)
+        for where, k in items:
+            (m.__dict__ if where is None else m.__dict__[where]).pop(k, None)
     return new
 
 

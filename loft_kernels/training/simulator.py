@@ -382,6 +382,8 @@ def _copy_without(model: nn.Module, skip) -> nn.Module:
 class _ConvertWorkers:
     """`sim.model._apply`: convert the model (the masters) and every worker's own tensors with it."""
 
+    _loft_attached = True  # see worker_model._Hook
+
     def __init__(self, sim: LoftSimulator):
         self.sim = sim
 

@@ -336,6 +336,8 @@ class WorkerModel:
 class _Hook:
     """A module hook calling one method of its WorkerModel (an object: torch marks hooks with attributes)."""
 
+    _loft_attached = True  # what a LoFT run attaches to a model; a ticket cut from it leaves these behind
+
     def __init__(self, owner: WorkerModel, method: str):
         self.owner, self.method = owner, method
 
@@ -345,6 +347,8 @@ class _Hook:
 
 class _Apply:
     """`module._apply` replacement installed by a WorkerModel (picklable, copied with the model)."""
+
+    _loft_attached = True
 
     def __init__(self, owner: WorkerModel, module: nn.Module):
         self.owner, self.module = owner, module
