@@ -148,3 +148,29 @@ def test_emergence_savings_count_sample_steps():
                     "ticket_acc_change": pytest.approx(-0.4), "sample_steps_saved": 3000, "sample_steps_total": 8000}
     line = report.format_savings(d)[0]
     assert "saves 3.0 epochs, 3k sample-steps (38 % of the pretraining)" in line
+
+
+def test_global_batch_split_and_fine_tuning_weight_decay(tmp_path):
+    """--batch-split global: LoFT-S workers take --batch-size / S samples per step, so they take as many steps
+    per epoch as dense training; --finetune-weight-decay applies to the tickets only."""
+    out = tmp_path / "job"
+    argv = ["run", "--dataset", "digits", "--model", "vgg", "--width", "0.25", "--methods", "dense,loft-2",
+            "--seeds", "1", "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "32", "--batch-split",
+            "global", "--train-samples", "256", "--test-samples", "100", "--ratios", "50", "--controls", "none",
+            "--weight-decay", "0.002", "--finetune-weight-decay", "0.0001", "--draw-at", "none", "--out", str(out),
+            "--quiet"]
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["batch_split"] == "global" and config["finetune"]["weight_decay"] == 0.0001
+    assert config["pretrain"]["weight_decay"] == 0.002
+    for method, batch in (("dense", 32), ("loft-2", 16)):
+        summary = json.loads((out / "units" / method / "seed0" / "pretrain" / "summary.json").read_text())
+        assert summary["train"]["batch_size"] == batch and summary["train"]["weight_decay"] == 0.002
+        assert summary["samples_per_epoch"] == 256  # every method sees every training sample once per epoch
+
+
+def test_global_batch_split_needs_a_batch_that_splits_over_the_workers(capsys, tmp_path):
+    rc = main(["run", "--dataset", "digits", "--methods", "dense,loft-3", "--batch-size", "32", "--batch-split",
+               "global", "--out", str(tmp_path / "job")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--batch-size 32 does not split evenly over the workers of loft-3" in err

@@ -18,6 +18,7 @@ with its own checkpoints, so --resume continues a killed job where it stopped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import re
@@ -67,6 +68,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--quick", action="store_true", help="a short version (1 seed, few epochs) for smoke tests")
     g.add_argument("--full", action="store_true", help="the long multi-seed version (3 seeds, more epochs)")
     add_train_args(p, epochs=None, lr=None, batch_size=None, epochs_help="pretraining epochs")
+    g.add_argument("--batch-split", choices=("per-worker", "global"),
+                   help="pretraining batch of LoFT-S: per-worker (each worker takes --batch-size samples per step) "
+                        "or global (each takes --batch-size / S, so every method takes the same number of steps "
+                        "over the same samples per epoch) (default: per dataset, see below)")
     g.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs per ticket")
     g.add_argument("--finetune-lr", type=U.finite_float, help="fine-tuning learning rate, cosine-annealed")
     g.add_argument("--finetune-weight-decay", type=U.finite_float,
@@ -144,6 +149,11 @@ def _settings(args) -> dict:
     ratios = parse_ratios(args.ratios)
     draw_at = _draw_at(args.draw_at, U.check_positive(args.epochs, "--epochs"))
     draw_ratio = U.check_ratio(args.draw_ratio, "--draw-ratio") if args.draw_ratio is not None else max(ratios)
+    if args.batch_split == "global":
+        uneven = [m for m, s in methods if args.batch_size % s]
+        if uneven:
+            raise U.CLIError(f"--batch-split global: --batch-size {args.batch_size} does not split evenly over the "
+                             f"workers of {', '.join(uneven)}; use a multiple of their worker counts")
     names = [m for m, _ in methods]
     return {"methods": methods, "ratios": ratios, "draw_at": draw_at, "draw_ratio": draw_ratio, "length": length,
             "controls": parse_controls(args.controls),
@@ -171,6 +181,8 @@ class Job:
         """Pretrain + tickets (+ draws) for one method and seed: (per-seed result, extras for the first seed)."""
         unit = self.out / "units" / method / f"seed{seed}"
         cfg = train_config(self.args, workers, False)
+        if self.args.batch_split == "global":
+            cfg = dataclasses.replace(cfg, batch_size=self.args.batch_size // workers)
         self.log(f"== {method}, seed {seed}: pretraining {cfg.epochs} epochs")
         summary = engine.pretrain_run(unit / "pretrain", dataset=self.dataset, spec=self.spec, cfg=cfg, seed=seed,
                                       device=self.device, emergence=self.emergence, resume=True,
@@ -206,7 +218,7 @@ class Job:
             extras["matrix"], extras["groups"] = tracker.footrule_matrix(), tracker.group_names
             samples = summary["epochs_run"] * summary["samples_per_epoch"]
             cost = functools.partial(comm_cost, model, self.example, workers=workers,
-                                     batch_size=self.args.batch_size, samples=samples)
+                                     batch_size=cfg.batch_size, samples=samples)
             extras["gpipe"] = self._gpipe_bytes(cost) if workers > 1 else None
             extras["ddp"] = int(cost(method="ddp").total_bytes) if workers > 1 else None
             extras["loft_model"] = int(cost(method="loft", sync_every=self.args.sync_every, state=self.args.state,
@@ -301,7 +313,7 @@ def run(args) -> int:
     spec = U.make_spec(args, dataset, workers=largest[1], workers_option=f"--methods {largest[0]}")
     config = {"command": "run", "dataset": args.dataset, "data_dir": args.data_dir, "spec": spec,
               "train_samples": args.train_samples, "test_samples": args.test_samples, "methods": [m for m, _ in st["methods"]], "seeds": st["seeds"],
-              "ratios": st["ratios"], "controls": st["controls"], "draw_at": st["draw_at"], "draw_ratio": st["draw_ratio"],
+              "ratios": st["ratios"], "batch_split": args.batch_split, "controls": st["controls"], "draw_at": st["draw_at"], "draw_ratio": st["draw_ratio"],
               "pretrain": base_cfg.to_dict(), "finetune": ft_cfg.to_dict(), "emergence": emergence,
               "length": st["length"], "device": str(device)}
     if args.resume:

@@ -131,7 +131,7 @@ def pretrain_run(out, *, dataset: Dataset, spec: dict, cfg: TrainConfig, seed: i
     mean_epoch = sum(r["seconds"] for r in history) / len(history)
     summary = {
         "method": "dense" if cfg.method == "dense" else f"loft-{cfg.workers}",
-        "seed": seed, "epochs_planned": cfg.epochs, "epochs_run": len(history),
+        "seed": seed, "train": cfg.to_dict(), "epochs_planned": cfg.epochs, "epochs_run": len(history),
         "final": {k: history[-1][k] for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
         "test_acc_bn_recalibrated": recal["acc"],
         "emerged_epoch": found, "emergence": emergence, "stop_at_emergence": stop_at,
