@@ -49,9 +49,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--methods", default="dense,loft-2,loft-4",
                    help="comma-separated: dense and/or loft-S (S simulated workers) (default: %(default)s)")
     g.add_argument("--seeds", type=int, help="number of seeds, --seed, --seed+1, ...")
-    g.add_argument("--ratios", default="0.5,0.8,0.9,0.95",
-                   help="pruning ratios of the tickets: fractions in (0, 1) or percents in (0, 100), e.g. 50,80,90,95 "
-                        "(default: %(default)s)")
+    g.add_argument("--ratios", help="pruning ratios of the tickets: fractions in (0, 1) or percents in (0, 100), "
+                                    "e.g. 50,80,90,95")
     g.add_argument("--controls", default=",".join(CONTROLS),
                    help="control tickets fine-tuned exactly like the tickets, at every ratio: initial-weights (drawn "
                         "from the initial weights) and/or random-filters (the same number of filters per group kept "
