@@ -248,9 +248,9 @@ def test_gradient_mismatch_against_hand_made_cases():
     assert gradient_mismatch([t if t is None else t.clone() for t in g], g, False) is None
     # rounding noise in a gradient that is itself noise (far below the model's largest) is no mismatch
     assert gradient_mismatch([g[0], None, torch.tensor([3e-9, 0.0])], g, False) is None
-    assert gradient_mismatch([g[0] * 1.02, None, g[2]], g, False) is None  # float32: within 3 %
+    assert gradient_mismatch([g[0] * 1.04, None, g[2]], g, False) is None  # float32: within 5 %
     assert "parameter 0 (2,): difference of norm 0.5" in gradient_mismatch([g[0] * 1.1, None, g[2]], g, False)
-    assert gradient_mismatch([g[0] * 1.05, None, g[2]], g, True) is None  # autocast: within 10 %
+    assert gradient_mismatch([g[0] * 1.15, None, g[2]], g, True) is None  # autocast: within 20 %
     assert gradient_mismatch([g[0] * 2, None, g[2]], g, True) is not None  # a loss counted twice
     assert gradient_mismatch([g[0].flip(0), None, g[2]], g, True) is not None  # channels swapped
     assert "one execution only" in gradient_mismatch([g[0], torch.zeros(1), g[2]], g, False)
