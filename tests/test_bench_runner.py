@@ -15,7 +15,7 @@ from loft_kernels.benchmarks.result import Result, Spec, judge, valued
 from loft_kernels.benchmarks.timing import Timings, interleaved
 
 CASE_IDS = ["P1a", "P1b", "P2a", "P2b", "P3a", "P3b", "P4a", "P4b", "P5a", "P5b", "P6a", "P6b", "P6c", "P6m", "P6s", "P7",
-            "P8t2", "P8t4", "P8t8", "P8r", "P8m"]
+            "P8t2", "P8t4", "P8t8", "P8r", "P8m", "P8g", "P8v"]
 VALUE_ROWS = {"P6m", "P6s", "P7", "P8r", "P8m"}  # compare computed values (bytes, modelled traffic), not times
 ROW_KEYS = {"id", "name", "candidate_ms", "baseline_ms", "ratio", "limit", "goal", "met"}
 
