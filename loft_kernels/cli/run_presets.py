@@ -29,8 +29,8 @@ PRESETS = {
     # Fashion-MNIST: chosen so that the pretraining decides the ticket (docs/showcase.md): weight decay 5e-3 makes
     # the filter norms tell (at 5e-4 a random mask of the pretrained weights does as well), and 3 gentle
     # fine-tuning epochs (lr 0.01) keep the starting weights in the result (with more, or at lr 0.05, the ticket
-    # drawn from the initial weights catches up); at 95 % (one or two filters left in the first layers) the
-    # fine-tuning decides again, so the ratios stop at 90 %. The consecutive footrule distances of that
+    # drawn from the initial weights catches up); at 95 % (one or two filters left in the first layers) no setting
+    # tried beats both controls, so the ratios stop at 90 %. The consecutive footrule distances of that
     # pretraining settle at 10-35 % of the first one, hence a threshold of 0.3 (docs/algorithm.md).
     "fashion-mnist": {"default": {"model": "vgg", "width": 0.5, "ratios": "50,80,90", "batch_size": 64,
                                   "weight_decay": 5e-3, "seeds": 3, "epochs": 8, "finetune_epochs": 3,
