@@ -243,7 +243,7 @@ def test_auto_is_the_default_and_checks_the_batched_network_against_the_loop(one
 
 
 def test_gradient_mismatch_against_hand_made_cases():
-    from loft_kernels.training.simulator import gradient_mismatch
+    from loft_kernels.training.execution_choice import gradient_mismatch
     g = [torch.tensor([3.0, -4.0]), None, torch.tensor([1e-9, -1e-9])]  # norms 5, -, ~1.4e-9
     assert gradient_mismatch([t if t is None else t.clone() for t in g], g, False) is None
     # rounding noise in a gradient that is itself noise (far below the model's largest) is no mismatch

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from .. import engine
 from ..elastic import restart_count
+from ..training.simulator import EXECUTIONS
 from . import _common as U
 
 HELP = "pretrain a model densely or with LoFT (S simulated workers, or S processes under torchrun)"
@@ -41,7 +42,7 @@ def add_loft_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sync-every", type=int, default=15, help="K: local steps per round (default: %(default)s)")
     g.add_argument("--state", choices=("reset", "keep"), default="reset",
                    help="optimizer state across rounds: reset (official code) or keep (default: %(default)s)")
-    g.add_argument("--execution", choices=("auto", "loop", "batched"), default="auto",
+    g.add_argument("--execution", choices=EXECUTIONS, default="auto",
                    help="how simulated workers run: one after another (loop), through one batched network "
                         "(batched; VGG/ResNet without dropout), or whichever measured faster for each batch shape "
                         "after the batched network matched the loop's gradients (auto); results are the same "
@@ -95,9 +96,10 @@ def train_config(args, workers: int = 1, distributed: bool = False, *, schedule:
     U.check_positive(sync_every, "--sync-every")
     if not (lr > 0 and math.isfinite(lr)):
         raise U.CLIError(f"the learning rate must be a finite number > 0, got {lr:g}")
-    if not args.momentum >= 0:
-        raise U.CLIError(f"--momentum must be >= 0, got {args.momentum:g}")
-    if not weight_decay >= 0:
+    for name in ("momentum", "weight_decay"):
+        if not getattr(args, name) >= 0:
+            raise U.CLIError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name):g}")
+    if not weight_decay >= 0:  # an override (the fine-tuning's) is checked, with its option's name, by its caller
         raise U.CLIError(f"the weight decay must be >= 0, got {weight_decay:g}")
     return engine.TrainConfig(method="dense" if workers == 1 else "loft", epochs=epochs,
                               batch_size=args.batch_size, lr=lr, momentum=args.momentum,

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .. import _checks as C
+from ..training.simulator import EXECUTIONS
 
 METHODS = ("dense", "loft")
 SCHEDULES = ("constant", "cosine")
-EXECUTIONS = ("auto", "loop", "batched")  # how LoftSimulator runs simulated workers (see its docstring)
 
 
 @dataclass(frozen=True)

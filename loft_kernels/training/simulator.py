@@ -227,16 +227,13 @@ class LoftSimulator:
 
     def _decide(self, sig: tuple, batches: Sequence) -> None:
         """auto: check the batched network against the loop, then time the two, on `batches` with a fixed random
-        projection of the outputs as the loss (the user's loss_fn is not called), leaving no trace: gradients dropped, BatchNorm
-        statistics restored. The batched network is used only if its gradients match the loop's on this
+        projection of the outputs as the loss (the user's loss_fn is not called), leaving no trace: gradients
+        dropped, BatchNorm statistics restored. The batched network is used only if its gradients match the loop's on this
         batch shape (checked in every process, never cached) and its step measured faster (cached on disk
         with the per-conv choices)."""
         models = self.worker_models
         inputs = [x for x, _ in batches]
         saved = self._snapshot()
-
-        def clean():
-            self._undo(saved)
 
         def grads(into):
             if into is not None:
@@ -256,41 +253,36 @@ class LoftSimulator:
             self._batched.forward_backward([(x, s) for s, x in enumerate(inputs)], lambda out, s: loss(s, out),
                                            None, self.model.training, [])
             grads(into)
-            clean()
+            self._undo(saved)
 
         def run_loop(into=None):
             for s, (m, x) in enumerate(zip(models, inputs)):
                 m.train(self.model.training)
                 loss(s, m(x)).backward()
             grads(into)
-            clean()
-        if not self._batched.accepts(inputs):
-            self._loop_signatures.add(sig)
-            self._decided.add(sig)
-            return
+            self._undo(saved)
         shapes = [list(getattr(x, "shape", ())) for x in inputs]
         params = [list(p.shape) for p in models[0].parameters()]
         k = choice.key(inputs[0], [], ("step", shapes, params, self.model.training), self.workers)
-        if choice.cached(k) == choice.LOOP:  # measured before: nothing to check or time
-            self._loop_signatures.add(sig)
-            self._decided.add(sig)
-            return
-        try:
-            # the per-conv choices are measured (or read) in this first pass, outside the timing
-            batched_grads, loop_grads = [], []
-            run_batched(batched_grads)
-            run_loop(loop_grads)
-            mismatch = gradient_mismatch(batched_grads, loop_grads, _autocast_state(inputs[0]) != ())
-            if mismatch is not None:
-                warnings.warn(f"LoftSimulator(execution='auto'): the batched network's gradients differ from the "
-                              f"loop's ({mismatch}); running the loop for this batch shape", RuntimeWarning,
-                              stacklevel=3)
-                how = choice.LOOP
-            else:
-                how = choice.choose(k, lambda: choice.measure_steps(
-                    {choice.STACKED: lambda: run_batched(), choice.LOOP: lambda: run_loop()}, inputs[0].device))
-        finally:
-            clean()
+        # inputs that do not stack, or a shape measured before as the loop's: nothing to check or time
+        how = choice.LOOP if not self._batched.accepts(inputs) else choice.cached(k)
+        if how != choice.LOOP:
+            try:
+                # the per-conv choices are measured (or read) in this first pass, outside the timing
+                batched_grads, loop_grads = [], []
+                run_batched(batched_grads)
+                run_loop(loop_grads)
+                mismatch = choice.gradient_mismatch(batched_grads, loop_grads, _autocast_state(inputs[0]) != ())
+                if mismatch is not None:
+                    warnings.warn(f"LoftSimulator(execution='auto'): the batched network's gradients differ from "
+                                  f"the loop's ({mismatch}); running the loop for this batch shape", RuntimeWarning,
+                                  stacklevel=3)
+                    how = choice.LOOP
+                else:
+                    how = choice.choose(k, lambda: choice.measure_steps(
+                        {choice.STACKED: run_batched, choice.LOOP: run_loop}, inputs[0].device))
+            finally:
+                self._undo(saved)
         if how == choice.LOOP or self._batched.all_loop():
             self._loop_signatures.add(sig)
         self._decided.add(sig)
@@ -341,33 +333,6 @@ class LoftSimulator:
         with torch.no_grad():
             for n in self._plan.shared_params + self._plan.shared_buffers + self._plan.counters:
                 mine[n].copy_(theirs[n])
-
-
-# How far the batched network's gradients may lie from the loop's: the L2 norm of the difference, relative to the
-# loop gradient's norm (floored at a thousandth of the model's largest gradient norm, so a gradient that is
-# rounding noise, such as a conv bias before a BatchNorm, is not compared digit by digit). Both sum the same
-# products in different orders, and in float32 a deep BatchNorm network's backward amplifies that rounding: up to
-# 0.5 % measured on a PreActResNet-18 at width 0.25, 1.8 % on the Fashion-MNIST showcase's VGG. A wrong gradient
-# (a worker's loss counted twice, a worker's channels mixed with another's) is off by tens of percent.
-_AGREE = {torch.float64: 1e-6, torch.float32: 5e-2}
-_AGREE_LOW_PRECISION = 2e-1  # float16 / bfloat16 tensors, or any dtype under autocast
-
-
-def gradient_mismatch(batched: list, loop: list, autocast: bool) -> Optional[str]:
-    """None if the two lists of gradients agree (see _AGREE), else where and by how much they differ."""
-    norms = [None if g is None else float(g.double().norm()) for g in loop]
-    scale = max((n for n in norms if n is not None), default=0.0)
-    for i, (b, g, norm) in enumerate(zip(batched, loop, norms)):
-        if (b is None) != (g is None):
-            return f"parameter {i} has a gradient in one execution only"
-        if g is None or not g.numel():
-            continue
-        tol = _AGREE_LOW_PRECISION if autocast else _AGREE.get(g.dtype, _AGREE_LOW_PRECISION)
-        err = float((b.double() - g.double()).norm())
-        bound = tol * max(norm, 1e-3 * scale)
-        if not err <= bound:  # also catches NaN
-            return f"parameter {i} {tuple(g.shape)}: difference of norm {err:.3g}, more than {bound:.3g}"
-    return None
 
 
 def _autocast_state(x) -> tuple:
