@@ -211,17 +211,15 @@ def _attached(m: nn.Module) -> list[tuple[str | None, object]]:
 def _plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy of `model` without what a LoFT run attached to it (see `_attached`): copying those would
     copy the whole simulator or worker state into the ticket and tie its `.to()` and state dict to them."""
+    def holder(m: nn.Module, where: str | None) -> dict:
+        return m.__dict__ if where is None else m.__dict__[where]
     attached = {name: _attached(m) for name, m in model.named_modules()}
-    memo = {}
-    for name, items in attached.items():
-        m = model.get_submodule(name)
-        for where, k in items:
-            memo[id((m.__dict__ if where is None else m.__dict__[where])[k])] = None
+    memo = {id(holder(model.get_submodule(name), where)[k]): None
+            for name, items in attached.items() for where, k in items}
     new = copy.deepcopy(model, memo)
     for name, items in attached.items():
-        m = new.get_submodule(name)
         for where, k in items:
-            (m.__dict__ if where is None else m.__dict__[where]).pop(k, None)
+            holder(new.get_submodule(name), where).pop(k, None)
     return new
 
 
