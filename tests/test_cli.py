@@ -303,6 +303,8 @@ BAD = [
     (["run", "--ratios", "0,0.5"], r"--ratios: 0 is not a pruning ratio"),
     (["run", "--ratios", "0.5,x"], "--ratios must be a comma-separated list of numbers"),
     (["run", "--controls", "random"], "'random' is not a control"),
+    (["run", "--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (["run", "--finetune-weight-decay", "-0.1"], "--finetune-weight-decay must be >= 0"),
     (["run", "--methods", "dense,loft-1"], "'loft-1' is not a method"),
     (["run", "--methods", "dense,gpipe"], "'gpipe' is not a method"),
     (["run", "--epochs", "2", "--draw-at", "1,9"], r"--draw-at epochs must lie in 0\.\.2"),

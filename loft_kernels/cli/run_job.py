@@ -142,6 +142,8 @@ def _settings(args) -> dict:
     length = run_presets.apply(args)
     U.check_positive(args.seeds, "--seeds")
     U.check_positive(args.finetune_epochs, "--finetune-epochs")
+    U.check_non_negative(args.weight_decay, "--weight-decay")  # first: the fine-tuning's defaults to it
+    U.check_non_negative(args.finetune_weight_decay, "--finetune-weight-decay")
     U.check_non_negative(args.train_samples, "--train-samples")
     U.check_non_negative(args.test_samples, "--test-samples")
     methods = parse_methods(args.methods)
