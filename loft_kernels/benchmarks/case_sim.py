@@ -18,6 +18,7 @@ obvious batched baseline, the S sliced sub-models stacked and run with
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 
@@ -68,15 +69,43 @@ def _batch(device, n=BATCH):
     return torch.randn(n, 3, RESOLUTION, RESOLUTION, device=device), torch.randint(0, 10, (n,), device=device)
 
 
-def _sims(workers: int, cfg: Config, with_groups: bool = False):
+def _sims(workers: int, cfg: Config, executions=EXECUTIONS):
+    """One simulator per execution over the same PreActResNet-18, the dense model, and the filter groups."""
     device = cfg.device
     torch.manual_seed(0)
     dense = preact_resnet(num_classes=10, width=cfg_width(cfg)).to(device).train()
     full, groups = convert(copy.deepcopy(dense), torch.randn(2, 3, RESOLUTION, RESOLUTION, device=device))
-    sims = {e: LoftSimulator(copy.deepcopy(full), groups, _sgd, workers, NEVER, execution=e) for e in EXECUTIONS}
+    sims = {e: LoftSimulator(copy.deepcopy(full), groups, _sgd, workers, NEVER, execution=e) for e in executions}
     for sim in sims.values():
         sim.model.train()
-    return (sims, dense, groups) if with_groups else (sims, dense)
+    return sims, dense, groups
+
+
+def _sim_step(sim, device, n, autocast=contextlib.nullcontext):
+    """A setup for `interleaved`: one step of all the simulator's workers, each on a fresh batch of n samples."""
+    def setup():
+        batches = [_batch(device, n) for _ in range(sim.workers)]
+
+        def run():
+            with autocast():
+                sim.step(batches, F.cross_entropy)
+        return run
+    return setup
+
+
+def _dense_step(dense, opt, device, n, autocast=contextlib.nullcontext):
+    """A setup for `interleaved`: one SGD step of the dense model on a fresh batch of n samples."""
+    def setup():
+        x, y = _batch(device, n)
+
+        def run():
+            opt.zero_grad()
+            with autocast():
+                loss = F.cross_entropy(dense(x), y)
+            loss.backward()
+            opt.step()
+        return run
+    return setup
 
 
 def step_bytes(run, params, optimizers, grads_of) -> dict:
@@ -116,26 +145,11 @@ def _dense_bytes(dense, device, n) -> dict:
 
 def _time_row(spec: Spec, workers: int, cfg: Config) -> Result:
     dev, n = cfg.device, _n(cfg)
-    sims, dense = _sims(workers, cfg)
-    dense_opt = _sgd(dense.parameters())
-
-    def sim_setup(e):
-        def setup():
-            batches = [_batch(dev, n) for _ in range(workers)]
-            return lambda: sims[e].step(batches, F.cross_entropy)
-        return setup
-
-    def dense_setup():
-        x, y = _batch(dev, n)
-
-        def run():
-            dense_opt.zero_grad()
-            F.cross_entropy(dense(x), y).backward()
-            dense_opt.step()
-        return run
+    sims, dense, _ = _sims(workers, cfg)
     sims["auto"].step([_batch(dev, n) for _ in range(workers)], F.cross_entropy)  # auto measures its choices
     reps = cfg.reps(full=6, quick=2)
-    t = interleaved({**{e: sim_setup(e) for e in EXECUTIONS}, "dense": dense_setup}, reps, warmup=cfg.warmup,
+    t = interleaved({**{e: _sim_step(sims[e], dev, n) for e in EXECUTIONS},
+                     "dense": _dense_step(dense, _sgd(dense.parameters()), dev, n)}, reps, warmup=cfg.warmup,
                     device=dev)
     vs_dense = {e: round(t.ratio(e, "dense"), 3) for e in EXECUTIONS}
     chosen = sims["auto"].execution_choices()
@@ -192,7 +206,7 @@ def _memory_row(cfg: Config) -> Result:
     dev, n = cfg.device, _n(cfg)
     out = {}
     for workers in SIZES:
-        sims, dense = _sims(workers, cfg)
+        sims, dense, _ = _sims(workers, cfg, executions=("loop", "batched"))
         out[workers] = {e: _sim_bytes(sims[e], dev, n) for e in ("loop", "batched")}
         out[workers]["dense"] = _dense_bytes(dense, dev, n)
     total = lambda d: sum(d.values())  # noqa: E731
@@ -201,7 +215,7 @@ def _memory_row(cfg: Config) -> Result:
     return valued(P8[4], total(out[4]["batched"]), total(out[4]["loop"]), note=note, bytes=out)
 
 
-def _vmap_step(sim: LoftSimulator, groups, n: int, device):
+def _vmap_step(sim: LoftSimulator, groups, n: int, device, autocast=contextlib.nullcontext):
     """The obvious batched baseline: the S workers' sub-models as plain sliced networks (the full model pruned to
     each worker's filters of round 0), stacked with `torch.func.stack_module_state` and run as one `vmap`ped
     functional call, forward + backward into the stacked parameters (BatchNorm on batch statistics, running
@@ -228,7 +242,9 @@ def _vmap_step(sim: LoftSimulator, groups, n: int, device):
         def run():
             for t in params.values():
                 t.grad = None
-            step(params, buffers, xs, ys).sum().backward()
+            with autocast():
+                loss = step(params, buffers, xs, ys).sum()
+            loss.backward()
         return run
     return setup
 
@@ -236,46 +252,19 @@ def _vmap_step(sim: LoftSimulator, groups, n: int, device):
 def _gpu_goal_rows(cfg: Config) -> list[Result]:
     """P8g and P8v: S = 4 batched (bfloat16 autocast on CUDA) against one dense step and against vmap."""
     dev, n, workers = cfg.device, _n(cfg), 4
-    sims, dense, groups = _sims(workers, cfg, with_groups=True)
+    sims, dense, groups = _sims(workers, cfg, executions=("batched",))
     sim = sims["batched"]
-    dense_opt = _sgd(dense.parameters())
     low = dev.type == "cuda" and torch.cuda.is_bf16_supported()
     dtype = torch.bfloat16 if low else torch.float32
 
     def autocast():
         return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=low)
-
-    def sim_setup():
-        batches = [_batch(dev, n) for _ in range(workers)]
-
-        def run():
-            with autocast():
-                sim.step(batches, F.cross_entropy)
-        return run
-
-    def dense_setup():
-        x, y = _batch(dev, n)
-
-        def run():
-            dense_opt.zero_grad()
-            with autocast():
-                loss = F.cross_entropy(dense(x), y)
-            loss.backward()
-            dense_opt.step()
-        return run
-    vmap_setup = _vmap_step(sim, groups, n, dev)
-
-    def vmap_run():
-        run = vmap_setup()
-
-        def go():
-            with autocast():
-                run()
-        return go
-    t = interleaved({"batched": sim_setup, "dense": dense_setup, "vmap": vmap_run}, cfg.reps(full=6, quick=2),
-                    warmup=cfg.warmup, device=dev)
-    where = f"{dev.type}, {'bfloat16 autocast' if low else 'float32'}" + (
-        f", width {cfg_width(cfg)}, batch {n} per worker" if cfg.quick else f", batch {n} per worker")
+    t = interleaved({"batched": _sim_step(sim, dev, n, autocast),
+                     "dense": _dense_step(dense, _sgd(dense.parameters()), dev, n, autocast),
+                     "vmap": _vmap_step(sim, groups, n, dev, autocast)},
+                    cfg.reps(full=6, quick=2), warmup=cfg.warmup, device=dev)
+    where = (f"{dev.type}, {'bfloat16 autocast' if low else 'float32'}"
+             + (f", width {cfg_width(cfg)}" if cfg.quick else "") + f", batch {n} per worker")
     note = ("" if dev.type == "cuda" else "goal set for a GPU; ") + where
     return [timed(P8[5], t, "batched", "dense", note=note, dtype=str(dtype)),
             timed(P8[6], t, "batched", "vmap", note=f"{note}; vmap / dense {t.ratio('vmap', 'dense'):.2f}x",
