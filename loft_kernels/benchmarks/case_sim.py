@@ -21,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import os
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -184,22 +186,41 @@ def _regret_row(cfg: Config) -> Result:
     shapes = _conv_shapes(dev)
     if cfg.quick:  # an even sample of the distinct shapes
         shapes = shapes[::max(1, len(shapes) // QUICK_SHAPES)]
-    for workers in SIZES:
-        for c_in, c_out, k, stride, pad, size in shapes:
-            mods = [torch.nn.Conv2d(c_in, c_out, k, stride, pad, bias=False).to(dev) for _ in range(workers)]
-            conv = _Conv(mods, "", auto=True)
-            x = torch.randn(batch, workers * c_in, size, size, device=dev)
-            conv(x)  # auto's choice (measured now, or from the cache)
-            how = next(iter(conv.chosen.values()))
-            ws, bs = [m.weight for m in mods], [None] * workers
-            fresh = choice.measure_conv(x, ws, bs, conv._stacked, conv._loop,  # an independent re-measurement
-                                        cfg.reps(full=choice.REPEATS, quick=3))
-            ratio = fresh[how] / min(fresh.values())
-            table.append({"S": workers, "shape": [c_in, c_out, k, stride, size], "chose": how, "ms": fresh})
-            if ratio > worst:
-                worst, where = ratio, f"S={workers} {c_in}->{c_out} k{k} s{stride} @{size}"
+    reps = cfg.reps(full=3 * choice.REPEATS, quick=3)
+    with tempfile.TemporaryDirectory() as private, _cache_in(private):  # auto decides now, not from an old entry
+        for workers in SIZES:
+            for c_in, c_out, k, stride, pad, size in shapes:
+                mods = [torch.nn.Conv2d(c_in, c_out, k, stride, pad, bias=False).to(dev) for _ in range(workers)]
+                conv = _Conv(mods, "", auto=True)
+                x = torch.randn(batch, workers * c_in, size, size, device=dev)
+                conv(x)  # auto measures and chooses
+                how = next(iter(conv.chosen.values()))
+                other = choice.LOOP if how == choice.STACKED else choice.STACKED
+                setups = choice.conv_setups(x, [m.weight for m in mods], [None] * workers,
+                                            {choice.STACKED: conv._stacked, choice.LOOP: conv._loop})
+                fresh = interleaved(setups, reps, warmup=choice.WARMUP, device=dev)  # independent and longer
+                ratio = max(1.0, fresh.ratio(how, other))
+                table.append({"S": workers, "shape": [c_in, c_out, k, stride, size], "chose": how,
+                              "ms": {name: fresh.median(name) for name in (choice.STACKED, choice.LOOP)},
+                              "regret": ratio})
+                if ratio > worst:
+                    worst, where = ratio, f"S={workers} {c_in}->{c_out} k{k} s{stride} @{size}"
     return valued(P8[3], worst, 1.0, note=f"{len(shapes)} distinct conv shapes x S = 2/4/8, batch {batch} per "
-                                          f"worker; worst at {where or 'none'}", convs=table)
+                                          f"worker, each re-timed {reps} times; worst at {where or 'none'}",
+                  convs=table)
+
+
+@contextlib.contextmanager
+def _cache_in(folder: str):
+    saved = os.environ.get(choice.ENV_VAR)
+    os.environ[choice.ENV_VAR] = folder
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[choice.ENV_VAR]
+        else:
+            os.environ[choice.ENV_VAR] = saved
 
 
 def _memory_row(cfg: Config) -> Result:

@@ -6,7 +6,9 @@ per-worker convolutions on channel slices. Which is faster depends on the
 device, dtype, shape and S (on a 2-core CPU the loop usually wins; on a GPU one
 launch for S small convolutions usually does), so it is measured: forward +
 backward of both forms on random inputs of the layer's shape, interleaved,
-medians, once per (device, dtype, shape, S). Then the whole forward + backward
+medians, once per (device, dtype, shape, S); a close call (medians within
+`CLOSE` of each other) gets up to `MORE_ROUNDS` times the repetitions, since
+one short round on a busy machine cannot separate forms that close. Then the whole forward + backward
 of the batched network with those choices is timed against the loop's on the
 step's batch shapes (the network's other layers and copies cost too), and
 the faster is run. Both are kept in a JSON file under the user's cache directory ($LOFT_KERNELS_CACHE_DIR, else $XDG_CACHE_HOME/loft_kernels,
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import threading
 from pathlib import Path
 from typing import Callable, Optional
@@ -31,6 +34,9 @@ ENV_VAR = "LOFT_KERNELS_CACHE_DIR"
 FILE = "execution_choices.json"
 STACKED, LOOP = "stacked", "loop"
 REPEATS = 5
+WARMUP = 2  # the first calls of a new shape build kernels and allocate; two untimed repetitions absorb that
+CLOSE = 1.15  # medians within this factor of each other: measure more before deciding
+MORE_ROUNDS = 3  # a close call takes at most this many rounds of REPEATS
 
 _lock = threading.Lock()
 _memory: dict[Path, dict] = {}
@@ -95,8 +101,22 @@ def choose(k: str, measure: Callable[[], dict[str, float]]) -> str:
     return entry["choice"]
 
 
-def measure_conv(x: torch.Tensor, weights, biases, run_stacked, run_loop, repeats: int | None = None) -> dict[str, float]:
-    """Median forward + backward milliseconds of both forms on fresh random inputs shaped like the layer's."""
+def _medians(setups: dict, device, repeats: int) -> dict[str, float]:
+    """Interleaved median milliseconds of `setups`, with more rounds while the two fastest stay within CLOSE."""
+    samples: dict[str, list[float]] = {name: [] for name in setups}
+    for rounds in range(1, MORE_ROUNDS + 1):
+        t = interleaved(setups, repeats, warmup=WARMUP if rounds == 1 else 0, device=device)
+        for name in samples:
+            samples[name] += t.samples[name]
+        medians = {name: statistics.median(v) for name, v in samples.items()}
+        first, second = sorted(medians.values())[:2]
+        if second > CLOSE * first:
+            break
+    return medians
+
+
+def conv_setups(x: torch.Tensor, weights, biases, forms: dict[str, Callable]) -> dict[str, Callable]:
+    """For `interleaved`: each form's forward + backward on fresh random inputs shaped like the layer's."""
     def setup(run):
         def make():
             xs = torch.randn(x.shape, device=x.device, dtype=x.dtype, requires_grad=True)
@@ -105,20 +125,23 @@ def measure_conv(x: torch.Tensor, weights, biases, run_stacked, run_loop, repeat
                   for b in biases]
 
             def go():
-                y = run(xs, ws, bs)
-                y.backward(torch.ones_like(y))
+                with torch.enable_grad():
+                    y = run(xs, ws, bs)
+                    y.backward(torch.ones_like(y))
             return go
         return make
-    with torch.enable_grad():
-        t = interleaved({STACKED: setup(run_stacked), LOOP: setup(run_loop)}, repeats or REPEATS, warmup=1,
-                        device=x.device)
-    return {name: t.median(name) for name in (STACKED, LOOP)}
+    return {name: setup(run) for name, run in forms.items()}
+
+
+def measure_conv(x: torch.Tensor, weights, biases, run_stacked, run_loop, repeats: int | None = None) -> dict[str, float]:
+    """Median forward + backward milliseconds of both forms (see `conv_setups`; close calls measured longer)."""
+    setups = conv_setups(x, weights, biases, {STACKED: run_stacked, LOOP: run_loop})
+    return _medians(setups, x.device, repeats or REPEATS)
 
 
 def measure_steps(runs: dict[str, Callable[[], None]], device) -> dict[str, float]:
     """Median milliseconds of whole forward + backward passes (`runs`: name -> a pass that leaves no trace)."""
-    t = interleaved({name: (lambda run=run: run) for name, run in runs.items()}, REPEATS, warmup=1, device=device)
-    return {name: t.median(name) for name in runs}
+    return _medians({name: (lambda run=run: run) for name, run in runs.items()}, device, REPEATS)
 
 
 # How far the batched network's gradients may lie from the loop's: the L2 norm of the difference, relative to the
