@@ -5,7 +5,10 @@ interpreter is switched on for the whole session when no GPU is present
 (before anything asks the backend registry whether triton is usable).
 Measured execution choices go to a temporary directory, never the user's cache.
 """
+import atexit
+import functools
 import os
+import shutil
 import tempfile
 
 import torch
@@ -13,6 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["LOFT_KERNELS_CACHE_DIR"] = tempfile.mkdtemp(prefix="loft_kernels_test_cache_")
+atexit.register(functools.partial(shutil.rmtree, os.environ["LOFT_KERNELS_CACHE_DIR"], ignore_errors=True))
 
 import pytest  # noqa: E402
 

@@ -149,7 +149,7 @@ def _time_row(spec: Spec, workers: int, cfg: Config) -> Result:
     dev, n = cfg.device, _n(cfg)
     sims, dense, _ = _sims(workers, cfg)
     sims["auto"].step([_batch(dev, n) for _ in range(workers)], F.cross_entropy)  # auto measures its choices
-    reps = cfg.reps(full=6, quick=2)
+    reps = cfg.reps(full=10, quick=2)  # auto and loop run the same code where auto chose the loop: noise decides
     t = interleaved({**{e: _sim_step(sims[e], dev, n) for e in EXECUTIONS},
                      "dense": _dense_step(dense, _sgd(dense.parameters()), dev, n)}, reps, warmup=cfg.warmup,
                     device=dev)
