@@ -174,3 +174,33 @@ def test_global_batch_split_needs_a_batch_that_splits_over_the_workers(capsys, t
                "global", "--out", str(tmp_path / "job")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "--batch-size 32 does not split evenly over the workers of loft-3" in err
+
+
+def test_loft_budget_updates_pretrains_loft_s_for_s_times_the_epochs(tmp_path):
+    """--loft-budget updates: LoFT-S pretrains S x --epochs epochs (as many updates per filter as dense training),
+    and an explicit --draw-at epoch e (a dense epoch) is LoFT-S's epoch e x S."""
+    out = tmp_path / "job"
+    argv = ["run", "--dataset", "digits", "--model", "vgg", "--width", "0.25", "--methods", "dense,loft-2",
+            "--seeds", "1", "--epochs", "1", "--finetune-epochs", "1", "--batch-size", "32", "--loft-budget",
+            "updates", "--train-samples", "256", "--test-samples", "100", "--ratios", "50", "--controls", "none",
+            "--draw-at", "0,1", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    assert json.loads((out / "config.json").read_text())["loft_budget"] == "updates"
+    for method, epochs in (("dense", 1), ("loft-2", 2)):
+        unit = out / "units" / method / "seed0" / "pretrain"
+        summary = json.loads((unit / "summary.json").read_text())
+        assert summary["train"]["epochs"] == epochs == summary["epochs_run"]
+        assert summary["samples_per_epoch"] == 256 and (unit / f"epoch_{epochs:03d}.pt").exists()
+    rep = json.loads((out / "report.json").read_text())
+    assert sorted(rep["methods"]["dense"]["per_seed"]["0"]["drawn_at"]) == ["0", "1"]
+    assert sorted(rep["methods"]["loft-2"]["per_seed"]["0"]["drawn_at"]) == ["0", "2"]
+    notes = json.loads((out / "details.json").read_text())["notes"]
+    assert any(n.startswith("loft-2: pretrained 2 x the epochs") for n in notes)
+    assert (out / "curves.png").stat().st_size > 0 and (out / "ticket_vs_epoch.png").stat().st_size > 0
+
+
+def test_loft_budget_updates_excludes_a_global_batch_split(capsys, tmp_path):
+    rc = main(["run", "--dataset", "digits", "--loft-budget", "updates", "--batch-split", "global",
+               "--out", str(tmp_path / "job")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--loft-budget updates with --batch-split global" in err

@@ -39,6 +39,7 @@ from .run_summary import details, plots, run_info, seed_entry
 HELP = ("the main job: dense vs LoFT-2/4 pretraining, tickets pruned 50-95 percent against two controls, emergence, "
         "table, plots")
 CONTROLS = ("initial-weights", "random-filters")
+BUDGETS = ("epochs", "updates")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -71,6 +72,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="pretraining batch of LoFT-S: per-worker (each worker takes --batch-size samples per step) "
                         "or global (each takes --batch-size / S, so every method takes the same number of steps "
                         "over the same samples per epoch) (default: per dataset, see below)")
+    g.add_argument("--loft-budget", choices=BUDGETS,
+                   help="pretraining length of LoFT-S: epochs (--epochs, as dense training; each worker passes over "
+                        "its 1/S of the data per epoch, so each filter gets 1/S of dense training's updates) or "
+                        "updates (S x --epochs, so each filter gets as many updates as in dense training; --draw-at "
+                        "epochs then count dense epochs, epoch e being LoFT-S's epoch e x S) "
+                        "(default: per dataset, see below)")
     g.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs per ticket")
     g.add_argument("--finetune-lr", type=U.finite_float, help="fine-tuning learning rate, cosine-annealed")
     g.add_argument("--finetune-weight-decay", type=U.finite_float,
@@ -155,6 +162,9 @@ def _settings(args) -> dict:
         if uneven:
             raise U.CLIError(f"--batch-split global: --batch-size {args.batch_size} does not split evenly over the "
                              f"workers of {', '.join(uneven)}; use a multiple of their worker counts")
+    if args.loft_budget == "updates" and args.batch_split == "global":
+        raise U.CLIError("--loft-budget updates with --batch-split global: under global each filter already gets "
+                         "as many updates as in dense training; use one of them")
     names = [m for m, _ in methods]
     return {"methods": methods, "ratios": ratios, "draw_at": draw_at, "draw_ratio": draw_ratio, "length": length,
             "controls": parse_controls(args.controls),
@@ -173,21 +183,25 @@ class Job:
         self.progress = U.show_progress(args.quiet)
         self.example = dataset.train_x[:args.batch_size].to(device)
 
-    def _keep_epochs(self) -> list[int]:
+    def epoch_scale(self, workers: int) -> int:
+        """LoFT-S's epochs per --epochs epoch: S under --loft-budget updates, else 1."""
+        return workers if self.args.loft_budget == "updates" else 1
+
+    def _keep_epochs(self, workers: int) -> list[int]:
         if self.st["draw_at"] == "auto":  # emergence epochs are known only afterwards: keep every epoch
-            return list(range(1, self.args.epochs + 1))
-        return [e for e in self.st["draw_at"] if e]
+            return list(range(1, self.args.epochs * self.epoch_scale(workers) + 1))
+        return [e * self.epoch_scale(workers) for e in self.st["draw_at"] if e]
 
     def unit(self, method: str, workers: int, seed: int) -> tuple[dict, dict]:
         """Pretrain + tickets (+ draws) for one method and seed: (per-seed result, extras for the first seed)."""
         unit = self.out / "units" / method / f"seed{seed}"
-        cfg = train_config(self.args, workers, False)
+        cfg = train_config(self.args, workers, False, epochs=self.args.epochs * self.epoch_scale(workers))
         if self.args.batch_split == "global":
             cfg = dataclasses.replace(cfg, batch_size=self.args.batch_size // workers)
         self.log(f"== {method}, seed {seed}: pretraining {cfg.epochs} epochs")
         summary = engine.pretrain_run(unit / "pretrain", dataset=self.dataset, spec=self.spec, cfg=cfg, seed=seed,
                                       device=self.device, emergence=self.emergence, resume=True,
-                                      keep_epochs=self._keep_epochs(), progress=self.progress,
+                                      keep_epochs=self._keep_epochs(workers), progress=self.progress,
                                       log=None if self.args.quiet else (lambda m: self.log("   " + m)))
         model, groups, tracker = engine.load_pretrained(unit / "pretrain")
         model = model.to(self.device)
@@ -198,6 +212,7 @@ class Job:
                "comm_bytes": int(summary["comm_bytes_total"] or 0), "emerged_epoch": dict(summary["emerged_epoch"]),
                "loss_curve": [r["train_loss"] for r in history], "test_curve": [r["test_acc"] for r in history],
                "epoch_seconds": [r["seconds"] for r in history], "workers": workers,
+               "epoch_scale": self.epoch_scale(workers),
                "comm_curve": [int(r.get("comm_bytes_sent", 0)) * workers for r in history],
                "footrule_to_final": tracker.footrule_to(tracker.tags[-1]).total.tolist()}
         res["samples_per_epoch"] = summary["samples_per_epoch"]
@@ -213,7 +228,7 @@ class Job:
                      f"(params {metrics['params_before']} -> {metrics['params_after']})")
         if self.st["draw_at"]:
             res["drawn_at"] = {str(e): self.drawn(unit, e, seed, len(history), res)
-                               for e in self._draw_epochs(res["emerged_epoch"], len(history))}
+                               for e in self._draw_epochs(res["emerged_epoch"], len(history), workers)}
             self.log("   tickets drawn at epochs " + ", ".join(f"{e}: {a:.2f}%" for e, a in res["drawn_at"].items()))
         if first:
             extras["matrix"], extras["groups"] = tracker.footrule_matrix(), tracker.group_names
@@ -234,9 +249,9 @@ class Job:
         except ValueError:
             return int(cost(method="gpipe", balance="params").total_bytes)
 
-    def _draw_epochs(self, emerged: dict, epochs_run: int) -> list[int]:
+    def _draw_epochs(self, emerged: dict, epochs_run: int, workers: int) -> list[int]:
         if self.st["draw_at"] != "auto":
-            return self.st["draw_at"]
+            return [e * self.epoch_scale(workers) for e in self.st["draw_at"]]
         return sorted({0, epochs_run, *(e for e in emerged.values() if e is not None)})
 
     def controls(self, unit: Path, model, groups, seed: int) -> dict:
@@ -314,7 +329,7 @@ def run(args) -> int:
     spec = U.make_spec(args, dataset, workers=largest[1], workers_option=f"--methods {largest[0]}")
     config = {"command": "run", "dataset": args.dataset, "data_dir": args.data_dir, "spec": spec,
               "train_samples": args.train_samples, "test_samples": args.test_samples, "methods": [m for m, _ in st["methods"]], "seeds": st["seeds"],
-              "ratios": st["ratios"], "batch_split": args.batch_split, "controls": st["controls"], "draw_at": st["draw_at"], "draw_ratio": st["draw_ratio"],
+              "ratios": st["ratios"], "batch_split": args.batch_split, "loft_budget": args.loft_budget, "controls": st["controls"], "draw_at": st["draw_at"], "draw_ratio": st["draw_ratio"],
               "pretrain": base_cfg.to_dict(), "finetune": ft_cfg.to_dict(), "emergence": emergence,
               "length": st["length"], "device": str(device)}
     if args.resume:

@@ -16,10 +16,10 @@ from . import _common as U
 
 # Options whose default depends on the dataset and length. Anything given on the command line wins.
 KEYS = ("model", "width", "ratios", "batch_size", "lr", "weight_decay", "seeds", "epochs", "finetune_epochs", "finetune_lr",
-        "finetune_weight_decay", "batch_split", "train_samples", "test_samples", "draw_at", "footrule_threshold")
+        "finetune_weight_decay", "batch_split", "loft_budget", "train_samples", "test_samples", "draw_at", "footrule_threshold")
 # finetune_weight_decay None: the pretraining's --weight-decay
 BASE = {"model": "preact_resnet18", "width": 0.25, "ratios": "50,80,90,95", "batch_size": 24, "lr": 0.05, "weight_decay": 5e-4, "seeds": 1,
-        "epochs": 12, "finetune_epochs": 8, "finetune_lr": 0.05, "finetune_weight_decay": None, "batch_split": "per-worker", "train_samples": 0,
+        "epochs": 12, "finetune_epochs": 8, "finetune_lr": 0.05, "finetune_weight_decay": None, "batch_split": "per-worker", "loft_budget": "epochs", "train_samples": 0,
         "test_samples": 0, "draw_at": "none", "footrule_threshold": 0.1}
 PRESETS = {
     # dataset -> length -> overrides of BASE ("default" applies to every length of that dataset)
@@ -61,7 +61,7 @@ def describe() -> str:
             ft_wd = d["weight_decay"] if d["finetune_weight_decay"] is None else d["finetune_weight_decay"]
             lines.append(f"  --dataset {name}{flag}: {d['model']} width {d['width']:g}, ratios {d['ratios']}, "
                          f"batch {d['batch_size']} "
-                         f"({d['batch_split']}), "
+                         f"({d['batch_split']}), LoFT budget {d['loft_budget']}, "
                          f"{d['seeds']} seed(s), {d['epochs']} pretraining epochs (lr {d['lr']:g}, weight decay "
                          f"{d['weight_decay']:g}) + {d['finetune_epochs']} fine-tuning epochs (lr "
                          f"{d['finetune_lr']:g}, weight decay {ft_wd:g}), {subset}, draw-at {d['draw_at']}, "

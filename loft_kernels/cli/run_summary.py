@@ -75,6 +75,10 @@ def draws(results: dict, st: dict) -> dict:
 def details(results, extras, st, wall, wall_total) -> dict:
     notes, settle = [], {}
     for m, per in results.items():
+        k = next(iter(per.values())).get("epoch_scale", 1)
+        if k > 1:
+            notes.append(f"{m}: pretrained {k} x the epochs of dense training (--loft-budget updates), so each "
+                         f"filter got as many updates; its epochs below are its own")
         f = mean_curve([r["footrule_to_final"] for r in per.values()])
         loss = mean_curve([r["loss_curve"] for r in per.values()])
         # footrule_to_final starts at epoch 0 (initial weights), the loss curve at epoch 1
@@ -105,17 +109,29 @@ def details(results, extras, st, wall, wall_total) -> dict:
             "draw_ratio": st["draw_ratio"] if st["draw_at"] else None}
 
 
+def _epoch_x(results: dict) -> tuple[dict, str]:
+    """Per method, the factor its epochs are divided by on the plots' x axis, and the axis label: LoFT-S under
+    --loft-budget updates runs S epochs per dense epoch (the same updates per filter), so it is plotted at epoch / S."""
+    scale = {m: next(iter(per.values())).get("epoch_scale", 1) for m, per in results.items()}
+    label = "epoch" if all(v == 1 for v in scale.values()) else \
+        "dense epoch (LoFT-S's epoch / S: the same updates per filter)"
+    return scale, label
+
+
 def plots(out: Path, results, extras, st, rep: dict | None = None) -> None:
+    scale, xlabel = _epoch_x(results)
     f = {m: mean_curve([r["footrule_to_final"] for r in per.values()]) for m, per in results.items()}
-    report.plot_lines(f, out / "footrule_to_final.png", x={m: range(len(v)) for m, v in f.items()},
+    report.plot_lines(f, out / "footrule_to_final.png", x={m: [i / scale[m] for i in range(len(v))]
+                                                           for m, v in f.items()},
                       title="footrule distance to the final ranking (epoch 0: initial weights)",
-                      xlabel="epoch", ylabel="F(epoch, final), summed over groups (mean over seeds)")
+                      xlabel=xlabel, ylabel="F(epoch, final), summed over groups (mean over seeds)")
     if rep is not None:
         report.plot_ticket_vs_ratio(rep, out / "ticket_vs_ratio.png")
     report.plot_heatmaps({m: e["matrix"] for m, e in extras.items()}, next(iter(extras.values()))["groups"], out)
-    report.plot_curves({m: {"train_loss": mean_curve([r["loss_curve"] for r in per.values()]),
-                            "test_acc": mean_curve([r["test_curve"] for r in per.values()])}
-                        for m, per in results.items()}, out / "curves.png")
+    curves = {m: {"train_loss": mean_curve([r["loss_curve"] for r in per.values()]),
+                  "test_acc": mean_curve([r["test_curve"] for r in per.values()])} for m, per in results.items()}
+    report.plot_curves(curves, out / "curves.png", xlabel=xlabel,
+                       x={m: [(i + 1) / scale[m] for i in range(len(c["train_loss"]))] for m, c in curves.items()})
     if st["draw_at"]:
         xs, ys = {}, {}
         for m, per in results.items():  # mean over the seeds that drew at each epoch (emergence epochs differ)
@@ -123,11 +139,11 @@ def plots(out: Path, results, extras, st, rep: dict | None = None) -> None:
             for r in per.values():
                 for e, acc in r["drawn_at"].items():
                     by_epoch.setdefault(int(e), []).append(acc)
-            xs[m] = sorted(by_epoch)
-            ys[m] = [_mean(by_epoch[e]) for e in xs[m]]
+            xs[m] = [e / scale[m] for e in sorted(by_epoch)]
+            ys[m] = [_mean(by_epoch[e]) for e in sorted(by_epoch)]
         report.plot_lines(ys, out / "ticket_vs_epoch.png", x=xs,
                           title=f"ticket ({st['draw_ratio'] * 100:g} % pruned) drawn at epoch e, fine-tuned",
-                          xlabel="epoch the ticket was drawn at", ylabel="test accuracy (%, mean over seeds)")
+                          xlabel=f"{xlabel} the ticket was drawn at", ylabel="test accuracy (%, mean over seeds)")
 
 
 def run_info(wall_seconds: float, load_at_start: tuple, device) -> dict:

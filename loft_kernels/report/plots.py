@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 from .._optional import require
 from .results import ticket_stats, validate_report
@@ -62,16 +62,19 @@ def plot_ticket_vs_ratio(report: Mapping, path) -> Path:
     return _save(fig, Path(path))
 
 
-def plot_curves(histories: Mapping[str, Mapping[str, Sequence[float]]], path) -> Path:
-    """Training loss and test accuracy per epoch, one line per method (histories[m]['train_loss'/'test_acc'])."""
+def plot_curves(histories: Mapping[str, Mapping[str, Sequence[float]]], path, *,
+                x: Optional[Mapping[str, Sequence[float]]] = None, xlabel: str = "epoch") -> Path:
+    """Training loss and test accuracy per epoch, one line per method (histories[m]['train_loss'/'test_acc']);
+    `x`: per method, the x value of each epoch (default 1, 2, ...)."""
     if not histories:
         raise ValueError("histories must not be empty")
     fig, (a1, a2) = _pyplot().subplots(1, 2, figsize=(11, 4))
     for name, h in histories.items():
-        a1.plot(range(1, len(h["train_loss"]) + 1), h["train_loss"], label=name)
-        a2.plot(range(1, len(h["test_acc"]) + 1), h["test_acc"], label=name)
-    a1.set(title="pretraining: training loss", xlabel="epoch", ylabel="loss")
-    a2.set(title="pretraining: test accuracy of the full model", xlabel="epoch", ylabel="accuracy (%)")
+        xs = list(x[name]) if x is not None else list(range(1, len(h["train_loss"]) + 1))
+        a1.plot(xs[:len(h["train_loss"])], h["train_loss"], label=name)
+        a2.plot(xs[:len(h["test_acc"])], h["test_acc"], label=name)
+    a1.set(title="pretraining: training loss", xlabel=xlabel, ylabel="loss")
+    a2.set(title="pretraining: test accuracy of the full model", xlabel=xlabel, ylabel="accuracy (%)")
     for a in (a1, a2):
         a.grid(alpha=0.3)
         a.legend()
