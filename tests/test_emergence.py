@@ -123,3 +123,26 @@ def test_bad_input():
     tracker.snapshot(0)
     with pytest.raises(ValueError, match="ratio is required"):
         detect_emergence(tracker, "mask")
+
+
+def test_engine_judges_every_kth_snapshot_like_a_tracker_of_those_snapshots():
+    """emergence_epochs(..., every=k) on epochs 0..T equals both criteria on a tracker that holds only the
+    snapshots of epochs 0, k, 2k, ... (a run of k times the epochs, judged on the grid of the shorter one)."""
+    from loft_kernels.engine.pretrain import emergence_epochs
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 10, 1), nn.ReLU(), nn.Conv2d(10, 1, 1))
+    groups = [Group("g", "0", (), "2", 10)]
+    every, sparse = FilterTracker(model, groups), FilterTracker(model, groups)
+    norms = torch.rand(10, generator=gen)
+    for epoch in range(25):  # the ranking moves less and less
+        norms = norms + torch.rand(10, generator=gen) / (1 + epoch) ** 2
+        _set_norms(model[0], norms.tolist())
+        every.snapshot(epoch)
+        if epoch % 3 == 0:
+            sparse.snapshot(epoch)
+    opts = {"mask_ratio": 0.5, "footrule_threshold": 0.3, "footrule_window": 2}
+    want = {"footrule": detect_emergence(sparse, "footrule", threshold=0.3, window=2),
+            "mask": detect_emergence(sparse, "mask", ratio=0.5)}
+    assert want["footrule"] is not None and want["footrule"] % 3 == 0
+    assert emergence_epochs(every, {**opts, "every": 3}) == want
+    assert emergence_epochs(every, opts) == emergence_epochs(every, {**opts, "every": 1})

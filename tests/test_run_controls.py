@@ -191,6 +191,7 @@ def test_loft_budget_updates_pretrains_loft_s_for_s_times_the_epochs(tmp_path):
         summary = json.loads((unit / "summary.json").read_text())
         assert summary["train"]["epochs"] == epochs == summary["epochs_run"]
         assert summary["samples_per_epoch"] == 256 and (unit / f"epoch_{epochs:03d}.pt").exists()
+        assert summary["emergence"].get("every", 1) == epochs  # LoFT-2's criteria look at every 2nd epoch
     rep = json.loads((out / "report.json").read_text())
     assert sorted(rep["methods"]["dense"]["per_seed"]["0"]["drawn_at"]) == ["0", "1"]
     assert sorted(rep["methods"]["loft-2"]["per_seed"]["0"]["drawn_at"]) == ["0", "2"]

@@ -187,6 +187,12 @@ class Job:
         """LoFT-S's epochs per --epochs epoch: S under --loft-budget updates, else 1."""
         return workers if self.args.loft_budget == "updates" else 1
 
+    def _emergence(self, workers: int) -> dict:
+        """The emergence options of one method: LoFT-S under --loft-budget updates is judged every S epochs (one
+        dense epoch's updates per filter), so its criteria mean what they mean for dense training."""
+        scale = self.epoch_scale(workers)
+        return self.emergence if scale == 1 else {**self.emergence, "every": scale}
+
     def _keep_epochs(self, workers: int) -> list[int]:
         if self.st["draw_at"] == "auto":  # emergence epochs are known only afterwards: keep every epoch
             return list(range(1, self.args.epochs * self.epoch_scale(workers) + 1))
@@ -200,7 +206,7 @@ class Job:
             cfg = dataclasses.replace(cfg, batch_size=self.args.batch_size // workers)
         self.log(f"== {method}, seed {seed}: pretraining {cfg.epochs} epochs")
         summary = engine.pretrain_run(unit / "pretrain", dataset=self.dataset, spec=self.spec, cfg=cfg, seed=seed,
-                                      device=self.device, emergence=self.emergence, resume=True,
+                                      device=self.device, emergence=self._emergence(workers), resume=True,
                                       keep_epochs=self._keep_epochs(workers), progress=self.progress,
                                       log=None if self.args.quiet else (lambda m: self.log("   " + m)))
         model, groups, tracker = engine.load_pretrained(unit / "pretrain")

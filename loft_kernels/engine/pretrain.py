@@ -27,13 +27,23 @@ from .trainers import make_trainer
 def emergence_epochs(tracker: FilterTracker, opts: dict) -> dict:
     """{"footrule": epoch or None, "mask": epoch or None}: where each criterion fired over the snapshots so far.
 
-    opts: {"mask_ratio", "footrule_threshold", "footrule_window"} (see `lk.detect_emergence`).
+    opts: {"mask_ratio", "footrule_threshold", "footrule_window"} (see `lk.detect_emergence`), and optionally
+    "every": judge only the snapshots of every `every`-th epoch (the initial weights included), so that a run of
+    k times the epochs of another, each doing 1/k of its updates, is judged on the same grid.
     """
     if len(tracker) == 0:
         return {"footrule": None, "mask": None}
-    return {"footrule": detect_emergence(tracker, "footrule", threshold=opts["footrule_threshold"],
-                                         window=opts["footrule_window"]),
-            "mask": detect_emergence(tracker, "mask", ratio=opts["mask_ratio"])}
+    every = opts.get("every", 1)
+    if every == 1:
+        return {"footrule": detect_emergence(tracker, "footrule", threshold=opts["footrule_threshold"],
+                                             window=opts["footrule_window"]),
+                "mask": detect_emergence(tracker, "mask", ratio=opts["mask_ratio"])}
+    keep = [i for i, tag in enumerate(tracker.tags) if tag % every == 0]
+    pick = lambda m: m[keep][:, keep]  # noqa: E731
+    fired = {"footrule": detect_emergence(pick(tracker.footrule_matrix(reduce=True)), "footrule",
+                                          threshold=opts["footrule_threshold"], window=opts["footrule_window"]),
+             "mask": detect_emergence(pick(tracker.mask_distance_matrix(opts["mask_ratio"], reduce=True)), "mask")}
+    return {c: None if i is None else tracker.tags[keep[i]] for c, i in fired.items()}
 
 
 DEFAULT_EMERGENCE = {"mask_ratio": 0.5, "footrule_threshold": 0.1, "footrule_window": 3}
