@@ -3,8 +3,9 @@
 The defaults are sized for a 2-core CPU machine: digits (one seed) in under a
 minute, the Fashion-MNIST showcase (three seeds; a VGG at width 0.5 on
 class-balanced subsets of 10,000 training and 5,000 test images, 8 pretraining
-and 3 fine-tuning epochs, tickets and controls at 50, 80 and 90 %) in 12
-minutes on an idle machine (measured 2026-12-03); --full is the long
+and 3 fine-tuning epochs, LoFT-S for S times the pretraining epochs, tickets
+and controls at 50, 80 and 90 %) in 19 minutes on an idle machine (measured
+2026-12-03); --full is the long
 multi-seed version of either (not measured). docs/showcase.md says how the
 Fashion-MNIST setting was chosen.
 """
@@ -32,10 +33,12 @@ PRESETS = {
     # drawn from the initial weights catches up); at 95 % (one or two filters left in the first layers) no setting
     # tried beats both controls, so the ratios stop at 90 %. The consecutive footrule distances of that
     # pretraining settle at 10-35 % of the first one, hence a threshold of 0.3 (docs/algorithm.md).
+    # LoFT-S pretrains S x the epochs (--loft-budget updates): at equal epochs each filter gets 1/S of dense
+    # training's updates, and LoFT-4's ticket lagged dense's by 3-4 points (1.3-2.3 with equal updates).
     "fashion-mnist": {"default": {"model": "vgg", "width": 0.5, "ratios": "50,80,90", "batch_size": 64,
                                   "weight_decay": 5e-3, "seeds": 3, "epochs": 8, "finetune_epochs": 3,
                                   "finetune_lr": 0.01, "train_samples": 10000, "test_samples": 5000,
-                                  "draw_at": "auto", "footrule_threshold": 0.3},
+                                  "draw_at": "auto", "footrule_threshold": 0.3, "loft_budget": "updates"},
                       "quick": {"seeds": 1, "epochs": 3, "finetune_epochs": 1, "train_samples": 1000,
                                 "test_samples": 2000},
                       "full": {"seeds": 3, "epochs": 20, "finetune_epochs": 10, "train_samples": 0,
