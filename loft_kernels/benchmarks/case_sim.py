@@ -23,6 +23,7 @@ import copy
 import functools
 import os
 import tempfile
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -187,7 +188,8 @@ def _regret_row(cfg: Config) -> Result:
     if cfg.quick:  # an even sample of the distinct shapes
         shapes = shapes[::max(1, len(shapes) // QUICK_SHAPES)]
     reps = cfg.reps(full=3 * choice.REPEATS, quick=3)
-    with tempfile.TemporaryDirectory() as private, _cache_in(private):  # auto decides now, not from an old entry
+    with tempfile.TemporaryDirectory() as private, \
+            mock.patch.dict(os.environ, {choice.ENV_VAR: private}):  # auto decides now, not from an old entry
         for workers in SIZES:
             for c_in, c_out, k, stride, pad, size in shapes:
                 mods = [torch.nn.Conv2d(c_in, c_out, k, stride, pad, bias=False).to(dev) for _ in range(workers)]
@@ -208,19 +210,6 @@ def _regret_row(cfg: Config) -> Result:
     return valued(P8[3], worst, 1.0, note=f"{len(shapes)} distinct conv shapes x S = 2/4/8, batch {batch} per "
                                           f"worker, each re-timed {reps} times; worst at {where or 'none'}",
                   convs=table)
-
-
-@contextlib.contextmanager
-def _cache_in(folder: str):
-    saved = os.environ.get(choice.ENV_VAR)
-    os.environ[choice.ENV_VAR] = folder
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[choice.ENV_VAR]
-        else:
-            os.environ[choice.ENV_VAR] = saved
 
 
 def _memory_row(cfg: Config) -> Result:

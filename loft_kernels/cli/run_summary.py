@@ -74,8 +74,9 @@ def draws(results: dict, st: dict) -> dict:
 
 def details(results, extras, st, wall, wall_total) -> dict:
     notes, settle = [], {}
+    scale = _epoch_x(results)[0]
     for m, per in results.items():
-        k = next(iter(per.values())).get("epoch_scale", 1)
+        k = scale[m]
         if k > 1:
             notes.append(f"{m}: pretrained {k} x the epochs of dense training (--loft-budget updates), so each "
                          f"filter got as many updates; its epochs below are its own")

@@ -33,12 +33,7 @@ def emergence_epochs(tracker: FilterTracker, opts: dict) -> dict:
     """
     if len(tracker) == 0:
         return {"footrule": None, "mask": None}
-    every = opts.get("every", 1)
-    if every == 1:
-        return {"footrule": detect_emergence(tracker, "footrule", threshold=opts["footrule_threshold"],
-                                             window=opts["footrule_window"]),
-                "mask": detect_emergence(tracker, "mask", ratio=opts["mask_ratio"])}
-    keep = [i for i, tag in enumerate(tracker.tags) if tag % every == 0]
+    keep = [i for i, tag in enumerate(tracker.tags) if tag % opts.get("every", 1) == 0]
     pick = lambda m: m[keep][:, keep]  # noqa: E731
     fired = {"footrule": detect_emergence(pick(tracker.footrule_matrix(reduce=True)), "footrule",
                                           threshold=opts["footrule_threshold"], window=opts["footrule_window"]),
