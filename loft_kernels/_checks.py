@@ -13,6 +13,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_SMALL_INDEX = 4096  # CPU index sets up to this many entries are checked as Python ints
 
 
 def tensor(value, name: str, *, ndim: int | Sequence[int] | None = None, floating: bool = False) -> torch.Tensor:
@@ -59,17 +60,26 @@ def index(value, name: str, size: int, device: torch.device, *, ndim: int = 1, d
         # Range and duplicate checks read the values (a host sync and a graph break);
         # inside a compiled graph, and for meta/fake tensors (no values), only the static checks above apply.
         return value.long()
-    lo, hi = int(value.min()), int(value.max())
+    value = value.long()
+    if value.device.type == "cpu" and value.numel() <= _SMALL_INDEX:
+        # A partial conv's index set is a few hundred entries: reading them as Python ints costs a few
+        # microseconds, where the tensor ops below (min, max, sort, compare) cost tens per call.
+        rows = value.reshape(-1, value.shape[-1]).tolist()
+        lo, hi = min(min(r) for r in rows), max(max(r) for r in rows)
+        duplicate = distinct and any(len(set(r)) != len(r) for r in rows)
+    else:
+        lo, hi = int(value.min()), int(value.max())
+        duplicate = False
+        if distinct and lo >= 0 and hi < size:
+            sorted_rows = value.reshape(-1, value.shape[-1]).sort(dim=1).values
+            duplicate = bool((sorted_rows[:, 1:] == sorted_rows[:, :-1]).any())
     if lo < 0:
         raise ValueError(f"{name} has a negative entry ({lo}); indices must lie in [0, {size})")
     if hi >= size:
         raise ValueError(f"{name} has entry {hi}, out of range for size {size}; indices must lie in [0, {size})")
-    value = value.long()
-    if distinct:
-        sorted_rows = value.reshape(-1, value.shape[-1]).sort(dim=1).values
-        if bool((sorted_rows[:, 1:] == sorted_rows[:, :-1]).any()):
-            raise ValueError(f"{name} has duplicate entries; each index must appear at most once" +
-                             (" per row" if ndim == 2 else ""))
+    if duplicate:
+        raise ValueError(f"{name} has duplicate entries; each index must appear at most once" +
+                         (" per row" if ndim == 2 else ""))
     return value.contiguous()
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import loft_kernels as lk
+from loft_kernels import _checks
 
 x, w, b = torch.randn(2, 4, 6, 6), torch.randn(5, 4, 3, 3), torch.randn(5)
 i = torch.tensor
@@ -148,3 +149,28 @@ def test_pruned_count_bad_input():
         lk.pruned_count(3.0, 0.5)
     with pytest.raises(ValueError, match="ratio must lie in"):
         lk.pruned_count(3, 1.5)
+
+
+@pytest.mark.parametrize("size", [8, 3 * _checks._SMALL_INDEX])  # checked as Python ints / with tensor ops
+@pytest.mark.parametrize("ndim", [1, 2])
+def test_index_check_small_and_large_sets_agree(size, ndim):
+    good = torch.stack([torch.randperm(size)[: size // 2] for _ in range(2)])  # rows distinct, overlapping
+    good = good if ndim == 2 else good[0]
+    cpu = torch.device("cpu")
+    assert torch.equal(_checks.index(good.int(), "idx", size, cpu, ndim=ndim), good)
+
+    def broken(fn):
+        t = good.clone()
+        fn(t.view(-1, t.shape[-1]))
+        return t
+
+    def dup(f):
+        f[-1, 1] = f[-1, 0]
+    per_row = " per row" if ndim == 2 else ""
+    with pytest.raises(ValueError, match=f"idx has duplicate entries; each index must appear at most once{per_row}$"):
+        _checks.index(broken(dup), "idx", size, cpu, ndim=ndim)
+    assert torch.equal(_checks.index(broken(dup), "idx", size, cpu, ndim=ndim, distinct=False), broken(dup))
+    with pytest.raises(ValueError, match=r"idx has a negative entry \(-1\)"):
+        _checks.index(broken(lambda f: f[0].__setitem__(-1, -1)), "idx", size, cpu, ndim=ndim)
+    with pytest.raises(ValueError, match=f"idx has entry {size}, out of range for size {size}"):
+        _checks.index(broken(lambda f: f[-1].__setitem__(-1, size)), "idx", size, cpu, ndim=ndim)
