@@ -275,22 +275,27 @@ def test_auto_accepts_a_correct_batched_network_in_float32(one_thread, cache):  
         auto.step(batches, F.cross_entropy)
 
 
-@pytest.mark.parametrize("ms, rounds", [((1.0, 8.0), 1), ((4.0, 4.2), 3)])
+@pytest.mark.parametrize("ms, rounds", [((1.0, 8.0), 1), ((4.0, 4.2), 3), ((6.0, (1.0, 14.0)), 3)])
 def test_a_close_call_is_measured_longer(ms, rounds):
-    """Forms far apart are decided after one round of repetitions; forms within 15 % get up to three rounds."""
+    """Forms far apart are decided after one round of repetitions; forms within 15 % get up to three rounds, and so
+    do forms whose medians are far apart while their repetitions scatter across each other (a pair of durations
+    alternates call by call)."""
+    import itertools
     import time
 
     from loft_kernels.training import execution_choice
     calls = {"a": 0, "b": 0}
 
     def setup(name, seconds):
+        durations = itertools.cycle(seconds if isinstance(seconds, tuple) else (seconds,))
+
         def make():
             def go():
                 calls[name] += 1
-                time.sleep(seconds)
+                time.sleep(next(durations) / 1e3)
             return go
         return make
-    medians = execution_choice._medians({"a": setup("a", ms[0] / 1e3), "b": setup("b", ms[1] / 1e3)}, None, 5)
+    medians = execution_choice._medians({"a": setup("a", ms[0]), "b": setup("b", ms[1])}, None, 5)
     assert calls == {"a": 5 * rounds + execution_choice.WARMUP, "b": 5 * rounds + execution_choice.WARMUP}
     if rounds == 1:
         assert min(medians, key=medians.get) == "a"

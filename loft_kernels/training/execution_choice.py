@@ -7,8 +7,9 @@ device, dtype, shape and S (on a 2-core CPU the loop usually wins; on a GPU one
 launch for S small convolutions usually does), so it is measured: forward +
 backward of both forms on random inputs of the layer's shape, interleaved,
 medians, once per (device, dtype, shape, S); a close call (medians within
-`CLOSE` of each other) gets up to `MORE_ROUNDS` times the repetitions, since
-one short round on a busy machine cannot separate forms that close. Then the whole forward + backward
+`CLOSE` of each other, or repetitions whose middle halves overlap) gets up to
+`MORE_ROUNDS` times the repetitions, since one short round on a busy machine
+cannot separate forms that close. Then the whole forward + backward
 of the batched network with those choices is timed against the loop's on the
 step's batch shapes (the network's other layers and copies cost too), and
 the faster is run. Both are kept in a JSON file under the user's cache directory ($LOFT_KERNELS_CACHE_DIR, else $XDG_CACHE_HOME/loft_kernels,
@@ -102,17 +103,29 @@ def choose(k: str, measure: Callable[[], dict[str, float]]) -> str:
 
 
 def _medians(setups: dict, device, repeats: int) -> dict[str, float]:
-    """Interleaved median milliseconds of `setups`, with more rounds while the two fastest stay within CLOSE."""
+    """Interleaved median milliseconds of `setups`, with more rounds while the two fastest are a close call."""
     samples: dict[str, list[float]] = {name: [] for name in setups}
     for rounds in range(1, MORE_ROUNDS + 1):
         t = interleaved(setups, repeats, warmup=WARMUP if rounds == 1 else 0, device=device)
         for name in samples:
             samples[name] += t.samples[name]
         medians = {name: statistics.median(v) for name, v in samples.items()}
-        first, second = sorted(medians.values())[:2]
-        if second > CLOSE * first:
+        first, second = sorted(medians, key=medians.get)[:2]
+        if medians[second] > CLOSE * medians[first] and _apart(samples[first], samples[second]):
             break
     return medians
+
+
+def _apart(faster: list[float], slower: list[float]) -> bool:
+    """Whether the middle halves of two timing samples do not overlap.
+
+    Medians 15 % apart can still be one outlier round: a form whose repetitions
+    scatter (large convolutions allocating and faulting in fresh memory) is not
+    decided until its spread clears the other form's.
+    """
+    if len(faster) < 2 or len(slower) < 2:
+        return True
+    return statistics.quantiles(faster, n=4)[2] < statistics.quantiles(slower, n=4)[0]
 
 
 def conv_setups(x: torch.Tensor, weights, biases, forms: dict[str, Callable]) -> dict[str, Callable]:
