@@ -5,9 +5,10 @@ minute, the Fashion-MNIST showcase (three seeds; a VGG at width 0.5 on
 class-balanced subsets of 10,000 training and 5,000 test images, 8 pretraining
 and 3 fine-tuning epochs, LoFT-S for S times the pretraining epochs, tickets
 and controls at 50, 80 and 90 %) in 19 minutes on an idle machine (measured
-2026-12-03); --full is the long
-multi-seed version of either (not measured). docs/showcase.md says how the
-Fashion-MNIST setting was chosen.
+2026-12-03); --full is the long multi-seed version of either on all the data
+(not measured as a whole; one seed of all the Fashion-MNIST data at the default
+epochs took 35 minutes for dense and LoFT-4 and did not tell pretraining from
+none). docs/showcase.md says how the Fashion-MNIST setting was chosen.
 """
 from __future__ import annotations
 
