@@ -51,6 +51,7 @@ def test_partial_conv2d_bad_input(kwargs, exc, match):
     (dict(out_index=i([0, 1])), ValueError, "out_index must be 2-D"),
     (dict(out_index=i([[0, 1], [1, 2], [0, 3]])), ValueError, r"out_index must have one row per group \(2\)"),
     (dict(out_index=i([[0, 0], [1, 2]])), ValueError, "out_index has duplicate entries; .* per row"),
+    (dict(out_index=torch.zeros(0, 2, dtype=torch.long)), ValueError, r"out_index must not be empty, got shape \(0, 2\)"),
     (dict(in_index=i([[0, 9], [1, 2]])), ValueError, "in_index has entry 9, out of range"),
     (dict(in_index=i([[0, 1], [1, 2]])), ValueError, r"x must have 2 channels \(in_index.shape\[1\]\)"),
     (dict(bias=b.double()), TypeError, "bias has dtype"),
