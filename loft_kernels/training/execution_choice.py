@@ -119,9 +119,10 @@ def _medians(setups: dict, device, repeats: int) -> dict[str, float]:
 def _apart(faster: list[float], slower: list[float]) -> bool:
     """Whether the middle halves of two timing samples do not overlap.
 
-    Medians 15 % apart can still be one outlier round: a form whose repetitions
-    scatter (large convolutions allocating and faulting in fresh memory) is not
-    decided until its spread clears the other form's.
+    Medians 15 % apart can still be one outlier round: the repetitions of one
+    form scatter widely on a busy machine (measured here: 516 to 754 ms for the
+    same large 1x1 convolution), and such a form is not decided until its
+    spread clears the other form's.
     """
     if len(faster) < 2 or len(slower) < 2:
         return True
