@@ -61,25 +61,27 @@ def index(value, name: str, size: int, device: torch.device, *, ndim: int = 1, d
         # inside a compiled graph, and for meta/fake tensors (no values), only the static checks above apply.
         return value.long()
     value = value.long()
-    if value.device.type == "cpu" and value.numel() <= _SMALL_INDEX:
-        # A partial conv's index set is a few hundred entries: reading them as Python ints costs a few
-        # microseconds, where the tensor ops below (min, max, sort, compare) cost tens per call.
-        rows = value.reshape(-1, value.shape[-1]).tolist()
-        lo, hi = min(min(r) for r in rows), max(max(r) for r in rows)
-        duplicate = distinct and any(len(set(r)) != len(r) for r in rows)
+    rows = value.reshape(-1, value.shape[-1])
+    # A partial conv's index set is a few hundred entries: reading them as Python ints costs a few
+    # microseconds, where the tensor ops (min, max, sort, compare) cost tens per call.
+    listed = rows.tolist() if value.device.type == "cpu" and value.numel() <= _SMALL_INDEX else None
+    if listed is not None:
+        lo, hi = min(map(min, listed)), max(map(max, listed))
     else:
         lo, hi = int(value.min()), int(value.max())
-        duplicate = False
-        if distinct and lo >= 0 and hi < size:
-            sorted_rows = value.reshape(-1, value.shape[-1]).sort(dim=1).values
-            duplicate = bool((sorted_rows[:, 1:] == sorted_rows[:, :-1]).any())
     if lo < 0:
         raise ValueError(f"{name} has a negative entry ({lo}); indices must lie in [0, {size})")
     if hi >= size:
         raise ValueError(f"{name} has entry {hi}, out of range for size {size}; indices must lie in [0, {size})")
-    if duplicate:
-        raise ValueError(f"{name} has duplicate entries; each index must appear at most once" +
-                         (" per row" if ndim == 2 else ""))
+    if distinct:
+        if listed is not None:
+            duplicate = any(len(set(r)) != len(r) for r in listed)
+        else:
+            sorted_rows = rows.sort(dim=1).values
+            duplicate = bool((sorted_rows[:, 1:] == sorted_rows[:, :-1]).any())
+        if duplicate:
+            raise ValueError(f"{name} has duplicate entries; each index must appear at most once" +
+                             (" per row" if ndim == 2 else ""))
     return value.contiguous()
 
 
