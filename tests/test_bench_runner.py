@@ -15,7 +15,7 @@ from loft_kernels.benchmarks.result import Result, Spec, judge, valued
 from loft_kernels.benchmarks.timing import Timings, interleaved
 
 CASE_IDS = ["P1a", "P1b", "P2a", "P2b", "P3a", "P3b", "P4a", "P4b", "P5a", "P5b", "P6a", "P6b", "P6c", "P6m", "P6s", "P7",
-            "P8t2", "P8t4", "P8t8", "P8r", "P8m", "P8g", "P8v"]
+            "P8t2", "P8t4", "P8t8", "P8r", "P8m", "P8g", "P8v", "P9v", "P9r", "P9s"]
 VALUE_ROWS = {"P6m", "P6s", "P7", "P8r", "P8m"}  # compare computed values (bytes, modelled traffic), not times
 ROW_KEYS = {"id", "name", "candidate_ms", "baseline_ms", "ratio", "limit", "goal", "met"}
 
@@ -45,7 +45,7 @@ def test_case_subset_and_bad_arguments(tmp_path):
     out = tmp_path / "p7.json"
     assert runner.main(["--cases", "p7", "--json", str(out)]) == 0
     assert [r["id"] for r in json.loads(out.read_text())["results"]] == ["P7"]
-    for argv in (["--cases", "P9"], ["--repeats", "0"], ["--warmup", "-1"], ["--bogus"]):
+    for argv in (["--cases", "P10"], ["--repeats", "0"], ["--warmup", "-1"], ["--bogus"]):
         with pytest.raises(SystemExit) as e:
             runner.main(argv)
         assert e.value.code == 2

@@ -36,7 +36,10 @@ def rows_csv(path):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "pre"
-    assert main(["pretrain", *TINY, *LOFT2, "--keep-epochs", "1", "--out", str(out), "--quiet"]) == 0
+    # The loop execution: what the distributed ranks compute. The batched network rounds differently, and over two
+    # epochs a ReLU input that rounding moves across zero can grow that difference past the comparison's tolerance.
+    assert main(["pretrain", *TINY, *LOFT2, "--execution", "loop", "--keep-epochs", "1", "--out", str(out),
+                 "--quiet"]) == 0
     return out
 
 

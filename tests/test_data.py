@@ -302,11 +302,17 @@ def test_loader_shards_workers_and_resumes_exactly():
     assert torch.equal(torch.cat([b[1] for b in loader.epoch(0)]), seen[0])      # and the same one again
     plain = BatchLoader(x, y, batch_size=5, shuffle=False, drop_last=True)
     assert len(plain) == 4 and [b[1].tolist() for b in plain.epoch(3)][0] == [0, 1, 2, 3, 4]
-    aug = BatchLoader(torch.randn(20, 2, 6, 6), y[:20], batch_size=3, seed=1, augment=True, workers=2)
+    images = torch.randn(20, 2, 6, 6)
+    aug = BatchLoader(images, y[:20], batch_size=3, seed=1, augment=True, workers=2)
     full = list(aug.epoch(2, worker=1))
     resumed = list(aug.epoch(2, worker=1, start=2))
     assert len(resumed) == len(full) - 2
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[2:], resumed))
+    cl = BatchLoader(images, y[:20], batch_size=3, seed=1, augment=True, workers=2,
+                     memory_format=torch.channels_last)
+    for a, b in zip(full, cl.epoch(2, worker=1)):  # the same batches, in the asked layout
+        assert b[0].is_contiguous(memory_format=torch.channels_last) and not b[0].is_contiguous()
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_loader_bad_input():
@@ -319,6 +325,8 @@ def test_loader_bad_input():
         BatchLoader(x, y, 2, workers=11)
     with pytest.raises(TypeError, match="shuffle"):
         BatchLoader(x, y, 2, shuffle=1)
+    with pytest.raises(TypeError, match="memory_format must be None or a torch.memory_format"):
+        BatchLoader(x, y, 2, memory_format="channels_last")
     loader = BatchLoader(x, y, 2, workers=2)
     with pytest.raises(ValueError, match="worker must lie in"):
         loader.epoch(0, worker=2)

@@ -62,22 +62,50 @@ def test_evaluate_rejects_bad_input(data):
         engine.evaluate(model, data.test_x, data.test_y[:3])
     with pytest.raises(ValueError, match="x must be 4-D"):
         engine.evaluate(model, data.test_x[0], data.test_y)
+    with pytest.raises(TypeError, match="memory_format must be None or a torch.memory_format"):
+        engine.evaluate(model, data.test_x, data.test_y, memory_format="channels_last")
 
 
-def test_dense_trainer_equals_plain_sgd_loop(data):
-    cfg = engine.TrainConfig(epochs=2, batch_size=16, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine")
+def test_evaluate_in_channels_last_matches_the_contiguous_model(data):
+    model, _ = fresh(data)
+    ref = engine.evaluate(model, data.test_x, data.test_y, batch_size=7)
+    model.to(memory_format=torch.channels_last)
+    got = engine.evaluate(model, data.test_x, data.test_y, batch_size=7, memory_format=torch.channels_last)
+    assert got["acc"] == ref["acc"] and got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+
+
+def test_resolve_memory_format():
+    assert engine.resolve_memory_format("auto", "cpu") == torch.channels_last
+    assert engine.resolve_memory_format("auto", "meta") == torch.contiguous_format  # only a CPU was measured
+    assert engine.resolve_memory_format("contiguous", "cpu") == torch.contiguous_format
+    assert engine.resolve_memory_format("channels_last", "cuda") == torch.channels_last
+    with pytest.raises(ValueError, match="memory_format must be one of"):
+        engine.resolve_memory_format(torch.channels_last, "cpu")
+
+
+@pytest.mark.parametrize("name, layout", [("contiguous", torch.contiguous_format),
+                                          ("channels_last", torch.channels_last),
+                                          ("auto", torch.channels_last)])  # auto: channels-last on a CPU
+def test_dense_trainer_equals_plain_sgd_loop(data, name, layout):
+    cfg = engine.TrainConfig(epochs=2, batch_size=16, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine",
+                             memory_format=name)
     model, groups = fresh(data)
     trainer = engine.make_trainer(model, groups, data, cfg, seed=3, device="cpu")
+    assert trainer.memory_format == layout
     for e in range(2):
         trainer.train_epoch(e)
+    conv = next(m for m in trainer.model.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1)
+    assert conv.weight.is_contiguous(memory_format=layout)
 
     ref, _ = fresh(data)
+    ref.to(memory_format=layout)
     opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     loader = BatchLoader(data.train_x, data.train_y, 16, seed=3)
     total, step = 2 * len(loader), 0
     ref.train()
     for e in range(2):
         for x, y in loader.epoch(e):
+            x = x.contiguous(memory_format=layout)
             for g in opt.param_groups:  # cosine annealing per step, written out
                 g["lr"] = 0.5 * 0.05 * (1 + math.cos(math.pi * step / total))
             loss = F.cross_entropy(ref(x), y)
@@ -100,13 +128,17 @@ def test_lr_schedules(data):
     assert c.lr_at(12) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_simulated_loft_trainer_wires_shards_and_syncs_each_epoch(data):
-    cfg = engine.TrainConfig(method="loft", workers=2, epochs=2, batch_size=16, lr=0.05, sync_every=2)
+@pytest.mark.parametrize("name, layout", [("contiguous", torch.contiguous_format),
+                                          ("auto", torch.channels_last)])
+def test_simulated_loft_trainer_wires_shards_and_syncs_each_epoch(data, name, layout):
+    cfg = engine.TrainConfig(method="loft", workers=2, epochs=2, batch_size=16, lr=0.05, sync_every=2,
+                             memory_format=name)
     model, groups = fresh(data)
     trainer = engine.make_trainer(model, groups, data, cfg, seed=5, device="cpu")
     rows = [trainer.train_epoch(e) for e in range(2)]
 
     ref, ref_groups = fresh(data)
+    ref.to(memory_format=layout)
     sim = lk.LoftSimulator(ref, ref_groups, functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9,
                                                               weight_decay=5e-4),
                            workers=2, sync_every=2, seed=5)
@@ -115,6 +147,7 @@ def test_simulated_loft_trainer_wires_shards_and_syncs_each_epoch(data):
     for e in range(2):
         sim.model.train()
         for b0, b1 in zip(loader.epoch(e, worker=0), loader.epoch(e, worker=1)):
+            b0, b1 = ((x.contiguous(memory_format=layout), y) for x, y in (b0, b1))
             losses.append(sim.step([b0, b1], F.cross_entropy))
         sim.finalize()
     assert same_weights(trainer.model, sim.model)
@@ -275,7 +308,7 @@ def test_model_file_errors(tmp_path):
     ({"method": "sgd"}, "method"), ({"schedule": "step"}, "schedule"), ({"epochs": 0}, "epochs"),
     ({"lr": 0.0}, "lr"), ({"momentum": -1.0}, "momentum"), ({"state": "x"}, "state"),
     ({"workers": 2}, "workers/distributed apply to method='loft'"), ({"max_steps": 0}, "max_steps"),
-    ({"batch_size": 1.5}, "batch_size"),
+    ({"batch_size": 1.5}, "batch_size"), ({"memory_format": "nhwc"}, "memory_format must be one of"),
 ])
 def test_train_config_validation(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -141,6 +141,25 @@ def test_double_mid_round_moves_the_masters_and_trains_on_as_a_double_model():
     assert all(p.dtype == torch.float64 for p in a.parameters())
 
 
+def test_channels_last_blocks_follow_the_masters_layout_also_when_converted_mid_round():
+    full, groups = MODELS["preact"]()
+    a = copy.deepcopy(full)
+    opt_a = rank(a, groups, factory=PLAIN_SGD)
+    train(a, opt_a, 2)
+    saved = a.state_dict()
+    a.to(memory_format=torch.channels_last)  # mid-round: expand, convert, shrink again
+    assert same(saved, a.state_dict())
+    b = copy.deepcopy(full).to(memory_format=torch.channels_last)
+    b.load_state_dict(a.state_dict())
+    opt_b = rank(b, groups, factory=PLAIN_SGD)
+    for m in (a, b):  # every 4-D block (rows and columns cut from a channels-last master) is channels-last
+        blocks = [p for p in m.parameters() if p.dim() == 4 and p.shape[1] > 1]
+        assert blocks and all(p.is_contiguous(memory_format=torch.channels_last) for p in blocks)
+    train(a, opt_a, 2, start=2)
+    train(b, opt_b, 2, start=2)
+    assert same(a.state_dict(), b.state_dict())
+
+
 def test_half_and_float_mid_round_round_trip_the_state_dict():
     full, groups = MODELS["vgg"]()
     model = copy.deepcopy(full)

@@ -27,11 +27,11 @@ import torch
 
 from ..backends import available_backends
 from ..io import atomic_write_text, check_writable
-from . import case_comm, case_conv, case_sim, case_stats, case_step, case_sync
+from . import case_comm, case_conv, case_layout, case_sim, case_stats, case_step, case_sync
 from .result import Config, Result, failed
 
 CASES = {**case_conv.CASES, **case_stats.CASES, **case_sync.CASES, **case_step.CASES, **case_comm.CASES,
-         **case_sim.CASES}
+         **case_sim.CASES, **case_layout.CASES}
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"
 
 

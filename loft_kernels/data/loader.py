@@ -1,7 +1,7 @@
 """Random crop + flip augmentation and a seeded, sharded batch loader."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -51,10 +51,12 @@ class BatchLoader:
     shards cut to the same length (N // workers) so workers stay in step. The
     augmentation of batch b comes from its own generator seeded by
     (seed, e, s, b), so `epoch(e, worker, start=b)` resumes mid-epoch exactly.
+    Batches come in `memory_format` (e.g. `torch.channels_last`; None: as indexed).
     """
 
     def __init__(self, x: Tensor, y: Tensor, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = False, augment: bool = False, workers: int = 1, device=None):
+                 drop_last: bool = False, augment: bool = False, workers: int = 1, device=None,
+                 memory_format: Optional[torch.memory_format] = None):
         C.tensor(x, "x", ndim=4, floating=True)
         C.tensor(y, "y", ndim=1)
         if y.shape[0] != x.shape[0]:
@@ -68,6 +70,10 @@ class BatchLoader:
         self.workers = C.positive_int(workers, "workers")
         self.shuffle, self.drop_last, self.augment = shuffle, drop_last, augment
         self.device = None if device is None else torch.device(device)
+        if memory_format is not None and not isinstance(memory_format, torch.memory_format):
+            raise TypeError(f"memory_format must be None or a torch.memory_format (e.g. torch.channels_last), "
+                            f"got {type(memory_format).__name__}")
+        self.memory_format = memory_format
         self.shard_size = x.shape[0] // self.workers
         if self.shard_size == 0:
             raise ValueError(f"workers ({self.workers}) must not exceed the number of images ({x.shape[0]})")
@@ -102,6 +108,8 @@ class BatchLoader:
                 xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
             if self.augment:
                 xb = random_crop_flip(xb, _generator(self.seed, epoch, worker, b))
+            if self.memory_format is not None:
+                xb = xb.contiguous(memory_format=self.memory_format)
             yield xb, yb
 
 

@@ -10,7 +10,7 @@
 - pretrain / finetune: the resumable jobs (`pretrain_run`, `load_pretrained`, `finetune_run`).
 """
 from .checkpoints import load_run, save_run, write_metrics
-from .config import METHODS, SCHEDULES, TrainConfig
+from .config import MEMORY_FORMATS, METHODS, SCHEDULES, TrainConfig, resolve_memory_format
 from .distributed import NotUnderTorchrun, init_distributed
 from .evaluation import evaluate, recalibrate_bn
 from .finetune import finetune_run
@@ -30,7 +30,7 @@ from .pretrain import DEFAULT_EMERGENCE, emergence_epochs, load_pretrained, pret
 from .trainers import DenseTrainer, DistributedLoftTrainer, SimulatedLoftTrainer, Trainer, make_trainer
 
 __all__ = [
-    "TrainConfig", "METHODS", "SCHEDULES",
+    "TrainConfig", "METHODS", "SCHEDULES", "MEMORY_FORMATS", "resolve_memory_format",
     "build_model", "model_spec", "groups_to_list", "groups_from_list", "save_model", "load_model_file",
     "full_model", "ticket_model", "pruned_skeleton",
     "Trainer", "DenseTrainer", "SimulatedLoftTrainer", "DistributedLoftTrainer", "make_trainer",

@@ -26,7 +26,7 @@ def fit(trainer: Trainer, *, epochs: int, start_epoch: int = 0, history: Optiona
         first = e == start_epoch
         row = {"epoch": e + 1, **trainer.train_epoch(e, progress=progress, start=start_batch if first else 0,
                                                      partial=partial if first else None, on_step=on_step)}
-        test = evaluate(trainer.model, ds.test_x, ds.test_y, device=trainer.device)
+        test = evaluate(trainer.model, ds.test_x, ds.test_y, device=trainer.device, memory_format=trainer.memory_format)
         row.update(test_loss=test["loss"], test_acc=test["acc"])
         stats = trainer.comm_stats()
         if stats is not None:

@@ -129,10 +129,10 @@ def pretrain_run(out, *, dataset: Dataset, spec: dict, cfg: TrainConfig, seed: i
     seconds = time.perf_counter() - t_start
     stats = trainer.comm_stats()
     with torch.random.fork_rng(devices=[]):  # a full-size copy (state_dict is full-size even mid-round)
-        full_copy = build_model(spec)[0].to(trainer.device)
+        full_copy = build_model(spec)[0].to(trainer.device, memory_format=trainer.memory_format)
     full_copy.load_state_dict(trainer.model.state_dict())
     recal = evaluate(recalibrate_bn(full_copy, trainer.loader), dataset.test_x, dataset.test_y,
-                     device=trainer.device)
+                     device=trainer.device, memory_format=trainer.memory_format)
     mean_epoch = sum(r["seconds"] for r in history) / len(history)
     summary = {
         "method": "dense" if cfg.method == "dense" else f"loft-{cfg.workers}",

@@ -23,7 +23,7 @@ from torch import nn
 from ..data import BatchLoader, Dataset
 from ..training import LoftOptimizer, LoftSimulator
 from ..training.collectives import all_reduce, comm_device
-from .config import TrainConfig
+from .config import TrainConfig, resolve_memory_format
 
 
 # --------------------------------------------------------------- trainers ----
@@ -39,9 +39,12 @@ class Trainer:
 
     def __init__(self, model: nn.Module, dataset: Dataset, cfg: TrainConfig, *, seed: int, device: torch.device,
                  workers: int = 1):
-        self.model, self.dataset, self.cfg, self.seed, self.device = model, dataset, cfg, seed, torch.device(device)
+        self.dataset, self.cfg, self.seed, self.device = dataset, cfg, seed, torch.device(device)
+        self.memory_format = resolve_memory_format(cfg.memory_format, self.device)
+        self.model = model.to(memory_format=self.memory_format)  # in place: the parameters keep their identity
         self.loader = BatchLoader(dataset.train_x, dataset.train_y, cfg.batch_size, seed=seed,
-                                  augment=dataset.augment, workers=workers, device=self.device)
+                                  augment=dataset.augment, workers=workers, device=self.device,
+                                  memory_format=self.memory_format)
         self.steps_per_epoch = min(len(self.loader), cfg.max_steps or len(self.loader))
         # Samples all workers together consume per epoch (what GPipe would move through its stages).
         self.samples_per_epoch = min(self.loader.shard_size, self.steps_per_epoch * cfg.batch_size) * workers

@@ -41,12 +41,18 @@ FULL, COMPACT = "full", "compact"
 
 
 def gather(t: Tensor, rows: Optional[Tensor], cols: Optional[Tensor]) -> Tensor:
-    """t[rows][:, cols] (None = all) as a new contiguous tensor."""
+    """t[rows][:, cols] (None = all) as a new tensor in t's memory format (a channels-last master keeps
+    channels-last blocks, so a worker's convolutions run in the layout the model was put in)."""
+    out = t
     if rows is not None:
-        t = t.index_select(0, rows)
+        out = out.index_select(0, rows)
     if cols is not None:
-        t = t.index_select(1, cols)
-    return t if rows is not None or cols is not None else t.clone()
+        out = out.index_select(1, cols)
+    if out is t:
+        return t.clone()
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def scatter_(t: Tensor, rows: Optional[Tensor], cols: Optional[Tensor], value: Tensor) -> None:
