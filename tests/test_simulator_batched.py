@@ -170,6 +170,22 @@ def test_auto_measures_each_shape_once_and_keeps_it_on_disk(one_thread, cache, m
     assert len(calls) == len(convs)
 
 
+def test_auto_measures_a_channels_last_model_apart(one_thread, cache, monkeypatch):  # noqa: F811
+    calls = _fake_measure(monkeypatch, lambda shape: "loop")
+    for layout in (torch.contiguous_format, torch.channels_last, torch.channels_last):
+        model, groups = _model("vgg")
+        sim = lk.LoftSimulator(model.to(memory_format=layout), groups, OPTIMIZERS["sgd"], 2, execution="auto")
+        sim.model.train()
+        sim.step([(x.contiguous(memory_format=layout), y) for x, y in (batch(s, 0) for s in range(2))],
+                 F.cross_entropy)
+    stored = json.loads(cache.read_text())
+    convs = [json.loads(k) for k in stored if '"step"' not in k]
+    layouts = {k[-1][0] for k in convs}
+    assert layouts == {"strided", "channels_last"}
+    assert len(calls) == len(convs)  # measured once per layout: the third simulator read the second's entries
+    assert sum(k[-1][1] == "channels_last" for k in convs) == sum(k[-1][1] == "strided" for k in convs) >= 1
+
+
 def test_auto_runs_the_loop_where_the_whole_step_measured_it_faster(one_thread, cache, monkeypatch):  # noqa: F811
     """Every conv faster stacked, yet the batched network's whole step slower (its copies, its other layers):
     the loop runs."""

@@ -58,12 +58,20 @@ def _device_name(device: torch.device) -> str:
     return device.type
 
 
+def _layout(t: torch.Tensor) -> str:
+    channels_last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return "channels_last" if channels_last else "strided"
+
+
 def key(x: torch.Tensor, weights, conf, workers: int) -> str:
-    """The measurement's identity: device (model), the dtype convolutions run in, input and weight shapes, S."""
+    """The measurement's identity: device (model), the dtype convolutions run in, input and weight shapes and
+    layouts (channels-last kernels time differently), S."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.amp.is_autocast_available(x.device.type) and \
         torch.is_autocast_enabled(x.device.type) else x.dtype
+    layouts = [_layout(x)] + [_layout(w) for w in weights]
     return json.dumps([_device_name(x.device), str(dtype), workers, list(x.shape),
-                       [list(w.shape) for w in weights], [list(c) if isinstance(c, tuple) else c for c in conf]])
+                       [list(w.shape) for w in weights], [list(c) if isinstance(c, tuple) else c for c in conf],
+                       layouts])
 
 
 def _load(path: Path) -> dict:
