@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -403,6 +404,21 @@ def test_existing_run_needs_resume_and_same_settings(capsys, pretrained):
     assert {p.name: p.stat().st_mtime_ns for p in pretrained.iterdir()} == before
     rc, _, err = cli(capsys, "pretrain", *TINY, "--out", Path(pretrained).parent / "fresh", "--resume")
     assert rc == 2 and "no run to resume" in err
+
+
+def test_resume_may_change_the_memory_format_and_takes_runs_from_before_it(capsys, pretrained, tmp_path):
+    copy = tmp_path / "pre"
+    shutil.copytree(pretrained, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    assert cfg["train"]["memory_format"] == "auto"
+    rc, _, err = cli(capsys, "pretrain", *TINY, *LOFT2, "--execution", "loop", "--keep-epochs", "1",
+                     "--memory-format", "contiguous", "--out", copy, "--resume", "--quiet")
+    assert rc == 0, err
+    del cfg["train"]["memory_format"]  # a run written before the option existed
+    (copy / "config.json").write_text(json.dumps(cfg))
+    rc, _, err = cli(capsys, "pretrain", *TINY, *LOFT2, "--execution", "loop", "--keep-epochs", "1",
+                     "--out", copy, "--resume", "--quiet")
+    assert rc == 0, err
 
 
 BAD_VALUES = [

@@ -140,10 +140,19 @@ def check_out_free(out: str | None, *, resume: bool = False, marker: str = "conf
                        f"or choose another --out")
 
 
+# Training settings that say how a run computes, not what: a resumed run may change them (its checkpoints load
+# into either memory format), and a run written before they existed resumes with today's default.
+_NOT_IDENTITY = ("memory_format",)
+
+
+def _identity(value):
+    return {k: v for k, v in value.items() if k not in _NOT_IDENTITY} if isinstance(value, dict) else value
+
+
 def check_same_config(out: str, config: dict, keys) -> None:
     """--resume: the settings `keys` of `config` must equal those the run in `out` was started with."""
     old = read_json(Path(out) / "config.json", "--resume")
-    diff = [k for k in keys if old.get(k) != json.loads(json.dumps(config[k], default=str))]
+    diff = [k for k in keys if _identity(old.get(k)) != _identity(json.loads(json.dumps(config[k], default=str)))]
     if diff:
         raise CLIError(f"--resume: these settings differ from the run in {out!r}: {', '.join(diff)}; "
                        f"resume with the original arguments")
