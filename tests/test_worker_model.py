@@ -123,41 +123,35 @@ def test_full_view_is_the_one_full_model_context():
 
 
 # ------------------------------------------------ dtype and device moves ----
-def test_double_mid_round_moves_the_masters_and_trains_on_as_a_double_model():
+def converted_mid_round(convert, value_of=lambda v: v, dtype=torch.float32):
+    """A rank trained 2 steps, converted mid-round, and one converted before its optimizer was built from the same
+    state; both trained 2 more steps. The state must survive the conversion and both must train on equal."""
     full, groups = MODELS["preact"]()
     a = copy.deepcopy(full)
     opt_a = rank(a, groups, factory=PLAIN_SGD)
     train(a, opt_a, 2)
     saved = a.state_dict()
-    a.double()
-    assert same({k: v.double() if v.is_floating_point() else v for k, v in saved.items()}, a.state_dict())
-    # reference: the same state in a model that was double before its optimizer was built
-    b = copy.deepcopy(full).double()
+    convert(a)
+    assert same({k: value_of(v) if v.is_floating_point() else v for k, v in saved.items()}, a.state_dict())
+    b = convert(copy.deepcopy(full))
     b.load_state_dict(a.state_dict())
     opt_b = rank(b, groups, factory=PLAIN_SGD)
-    train(a, opt_a, 2, dtype=torch.float64, start=2)
-    train(b, opt_b, 2, dtype=torch.float64, start=2)
+    train(a, opt_a, 2, dtype=dtype, start=2)
+    train(b, opt_b, 2, dtype=dtype, start=2)
     assert same(a.state_dict(), b.state_dict())
+    return a, b
+
+
+def test_double_mid_round_moves_the_masters_and_trains_on_as_a_double_model():
+    a, _ = converted_mid_round(lambda m: m.double(), lambda v: v.double(), torch.float64)
     assert all(p.dtype == torch.float64 for p in a.parameters())
 
 
 def test_channels_last_blocks_follow_the_masters_layout_also_when_converted_mid_round():
-    full, groups = MODELS["preact"]()
-    a = copy.deepcopy(full)
-    opt_a = rank(a, groups, factory=PLAIN_SGD)
-    train(a, opt_a, 2)
-    saved = a.state_dict()
-    a.to(memory_format=torch.channels_last)  # mid-round: expand, convert, shrink again
-    assert same(saved, a.state_dict())
-    b = copy.deepcopy(full).to(memory_format=torch.channels_last)
-    b.load_state_dict(a.state_dict())
-    opt_b = rank(b, groups, factory=PLAIN_SGD)
-    for m in (a, b):  # every 4-D block (rows and columns cut from a channels-last master) is channels-last
+    for m in converted_mid_round(lambda m: m.to(memory_format=torch.channels_last)):
+        # every 4-D block (rows and columns cut from a channels-last master) is channels-last
         blocks = [p for p in m.parameters() if p.dim() == 4 and p.shape[1] > 1]
         assert blocks and all(p.is_contiguous(memory_format=torch.channels_last) for p in blocks)
-    train(a, opt_a, 2, start=2)
-    train(b, opt_b, 2, start=2)
-    assert same(a.state_dict(), b.state_dict())
 
 
 def test_half_and_float_mid_round_round_trip_the_state_dict():
