@@ -32,10 +32,9 @@ PRESETS = {
     # the filter norms tell (at 5e-4 a random mask of the pretrained weights does as well), and 3 gentle
     # fine-tuning epochs (lr 0.01) keep the starting weights in the result (with more, or at lr 0.05, the ticket
     # drawn from the initial weights catches up); at 95 % (one or two filters left in the first layers) no setting
-    # tried beats both controls, while a 3-seed sweep of 80-93 % found the dense ticket ahead of both by more than
-    # 1.5 points and the seeds' spread at 90, 92 and 93 % only, so the ratios stop at 93 % (the verdict's two
-    # highest ratios are 92 and 93 %). A rerun that changed only the rounding did not repeat the margin over the
-    # random filters (docs/showcase.md). The consecutive footrule distances of that
+    # tried beats both controls, so the ratios stop at 93 %, the highest where a 3-seed sweep had the dense ticket
+    # ahead of both (over six seeds of a rerun, the random filters are within a point of it at 90-93 %:
+    # docs/showcase.md). The consecutive footrule distances of that
     # pretraining settle at 10-35 % of the first one, hence a threshold of 0.3 (docs/algorithm.md).
     # LoFT-S pretrains S x the epochs (--loft-budget updates): at equal epochs each filter gets 1/S of dense
     # training's updates, and LoFT-4's ticket lagged dense's by 3-4 points (1.3-2.3 with equal updates).
