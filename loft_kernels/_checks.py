@@ -16,6 +16,14 @@ INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _SMALL_INDEX = 4096  # CPU index sets up to this many entries are checked as Python ints
 
 
+def memory_format(value, name: str):
+    """None or a torch.memory_format (e.g. torch.channels_last)."""
+    if value is not None and not isinstance(value, torch.memory_format):
+        raise TypeError(f"{name} must be None or a torch.memory_format (e.g. torch.channels_last), "
+                        f"got {type(value).__name__}")
+    return value
+
+
 def tensor(value, name: str, *, ndim: int | Sequence[int] | None = None, floating: bool = False) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")

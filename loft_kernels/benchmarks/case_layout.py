@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..models import VGG_CONFIGS, preact_resnet18, vgg
 from ..training.groups import convert
 from ..training.simulator import LoftSimulator
+from .case_step import sgd_step
 from .result import Config, Result, Spec, failed, timed
 from .shapes import BATCH, RESOLUTION
 from .timing import interleaved
@@ -63,12 +64,7 @@ def _dense_setups(build, device) -> dict:
 
         def setup(m=m, opt=opt, layout=layout):
             x, y = _batch(shape, n, layout, device)
-
-            def step():
-                opt.zero_grad()
-                F.cross_entropy(m(x), y).backward()
-                opt.step()
-            return step
+            return lambda: sgd_step(m, opt, x, y)
         setups[name] = setup
     return setups
 

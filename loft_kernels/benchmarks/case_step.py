@@ -57,7 +57,7 @@ def _batch(device):
             torch.randint(0, 10, (BATCH,), device=device))
 
 
-def _step(model: nn.Module, opt, x, y) -> None:
+def sgd_step(model: nn.Module, opt, x, y) -> None:
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     opt.step()
@@ -66,7 +66,7 @@ def _step(model: nn.Module, opt, x, y) -> None:
 def _step_setup(model, opt, device):
     def setup():
         x, y = _batch(device)
-        return lambda: _step(model, opt, x, y)
+        return lambda: sgd_step(model, opt, x, y)
     return setup
 
 
@@ -155,7 +155,7 @@ def _simulator_row(cfg: Config) -> Result:
 
     def sliced_setup():
         batches = [_batch(dev) for _ in range(WORKERS)]
-        return lambda: [_step(sliced, sliced_opt, x, y) for x, y in batches]
+        return lambda: [sgd_step(sliced, sliced_opt, x, y) for x, y in batches]
     reps = cfg.reps(full=6, quick=2)
     t = interleaved({"sim": sim_setup, "sliced": sliced_setup}, reps, warmup=cfg.warmup, device=dev)
     return timed(P6[2], t, "sim", "sliced", repeats=reps)

@@ -70,10 +70,7 @@ class BatchLoader:
         self.workers = C.positive_int(workers, "workers")
         self.shuffle, self.drop_last, self.augment = shuffle, drop_last, augment
         self.device = None if device is None else torch.device(device)
-        if memory_format is not None and not isinstance(memory_format, torch.memory_format):
-            raise TypeError(f"memory_format must be None or a torch.memory_format (e.g. torch.channels_last), "
-                            f"got {type(memory_format).__name__}")
-        self.memory_format = memory_format
+        self.memory_format = C.memory_format(memory_format, "memory_format")
         self.shard_size = x.shape[0] // self.workers
         if self.shard_size == 0:
             raise ValueError(f"workers ({self.workers}) must not exceed the number of images ({x.shape[0]})")

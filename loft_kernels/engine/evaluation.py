@@ -21,8 +21,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device=None,
     """
     C.tensor(x, "x", ndim=4, floating=True)
     C.tensor(y, "y", ndim=1)
-    if memory_format is not None and not isinstance(memory_format, torch.memory_format):
-        raise TypeError(f"memory_format must be None or a torch.memory_format, got {type(memory_format).__name__}")
+    C.memory_format(memory_format, "memory_format")
     if x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ValueError(f"x and y must hold the same non-zero number of samples, got {x.shape[0]} and {y.shape[0]}")
     device = torch.device(device) if device is not None else next(model.parameters()).device

@@ -30,6 +30,7 @@ import torch
 
 from ..benchmarks.timing import interleaved
 from ..io import atomic_write_text
+from .worker_model import channels_last
 
 ENV_VAR = "LOFT_KERNELS_CACHE_DIR"
 FILE = "execution_choices.json"
@@ -59,8 +60,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def _layout(t: torch.Tensor) -> str:
-    channels_last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-    return "channels_last" if channels_last else "strided"
+    return "channels_last" if channels_last(t) else "strided"
 
 
 def key(x: torch.Tensor, weights, conf, workers: int) -> str:

@@ -40,6 +40,11 @@ from .sync import SyncPlan
 FULL, COMPACT = "full", "compact"
 
 
+def channels_last(t: Tensor) -> bool:
+    """True for a 4-D tensor laid out channels-last (and not also plain contiguous, as a 1-channel one is)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def gather(t: Tensor, rows: Optional[Tensor], cols: Optional[Tensor]) -> Tensor:
     """t[rows][:, cols] (None = all) as a new tensor in t's memory format (a channels-last master keeps
     channels-last blocks, so a worker's convolutions run in the layout the model was put in)."""
@@ -50,7 +55,7 @@ def gather(t: Tensor, rows: Optional[Tensor], cols: Optional[Tensor]) -> Tensor:
         out = out.index_select(1, cols)
     if out is t:
         return t.clone()
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+    if channels_last(t):
         return out.contiguous(memory_format=torch.channels_last)
     return out
 
