@@ -240,12 +240,17 @@ def test_run_defaults_follow_the_dataset(capsys):
     assert run_presets.apply(args) == "default"
     assert (args.model, args.width, args.batch_size, args.train_samples, args.test_samples, args.draw_at,
             args.seeds) == ("vgg", 0.5, 64, 10000, 5000, "auto", 3)
+    assert (args.sync_every, args.weight_decay, args.finetune_weight_decay) == (3, 1e-2, 1e-2)
+    args = p.parse_args(["--dataset", "fashion-mnist", "--sync-every", "15"])
+    run_presets.apply(args)
+    assert args.sync_every == 15  # an explicit option wins over the preset
     args = p.parse_args(["--dataset", "fashion-mnist", "--model", "preact_resnet18", "--seeds", "5", "--full"])
     run_presets.apply(args)
     assert (args.model, args.seeds, args.train_samples, args.epochs) == ("preact_resnet18", 5, 0, 20)
     args = p.parse_args([])
     run_presets.apply(args)
-    assert (args.dataset, args.model, args.width, args.draw_at, args.seeds) == ("digits", "vgg", 0.5, "none", 1)
+    assert (args.dataset, args.model, args.width, args.draw_at, args.seeds, args.sync_every) == (
+        "digits", "vgg", 0.5, "none", 1, 15)
     args = p.parse_args(["--full"])
     run_presets.apply(args)
     assert (args.seeds, args.epochs, args.finetune_epochs) == (3, 20, 20)
