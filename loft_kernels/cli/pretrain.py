@@ -43,7 +43,7 @@ def add_train_args(p: argparse.ArgumentParser, *, epochs, lr: float, batch_size:
 
 def add_loft_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LoFT")
-    g.add_argument("--sync-every", type=int, default=15, help="K: local steps per round (default: %(default)s)")
+    g.add_argument("--sync-every", type=int, default=engine.TrainConfig.sync_every, help="K: local steps per round (default: %(default)s)")
     g.add_argument("--state", choices=("reset", "keep"), default="reset",
                    help="optimizer state across rounds: reset (official code) or keep (default: %(default)s)")
     g.add_argument("--execution", choices=EXECUTIONS, default="auto",
@@ -96,7 +96,7 @@ def train_config(args, workers: int = 1, distributed: bool = False, *, schedule:
     weight_decay = args.weight_decay if weight_decay is None else weight_decay
     U.check_positive(epochs, "--epochs")
     U.check_positive(args.batch_size, "--batch-size")
-    sync_every, state = getattr(args, "sync_every", 15), getattr(args, "state", "reset")
+    sync_every, state = getattr(args, "sync_every", engine.TrainConfig.sync_every), getattr(args, "state", "reset")
     U.check_positive(sync_every, "--sync-every")
     if not (lr > 0 and math.isfinite(lr)):
         raise U.CLIError(f"the learning rate must be a finite number > 0, got {lr:g}")
