@@ -244,9 +244,12 @@ def test_run_defaults_follow_the_dataset(capsys):
     args = p.parse_args(["--dataset", "fashion-mnist", "--sync-every", "15"])
     run_presets.apply(args)
     assert args.sync_every == 15  # an explicit option wins over the preset
+    args = p.parse_args(["--dataset", "fashion-mnist", "--full"])
+    run_presets.apply(args)  # more seeds of the same setting, not a longer setting
+    assert (args.seeds, args.train_samples, args.epochs, args.finetune_epochs, args.sync_every) == (6, 10000, 8, 3, 3)
     args = p.parse_args(["--dataset", "fashion-mnist", "--model", "preact_resnet18", "--seeds", "5", "--full"])
     run_presets.apply(args)
-    assert (args.model, args.seeds, args.train_samples, args.epochs) == ("preact_resnet18", 5, 0, 20)
+    assert (args.model, args.seeds, args.train_samples, args.epochs) == ("preact_resnet18", 5, 10000, 8)
     args = p.parse_args([])
     run_presets.apply(args)
     assert (args.dataset, args.model, args.width, args.draw_at, args.seeds, args.sync_every) == (

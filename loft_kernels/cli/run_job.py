@@ -66,7 +66,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--test-samples", type=int,
                    help="evaluate on a class-balanced subset of this many test images (0: all)")
     g.add_argument("--quick", action="store_true", help="a short version (1 seed, few epochs) for smoke tests")
-    g.add_argument("--full", action="store_true", help="the long multi-seed version (3 seeds, more epochs)")
+    g.add_argument("--full", action="store_true", help="the long multi-seed version (per dataset, see below)")
     add_train_args(p, epochs=None, lr=None, batch_size=None, epochs_help="pretraining epochs")
     g.add_argument("--batch-split", choices=("per-worker", "global"),
                    help="pretraining batch of LoFT-S: per-worker (each worker takes --batch-size samples per step) "
