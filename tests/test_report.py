@@ -174,10 +174,23 @@ def test_draws_rows_means_and_savings():
                                "n/a (not fired, 70.00 @1) |")
     lines = report.format_savings(d)
     assert "loft-2, footrule criterion (fired for 2 of 2 seeds): stopping there saves 1.5 epochs, 4.2 s" in lines[0]
-    assert "ticket changes by -2.00 points (mean over those seeds: not within 0.5 point of the end" in lines[0]
-    d["methods"]["loft-2"]["savings"]["footrule"]["0"]["ticket_acc_change"] = 0.25
-    d["methods"]["loft-2"]["savings"]["footrule"]["1"]["ticket_acc_change"] = -0.75
-    assert "changes by -0.25 points (mean over those seeds: within 0.5 point" in report.format_savings(d)[0]
+    assert "ticket changes by -2.00 ± 1.00 points (mean ± standard error over those seeds): not within 0.5 point " \
+           "of the end-of-pretraining ticket" in lines[0]  # changes -1 and -3: sample sd sqrt(2), error 1
+    assert lines[1].endswith("ticket changes by -12.00 points (one seed): not within 0.5 point of the "
+                             "end-of-pretraining ticket")
+    footrule = d["methods"]["loft-2"]["savings"]["footrule"]
+    footrule["0"]["ticket_acc_change"], footrule["1"]["ticket_acc_change"] = -1.9, -2.1
+    assert lines[0].split("ticket changes by ")[0] == report.format_savings(d)[0].split("ticket changes by ")[0]
+    assert report.format_savings(d)[0].endswith("-2.00 ± 0.10 points (mean ± standard error over those seeds): not "
+                                                "within 0.5 point of the end-of-pretraining ticket, and more than two "
+                                                "standard errors from it")
+    footrule["0"]["ticket_acc_change"], footrule["1"]["ticket_acc_change"] = -0.5, -3.5
+    assert report.format_savings(d)[0].endswith("-2.00 ± 1.50 points (mean ± standard error over those seeds): not "
+                                                "within 0.5 point of the end-of-pretraining ticket, but within two "
+                                                "standard errors of it (the seeds cannot tell the change from none)")
+    footrule["0"]["ticket_acc_change"], footrule["1"]["ticket_acc_change"] = 0.25, -0.75
+    assert report.format_savings(d)[0].endswith("-0.25 ± 0.50 points (mean ± standard error over those seeds): "
+                                                "within 0.5 point of the end-of-pretraining ticket")
     assert lines[1].startswith("- loft-2, mask criterion (fired for 1 of 2 seeds)")
 
 

@@ -44,9 +44,6 @@ def emergence_epochs(tracker: FilterTracker, opts: dict) -> dict:
 DEFAULT_EMERGENCE = {"mask_ratio": 0.5, "footrule_threshold": 0.1, "footrule_window": 3}
 
 
-
-
-
 def pretrain_run(out, *, dataset: Dataset, spec: dict, cfg: TrainConfig, seed: int, device,
                  emergence: Optional[dict] = None, stop_at: Optional[str] = None, keep_epochs=(),
                  resume: bool = False, progress: bool = False, log: Optional[Callable[[str], None]] = None,
