@@ -124,7 +124,7 @@ EMERGED_WITHIN = 0.5
 
 
 def _ticket_change(changes: list[float]) -> str:
-    """How the ticket drawn at emergence differs from the end's, against the 0.5-point goal and the seeds' noise.
+    """How the ticket drawn at emergence differs from the end's, against EMERGED_WITHIN and the seeds' noise.
 
     One fine-tuned ticket moves by about a point from one epoch's weights to the next, so a mean over a few seeds
     can miss the goal by chance: the standard error says whether the seeds can tell the change from none.
