@@ -64,7 +64,8 @@ def index(value, name: str, size: int, device: torch.device, *, ndim: int = 1, d
         raise ValueError(f"{name} is on {value.device} but must be on {device}, the device of the data it indexes")
     if value.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(value.shape)}")
-    if torch.compiler.is_compiling() or value.device.type == "meta" or _is_fake(value):
+    if torch.compiler.is_compiling() or value.device.type == "meta" or (type(value) is not torch.Tensor
+                                                                         and _is_fake(value)):
         # Range and duplicate checks read the values (a host sync and a graph break);
         # inside a compiled graph, and for meta/fake tensors (no values), only the static checks above apply.
         return value.long()

@@ -19,6 +19,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("partial_conv2d_backward", &cpu::partial_conv2d_backward);
   m.def("grouped_partial_conv2d", &cpu::grouped_partial_conv2d);
   m.def("grouped_partial_conv2d_backward", &cpu::grouped_partial_conv2d_backward);
+  m.def("partial_conv2d_node", &cpu::partial_conv2d_node);
+  m.def("grouped_partial_conv2d_node", &cpu::grouped_partial_conv2d_node);
   m.def("filter_norms", &cpu::filter_norms);
   m.def("filter_stats", &cpu::filter_stats);
   m.def("footrule_matrix", &cpu::footrule_matrix);

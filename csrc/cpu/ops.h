@@ -30,6 +30,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_partial_conv2d_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight, const OptTensor& out_index,
     const OptTensor& in_index, bool has_bias, Ints stride, Ints padding, Ints dilation, bool need_input,
     bool need_weight, int64_t grouping);
+// The same convolutions with their autograd node attached (partial_conv_node.cpp): the eager CPU path.
+at::Tensor partial_conv2d_node(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                               const OptTensor& out_index, const OptTensor& in_index, Ints stride, Ints padding,
+                               Ints dilation, int64_t groups);
+at::Tensor grouped_partial_conv2d_node(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                                       const OptTensor& out_index, const OptTensor& in_index, Ints stride,
+                                       Ints padding, Ints dilation, int64_t grouping);
 
 Tensors filter_norms(const Tensors& tensors);
 Tensors filter_stats(const Tensors& a, const Tensors& b);

@@ -187,6 +187,18 @@ def backend_choices(device="cpu", dtype: torch.dtype = torch.float32) -> dict[st
     return out
 
 
+def autograd_node(op: str, device: torch.device, dtype: torch.dtype) -> Callable | None:
+    """`op` with a compiled autograd node, if the backend `select` picks for it has one (else None).
+
+    A backend module offers one as `autograd_node(op)`; the ops use it for plain
+    CPU tensors in eager mode, where a node written in Python costs more than
+    a small convolution.
+    """
+    name, _ = select(op, device, dtype)
+    offer = getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), "autograd_node", None)
+    return offer(op) if offer is not None else None
+
+
 def dispatch(op: str, ref: torch.Tensor, *args):
     """Run `op` on the backend chosen for the device and dtype of `ref`."""
     _, fn = select(op, ref.device, ref.dtype)

@@ -46,6 +46,27 @@ def _grouped_partial_conv2d_backward(grad, x, weight, out_index, in_index, has_b
                                                        padding, dilation, need_input, need_weight, grouping(x))
 
 
+def _grouped_partial_conv2d_node(x, weight, bias, out_index, in_index, stride, padding, dilation):
+    return _ext.load().grouped_partial_conv2d_node(x, weight, bias, out_index, in_index, stride, padding, dilation,
+                                                   grouping(x))
+
+
+def _partial_conv2d_node(x, weight, bias, out_index, in_index, stride, padding, dilation, groups):
+    return _ext.load().partial_conv2d_node(x, weight, bias, out_index, in_index, stride, padding, dilation, groups)
+
+
+_NODES = {"partial_conv2d": _partial_conv2d_node, "grouped_partial_conv2d": _grouped_partial_conv2d_node}
+
+
+def autograd_node(name: str):
+    """Op `name` (a forward op) with its autograd node in C++, or None: the eager path for plain CPU tensors.
+
+    Takes the forward op's arguments and returns its differentiable result; the
+    backward runs this backend's backward kernel (csrc/cpu/partial_conv_node.cpp).
+    """
+    return _NODES.get(name)
+
+
 _ADAPTED = {"grouped_partial_conv2d": _grouped_partial_conv2d,
             "grouped_partial_conv2d_backward": _grouped_partial_conv2d_backward}
 

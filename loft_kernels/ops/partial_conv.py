@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks as C
-from ..backends import dispatch
+from ..backends import autograd_node, dispatch
 
 
 def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -142,7 +142,9 @@ class _EagerPartialConv(torch.autograd.Function):
 
     A custom op's Python dispatch round trip and generated autograd wrapper cost
     a few hundred microseconds per forward + backward, which dominates a small
-    convolution. Same backend selection and kernels as the custom op (`op` is
+    convolution. A backend with a compiled autograd node (the `cpu` extension)
+    runs that instead; this Python node serves the others (the `torch`
+    reference). Same backend selection and kernels as the custom op (`op` is
     its dispatch name, `conf` its trailing non-tensor arguments); compiled
     graphs, fake/meta tensors, subclasses and active modes take the custom op.
     """
@@ -190,6 +192,9 @@ _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 def _run(op: str, custom, x, weight, bias, out_index, in_index, *conf) -> Tensor:
     if _plain_cpu(x, weight, bias, out_index, in_index):
+        node = autograd_node(op, x.device, x.dtype)
+        if node is not None:  # the compiled backend's own node
+            return node(x, weight, bias, out_index, in_index, *conf)
         conf = tuple(tuple(c) if isinstance(c, list) else c for c in conf)
         return _EagerPartialConv.apply(op, x, weight, bias, out_index, in_index, *conf)
     return custom(x, weight, bias, out_index, in_index, *conf)
