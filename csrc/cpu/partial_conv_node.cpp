@@ -11,8 +11,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <string>
-
 #include "ops.h"
 
 namespace loft_kernels {

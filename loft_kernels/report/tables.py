@@ -150,7 +150,7 @@ def format_savings(draws: Mapping) -> list[str]:
             if not got:
                 lines.append(f"- {name}, {crit} criterion: did not fire for any seed")
                 continue
-            mean = {k: sum(v[k] for v in got) / len(got) for k in got[0]}
+            mean = {k: sum(v[k] for v in got) / len(got) for k in got[0] if k != "ticket_acc_change"}
             steps = (f", {mean['sample_steps_saved'] / 1e3:.0f}k sample-steps "
                      f"({100 * mean['sample_steps_saved'] / mean['sample_steps_total']:.0f} % of the pretraining)"
                      if "sample_steps_saved" in mean else "")
