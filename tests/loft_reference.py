@@ -379,7 +379,7 @@ def train_with_checkpoints(config: dict, ckpt: str, crash_at=None) -> lk.LoftSim
 
 # ------------------------------------------------- distributed worker ----
 def _rank_model(config: dict, rank: int):
-    """The rank's model and groups; `overrides[rank]` may change width or drop the last group."""
+    """The rank's model and groups; `overrides[rank]` may change width or dtype or drop the last group."""
     own = config.get("overrides", {}).get(rank, {})
     if "width" in own:
         torch.manual_seed(0)
@@ -387,6 +387,8 @@ def _rank_model(config: dict, rank: int):
                                    torch.randn(2, 3, 8, 8))
     else:
         model, groups = MODELS[config["model"]]()
+    if own.get("double"):
+        model.double()
     return model, (groups[:-1] if own.get("drop_group") else groups)
 
 
@@ -403,7 +405,7 @@ def dist_worker(rank: int, world: int, init_file: str, out_file: str, config: di
 
     config: model, optimizer, sync_every, seed, state, steps; optional: die_at / stall_at (the step at
     which rank `die_rank` calls os._exit / goes silent, to test the others' error), timeout (seconds),
-    overrides {rank: {seed, sync_every, state, width, drop_group}} (a misconfigured rank), scaler
+    overrides {rank: {seed, sync_every, state, width, double, drop_group}} (a misconfigured rank), scaler
     (a GradScaler with scale 2**16), inf_at [rank, step, "shared" | "partitioned"] (an inf gradient),
     autocast ("bfloat16": forward under CPU autocast), cycle (reuse the first `cycle` batches).
     """
@@ -414,7 +416,7 @@ def dist_worker(rank: int, world: int, init_file: str, out_file: str, config: di
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=config.get("timeout", 30)))
-    own = {k: v for k, v in config.get("overrides", {}).get(rank, {}).items() if k not in ("width", "drop_group")}
+    own = {k: v for k, v in config.get("overrides", {}).get(rank, {}).items() if k not in ("width", "double", "drop_group")}
     cfg = {**config, **own}
     model, groups = _rank_model(config, rank)
     model.train()

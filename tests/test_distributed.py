@@ -106,8 +106,8 @@ def test_a_dead_or_silent_rank_makes_the_others_raise_within_the_timeout(fault, 
 # ------------------------------------------------ one configuration ----
 @pytest.mark.parametrize("override,field", [
     ({"seed": 5}, "seed"), ({"sync_every": 4}, "sync_every"), ({"state": "keep"}, "state"),
-    ({"width": 0.15}, "parameters"), ({"drop_group": True}, "groups")],
-    ids=["seed", "sync_every", "state", "width", "group-set"])
+    ({"width": 0.15}, "parameters"), ({"double": True}, "dtypes"), ({"drop_group": True}, "groups")],
+    ids=["seed", "sync_every", "state", "width", "dtype", "group-set"])
 def test_a_misconfigured_rank_makes_every_rank_raise(override, field, tmp_path):
     timeout = 20
     config = dict(model="preact", optimizer="sgd", sync_every=3, seed=0, state="reset", steps=4,

@@ -280,6 +280,24 @@ def test_loading_a_state_saved_with_other_groups_names_what_differs():
         opt.load_state_dict(other)
 
 
+def test_a_state_saved_in_another_dtype_loads_and_another_shape_is_named():
+    _, model, opt, groups = worker()
+    sd = opt.state_dict()
+    model.double()  # converted after the optimizer was built: the state still fits, as torch's optimizers load it
+    opt.load_state_dict(copy.deepcopy(sd))
+    old_format = copy.deepcopy(sd)  # fingerprints saved with each entry's dtype beside its shape
+    for field in ("parameters", "buffers"):
+        old_format["loft"]["fingerprint"][field] = [(n, s, "torch.float32")
+                                                    for n, s in sd["loft"]["fingerprint"][field]]
+    del old_format["loft"]["fingerprint"]["dtypes"]
+    opt.load_state_dict(old_format)
+    reshaped = copy.deepcopy(sd)
+    name, shape = reshaped["loft"]["fingerprint"]["parameters"][0]
+    reshaped["loft"]["fingerprint"]["parameters"][0] = (name, (shape[0] + 1,) + tuple(shape[1:]))
+    with pytest.raises(ValueError, match=rf"other parameters \('{name}' has shape \({shape[0] + 1}, "):
+        opt.load_state_dict(reshaped)
+
+
 def test_set_active_is_refused_on_a_compact_layer():
     _, model, opt, groups = worker()
     lk.nn.to_loft_layers(model, groups)  # active sets need Loft layers; training does not

@@ -223,6 +223,52 @@ def test_deepcopy_of_a_simulator_mid_round_trains_on_equal():
     assert same(sim.state_dict()["model"], twin.state_dict()["model"])
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_loading_the_simulator_model_restarts_every_worker_from_it(workers):
+    model, groups = MODELS["preact"]()
+    other, _ = MODELS["preact"]()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p))
+    loaded = other.state_dict()
+
+    def run(sim, start, steps):
+        sim.model.train()
+        for t in range(start, start + steps):
+            sim.step([batch(s, t) for s in range(workers)], loss_fn)
+
+    ref = lk.LoftSimulator(copy.deepcopy(other), groups, SGD, workers=workers, sync_every=2)
+    sim = lk.LoftSimulator(copy.deepcopy(model), groups, SGD, workers=workers, sync_every=2)
+    sim.model.load_state_dict(loaded)  # before the first step: the same run as one built on the loaded model
+    run(ref, 0, 4)
+    run(sim, 0, 4)
+    assert same(ref.state_dict()["model"], sim.state_dict()["model"])
+    run(sim, 4, 1)  # mid-round: every worker's blocks and shared copies are cut again from what was loaded
+    sim.model.load_state_dict(loaded)
+    for m in sim.worker_models:
+        assert same(m.state_dict(), loaded)
+    with pytest.raises(RuntimeError, match=r"assign=True.*load without assign"):
+        sim.model.load_state_dict(loaded, assign=True)
+
+
+def test_a_copy_of_the_simulator_model_is_a_plain_model_and_a_copy_of_the_simulator_is_whole():
+    model, groups = MODELS["preact"]()
+    plain = len(pickle.dumps(model))
+    sim = lk.LoftSimulator(model, groups, SGD, workers=3, sync_every=3)
+    sim.model.train()
+    sim.step([batch(s, 0) for s in range(3)], loss_fn)
+    assert len(pickle.dumps(sim.model)) < 1.1 * plain  # not the workers, their optimizers and the exchange
+    for copied in (copy.deepcopy(sim.model), pickle.loads(pickle.dumps(sim.model))):
+        assert same(copied.state_dict(), sim.model.state_dict())
+        copied.double()
+        assert next(copied.parameters()).dtype == torch.float64
+        assert all(p.dtype == torch.float32 for m in sim.worker_models for p in m.parameters())
+    twin = copy.deepcopy(sim)
+    twin.model.double()  # the twin's model converts the twin's workers, not the original's
+    assert all(p.dtype == torch.float64 for m in twin.worker_models for p in m.parameters())
+    assert all(p.dtype == torch.float32 for m in sim.worker_models for p in m.parameters())
+
+
 def test_load_state_dict_assign_is_refused_mid_round_and_works_without():
     full, groups = MODELS["preact"]()
     model = copy.deepcopy(full)

@@ -15,6 +15,9 @@ import torch
 from .collectives import all_gather, comm_device
 
 FIELDS = ("workers", "seed", "sync_every", "state", "groups", "parameters", "buffers", "optimizer")
+# Compared across ranks only: a checkpoint loads into another dtype (values are cast, as torch loads
+# them), while ranks of different dtypes would exchange buffers that do not fit.
+RANK_FIELDS = ("dtypes",)
 
 
 def fingerprint(tensors: dict, param_names, groups, workers: int, seed: int, sync_every: int, state: str,
@@ -27,10 +30,36 @@ def fingerprint(tensors: dict, param_names, groups, workers: int, seed: int, syn
     return {
         "workers": workers, "seed": seed, "sync_every": sync_every, "state": state,
         "groups": [(g.name, g.n) for g in groups],
-        "parameters": [(n, tuple(t.shape), str(t.dtype)) for n, t in tensors.items() if n in params],
-        "buffers": [(n, tuple(t.shape), str(t.dtype)) for n, t in tensors.items() if n not in params],
+        "parameters": [(n, tuple(t.shape)) for n, t in tensors.items() if n in params],
+        "buffers": [(n, tuple(t.shape)) for n, t in tensors.items() if n not in params],
         "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+        "dtypes": dtypes(tensors),
     }
+
+
+def dtypes(tensors: dict) -> list:
+    """The `dtypes` field: name -> dtype of every tensor (they change with `model.double()` and the like)."""
+    return [(n, str(t.dtype)) for n, t in tensors.items()]
+
+
+def _shapes(entries) -> list:
+    # (name, shape) of each entry; fingerprints saved before dtypes had their own field carry a third item
+    return [tuple(e[:2]) for e in entries] if isinstance(entries, list) else entries
+
+
+def describe_difference(field: str, saved, mine) -> str:
+    """What differs between a saved and this rank's list-valued field: its first differing entry."""
+    saved, mine = _shapes(saved) or [], _shapes(mine) or []
+    if field not in ("parameters", "buffers"):
+        return f"{len(saved)} entries, this optimizer has {len(mine)}: {_describe(saved)}"
+    saved, mine = dict(saved), dict(mine)
+    for name in mine:
+        if name not in saved:
+            return f"{name!r} is not in the state_dict"
+        if tuple(saved[name]) != tuple(mine[name]):
+            return f"{name!r} has shape {tuple(saved[name])} in the state_dict, {tuple(mine[name])} here"
+    extra = [n for n in saved if n not in mine]
+    return f"the state_dict has {extra[0]!r}, which this model lacks" if extra else "another order"
 
 
 def _digest(value) -> int:
@@ -43,8 +72,14 @@ def _describe(value) -> str:
 
 
 def differences(mine: dict, other: dict) -> list[str]:
-    """Fields whose values differ between two fingerprints (e.g. a saved one and this rank's)."""
-    return [f for f in FIELDS if _digest(mine.get(f)) != _digest(other.get(f))]
+    """Fields (of FIELDS) whose values differ between two fingerprints (e.g. a saved one and this rank's)."""
+    norm = {"parameters": _shapes, "buffers": _shapes}
+    return [f for f in FIELDS
+            if _digest(norm.get(f, _same)(mine.get(f))) != _digest(norm.get(f, _same)(other.get(f)))]
+
+
+def _same(value):
+    return value
 
 
 def check_across_ranks(mine: dict, group, rank: int, size: int, *, what: str, local_error: str = "") -> None:

@@ -281,6 +281,7 @@ class LoftOptimizer(torch.optim.Optimizer):
             raise ValueError("state_dict must be a dict from LoftOptimizer.state_dict() with keys "
                              "'state', 'param_groups', 'loft'")
         meta = state_dict["loft"]
+        self._fingerprint["dtypes"] = fp.dtypes(self._plan.tensors(self.model))  # the model may be converted since
         problem = self._compare(meta)
         mine = dict(self._fingerprint, position=(meta.get("round"), meta.get("step_in_round"))) \
             if isinstance(meta, dict) else self._fingerprint
@@ -315,8 +316,8 @@ class LoftOptimizer(torch.optim.Optimizer):
         simple = [f for f in fields if f in ("workers", "seed", "sync_every", "state", "optimizer")]
         said = [f"{f}={meta['fingerprint'].get(f)!r}, this optimizer has {f}={self._fingerprint[f]!r}"
                 for f in simple]
-        said += [f"other {f} ({len(meta['fingerprint'].get(f) or [])} entries, this optimizer has "
-                 f"{len(self._fingerprint[f])})" for f in fields if f not in simple]
+        said += [f"other {f} ({fp.describe_difference(f, meta['fingerprint'].get(f), self._fingerprint[f])})"
+                 for f in fields if f not in simple]
         return "state_dict was saved with " + "; ".join(said)
 
     def _unscale(self, grad_scale: Tensor) -> None:

@@ -14,7 +14,12 @@ this module asks it):
   all_gather) and writing the exchanged result back.
 
 Scalar state (Adam's step count) is not sent: every worker steps every
-parameter once per iteration, so it is equal on all workers.
+parameter once per iteration, so it is equal on all workers, unless a
+`GradScaler` skipped a step on some workers only (an inf in their own
+gradients, which no per-step all-reduce spreads to the others). Such a
+worker's count then stays behind by the skipped steps, as the rank's
+count does in any distributed run whose ranks skip independently; under
+state="keep" a block handed to it is bias-corrected with its own count.
 """
 from __future__ import annotations
 
