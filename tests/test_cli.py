@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -329,6 +330,11 @@ BAD = [
     (["prune", "--checkpoint", "{tmp}/junk.pt"], "--checkpoint: .*junk.pt.* is not a loft_kernels model file"),
     (["prune", "--checkpoint", "{tmp}/cut.pt"], "--checkpoint: .*cut.pt.* is not a loft_kernels model file"),
     (["finetune", "--ticket", "{tmp}/cut.pt"], "--ticket: .*cut.pt.* is not a loft_kernels model file"),
+    (["run", "--ratios", "0.4999999,0.5"], "--ratios: 0.4999999 and 0.5 are both ratio 0.5"),
+    (["run", *TINY, "--train-samples", "3", "--methods", "loft-4"],
+     "--methods loft-4: 4 workers need at least as many training images; --dataset synthetic has 3"),
+    (["run", "--seeds", "100000000000"], "--seeds must be <= 10000"),
+    (["run", "--epochs", "10000000000", "--draw-at", "auto"], "--epochs must be <= 100000"),
 ]
 
 
@@ -346,6 +352,44 @@ def test_bad_input_fails_cleanly(capsys, tmp_path, pretrained, argv, message):
     assert err.startswith(f"loft {argv[0]}: error:") and err.count("\n") == 1, err
     assert __import__("re").search(message, err), err
     assert not out.exists()  # nothing half-written
+
+
+def test_model_files_of_the_wrong_kind_or_that_do_not_fit_are_user_errors(capsys, tmp_path, pretrained):
+    assert cli(capsys, "prune", "--checkpoint", pretrained, "--ratio", "0.5", "--speed-repeats", "0",
+               "--out", tmp_path / "p", "--quiet")[0] == 0
+    ticket = torch.load(tmp_path / "p" / "ticket.pt", weights_only=False)
+    fake_run = tmp_path / "fake_run"  # a pretraining directory whose model.pt is a ticket (a fine-tuned one is)
+    fake_run.mkdir()
+    shutil.copy(tmp_path / "p" / "ticket.pt", fake_run / "model.pt")
+    shutil.copy(pretrained / "tracker.pt", fake_run / "tracker.pt")
+    tampered = dict(ticket, kept={k: v[:-1] for k, v in ticket["kept"].items()})
+    torch.save(tampered, tmp_path / "tampered.pt")
+    resized = dict(ticket, spec=dict(ticket["spec"], input_shape=[ticket["spec"]["input_shape"][0], 16, 16]))
+    torch.save(resized, tmp_path / "resized.pt")
+    tune = ["--dataset", "synthetic", "--epochs", "1"]
+    for argv, message in [
+        (["prune", "--checkpoint", tmp_path / "p" / "ticket.pt"], "--checkpoint .*ticket.pt.* is a ticket"),
+        (["distance", "--run", fake_run], "--run: .*model.pt.* is a ticket"),
+        (["finetune", "--ticket", tmp_path / "p", "--rewind-from", tmp_path / "p" / "ticket.pt", *tune],
+         "--rewind-from .*ticket.pt.* is a ticket"),
+        (["finetune", "--ticket", tmp_path / "tampered.pt", *tune],
+         "--ticket .*tampered.pt.*: its spec, filter groups and weights do not fit together"),
+        (["finetune", "--ticket", tmp_path / "resized.pt", *tune],
+         "--dataset synthetic has 8x8 images, the ticket was drawn from a model trained on 16x16 ones"),
+        (["prune", "--checkpoint", pretrained, "--out", tmp_path / "p"], "already holds a run .*choose another"),
+    ]:
+        argv = [str(a) for a in argv] + ([] if "--out" in argv else ["--out", str(tmp_path / "out")])
+        rc, _, err = cli(capsys, *argv)
+        assert rc == 2 and err.count("\n") == 1 and re.search(message, err), (argv, err)
+        assert "--resume" not in err and not (tmp_path / "out").exists()
+
+
+def test_resume_refuses_a_config_that_is_not_a_json_object(capsys, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "config.json").write_text("[1, 2]")
+    rc, _, err = cli(capsys, "pretrain", *TINY, "--epochs", "1", "--out", out, "--resume")
+    assert rc == 2 and "holds a JSON list, not the dict" in err, err
 
 
 def test_workers_check_counts_a_grouped_groups_conv_blocks():

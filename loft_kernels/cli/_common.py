@@ -78,9 +78,11 @@ def check_ratio(value: float, name: str) -> float:
     return value
 
 
-def check_positive(value: int, name: str) -> int:
+def check_positive(value: int, name: str, *, most: int = None) -> int:
     if value < 1:
         raise CLIError(f"{name} must be >= 1, got {value}")
+    if most is not None and value > most:
+        raise CLIError(f"{name} must be <= {most}, got {value}")
     return value
 
 
@@ -108,9 +110,9 @@ def default_out(command: str) -> str:
     return str(Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def prepare_out(out: str, *, resume: bool = False, marker: str = "config.json") -> Path:
-    """Create --out (after all validation). An existing run there needs --resume."""
-    check_out_free(out, resume=resume, marker=marker)
+def prepare_out(out: str, *, resume: bool = False, marker: str = "config.json", resumable: bool = True) -> Path:
+    """Create --out (after all validation). An existing run there needs --resume (`resumable`: the command has it)."""
+    check_out_free(out, resume=resume, marker=marker, resumable=resumable)
     path = Path(out)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -121,7 +123,8 @@ def prepare_out(out: str, *, resume: bool = False, marker: str = "config.json") 
     return path
 
 
-def check_out_free(out: str | None, *, resume: bool = False, marker: str = "config.json") -> None:
+def check_out_free(out: str | None, *, resume: bool = False, marker: str = "config.json",
+                   resumable: bool = True) -> None:
     """The checks of prepare_out without creating anything (to fail before expensive work)."""
     if out is None:
         return
@@ -136,8 +139,9 @@ def check_out_free(out: str | None, *, resume: bool = False, marker: str = "conf
     if resume and not (path / marker).is_file():
         raise CLIError(f"--resume: {out!r} holds no run to resume (no {marker})")
     if not resume and (path / marker).exists():
-        raise CLIError(f"--out {out!r} already holds a run ({marker}); pass --resume to continue it "
-                       f"or choose another --out")
+        raise CLIError(f"--out {out!r} already holds a run ({marker}); "
+                       + ("pass --resume to continue it or choose another --out" if resumable else
+                          "choose another --out"))
 
 
 # Training settings that say how a run computes, not what: a resumed run may change them (its checkpoints load
@@ -168,14 +172,19 @@ def write_config(out: Path, config: dict, name: str = "config.json") -> None:
                       out / name)
 
 
-def read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str, kind: type = dict):
+    """The JSON value of `path`, which must be a `kind` (dict: an object, list: an array)."""
     path = Path(path)
     if not path.is_file():
         raise CLIError(f"{what}: {str(path)!r} does not exist")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        obj = json.loads(path.read_text())
+    except (ValueError, OSError) as e:  # not JSON, not UTF-8 text, or unreadable
         raise CLIError(f"{what}: {str(path)!r} is not valid JSON ({e})") from None
+    if not isinstance(obj, kind):
+        raise CLIError(f"{what}: {str(path)!r} holds a JSON {type(obj).__name__}, not the {kind.__name__} "
+                       f"it should hold")
+    return obj
 
 
 def check_output_file(path, option: str) -> None:
@@ -259,6 +268,9 @@ def make_spec(args, dataset, *, workers: int = 1, workers_option: str = "--worke
         raise CLIError(f"--width {args.width:g}: {args.model} does not fit in the memory available "
                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
     check_workers_fit(groups, workers, workers_option)
+    if workers > dataset.train_x.shape[0]:  # each worker needs its own shard of the training images
+        raise CLIError(f"{workers_option}: {workers} workers need at least as many training images; "
+                       f"--dataset {dataset.name} has {dataset.train_x.shape[0]}")
     if workers > 1 and getattr(args, "execution", None) == "batched":
         reason = batched_unsupported(model)
         if reason is not None:

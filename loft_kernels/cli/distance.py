@@ -59,7 +59,7 @@ def run(args) -> int:
     if not run_dir.is_dir():
         raise U.CLIError(f"--run: {args.run!r} is not a directory")
     out_text = args.out or U.default_out("distance")
-    U.check_out_free(out_text)
+    U.check_out_free(out_text, resumable=False)
     tracker = load_tracker(run_dir)
     if len(tracker) < 2:
         raise U.CLIError(f"--run: the tracker holds {len(tracker)} snapshot(s); distances need at least 2 epochs")
@@ -74,7 +74,7 @@ def run(args) -> int:
             raise U.CLIError(f"--reference: epoch {reference} was not snapshotted; epochs are {tracker.tags}")
     rows = distance_rows(tracker, reference, opts["mask_ratio"])
     found = engine.emergence_epochs(tracker, opts)
-    out = U.prepare_out(out_text)
+    out = U.prepare_out(out_text, resumable=False)
     U.write_config(out, {"command": "distance", "run": str(run_dir), "reference": reference, "emergence": opts,
                          "seed": args.seed})
     engine.write_metrics(out, rows)

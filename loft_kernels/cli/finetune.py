@@ -47,21 +47,25 @@ def run(args) -> int:
     device = U.resolve_device(args.device)
     try:
         obj = engine.load_model_file(src, "--ticket")
-        pruned = engine.ticket_model(obj)
+        pruned = engine.ticket_model(obj, f"--ticket {str(src)!r}")
         groups = engine.groups_from_list(obj["groups"])
         if rew is not None:
             source = engine.load_model_file(rew, "--rewind-from")
             if source["spec"] != obj["spec"] or source["groups"] != obj["groups"]:
                 raise U.CLIError(f"--rewind-from {str(rew)!r} is a different model than the ticket's "
                                  f"(spec or filter groups differ)")
+            engine.full_model(source, f"--rewind-from {str(rew)!r}")  # a full-size model whose weights fit
             pruned = rewind(pruned, obj["kept"], groups, source["state_dict"])
     except (CheckpointError, FileNotFoundError) as e:
         raise U.CLIError(str(e)) from None
     dataset = U.load_dataset(args)
-    want = obj["spec"]["kwargs"]
+    want, shape = obj["spec"]["kwargs"], obj["spec"]["input_shape"]
     if (dataset.in_channels, dataset.num_classes) != (want["in_channels"], want["num_classes"]):
         raise U.CLIError(f"--dataset {args.dataset} has {dataset.in_channels} channels and {dataset.num_classes} "
                          f"classes, the ticket was built for {want['in_channels']} and {want['num_classes']}")
+    if list(dataset.image_size) != list(shape[1:]):
+        raise U.CLIError(f"--dataset {args.dataset} has {'x'.join(map(str, dataset.image_size))} images, the ticket "
+                         f"was drawn from a model trained on {'x'.join(map(str, shape[1:]))} ones")
     config = {"command": "finetune", "ticket": str(src), "rewind_from": None if rew is None else str(rew),
               "dataset": args.dataset, "data_dir": args.data_dir, "train": cfg.to_dict(), "seed": args.seed,
               "device": str(device)}

@@ -48,11 +48,11 @@ def run(args) -> int:
     U.check_non_negative(args.speed_repeats, "--speed-repeats")
     src = model_file(args.checkpoint, "--checkpoint", "model.pt")
     out_text = args.out or U.default_out("prune")
-    U.check_out_free(out_text)
+    U.check_out_free(out_text, resumable=False)
     device = U.resolve_device(args.device)
     try:
         obj = engine.load_model_file(src, "--checkpoint")
-        model, groups = engine.full_model(obj)
+        model, groups = engine.full_model(obj, f"--checkpoint {str(src)!r}")
     except (CheckpointError, FileNotFoundError) as e:
         raise U.CLIError(str(e)) from None
     too_small = [g.name for g in groups if g.n - pruned_count(g.n, ratio) < 1]
@@ -61,7 +61,7 @@ def run(args) -> int:
     model = model.to(device)
     example = torch.randn(8, *obj["spec"]["input_shape"], device=device)
     pruned, kept, metrics = draw(model, groups, ratio, example, speed_repeats=args.speed_repeats)
-    out = U.prepare_out(out_text)
+    out = U.prepare_out(out_text, resumable=False)
     U.write_config(out, {"command": "prune", "checkpoint": str(src), "ratio": ratio, "seed": args.seed,
                          "device": str(device), "speed_repeats": args.speed_repeats})
     engine.save_model(out / "ticket.pt", pruned, obj["spec"], groups, kept=kept, ratio=ratio, source=str(src))

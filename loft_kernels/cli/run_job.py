@@ -121,7 +121,14 @@ def parse_ratios(text: str) -> list[float]:
     if bad:
         raise U.CLIError(f"--ratios: {', '.join(bad)} is not a pruning ratio; give fractions in (0, 1) such as "
                          f"0.5,0.8 or percents in (0, 100) such as 50,80 (not both in one list), got {text!r}")
-    return sorted(set(ratios))
+    ratios = sorted(set(ratios))
+    keys: dict[str, float] = {}
+    for r in ratios:  # the report, the tables and the ticket folders name a ratio by its key
+        key = report.ratio_key(r)
+        if keys.setdefault(key, r) != r:
+            raise U.CLIError(f"--ratios: {keys[key]!r} and {r!r} are both ratio {key}; give "
+                             f"ratios that differ in their first six significant digits")
+    return ratios
 
 
 def parse_controls(text: str) -> list[str]:
@@ -145,17 +152,22 @@ def _draw_at(text: str, epochs: int):
     return draw_at
 
 
+# Far beyond any real job (each seed is a pretraining per method; every epoch may be kept on disk), and small
+# enough that the lists of seeds and kept epochs cannot exhaust memory before the first epoch runs.
+MOST_SEEDS, MOST_EPOCHS = 10_000, 100_000
+
+
 def _settings(args) -> dict:
     length = run_presets.apply(args)
-    U.check_positive(args.seeds, "--seeds")
-    U.check_positive(args.finetune_epochs, "--finetune-epochs")
+    U.check_positive(args.seeds, "--seeds", most=MOST_SEEDS)
+    U.check_positive(args.finetune_epochs, "--finetune-epochs", most=MOST_EPOCHS)
     U.check_non_negative(args.weight_decay, "--weight-decay")  # first: the fine-tuning's defaults to it
     U.check_non_negative(args.finetune_weight_decay, "--finetune-weight-decay")
     U.check_non_negative(args.train_samples, "--train-samples")
     U.check_non_negative(args.test_samples, "--test-samples")
     methods = parse_methods(args.methods)
     ratios = parse_ratios(args.ratios)
-    draw_at = _draw_at(args.draw_at, U.check_positive(args.epochs, "--epochs"))
+    draw_at = _draw_at(args.draw_at, U.check_positive(args.epochs, "--epochs", most=MOST_EPOCHS))
     draw_ratio = U.check_ratio(args.draw_ratio, "--draw-ratio") if args.draw_ratio is not None else max(ratios)
     if args.batch_split == "global":
         uneven = [m for m, s in methods if args.batch_size % s]
@@ -211,7 +223,7 @@ class Job:
                                       log=None if self.args.quiet else (lambda m: self.log("   " + m)))
         model, groups, tracker = engine.load_pretrained(unit / "pretrain")
         model = model.to(self.device)
-        history = U.read_json(unit / "pretrain" / "metrics.json", "metrics")
+        history = U.read_json(unit / "pretrain" / "metrics.json", "metrics", list)
         first = seed == self.st["seeds"][0]
         res = {"no_prune": summary["final"]["test_acc"], "ticket": {},
                "no_prune_bn_recalibrated": summary["test_acc_bn_recalibrated"],

@@ -6,6 +6,8 @@ arguments, group policy, input shape), the groups, the state_dict and extras
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -67,21 +69,37 @@ def load_model_file(path, what: str = "model file") -> dict:
     return obj
 
 
-def full_model(obj: dict) -> tuple[nn.Module, list[FilterGroup]]:
-    """The full-size model of a model file, weights loaded."""
-    model, groups = build_model(obj["spec"])
-    model.load_state_dict(obj["state_dict"])
-    return model, groups_from_list(obj["groups"])
+def full_model(obj: dict, what: str = "model file") -> tuple[nn.Module, list[FilterGroup]]:
+    """The full-size model of a model file, weights loaded; CheckpointError (naming `what`) for a ticket's file or
+    contents that do not fit together."""
+    if "kept" in obj:
+        raise CheckpointError(f"{what} is a ticket (a pruned model), not a full-size model: give a model.pt, "
+                              f"init.pt or epoch_<e>.pt written by `loft pretrain`")
+    with _contents(what):
+        model, groups = build_model(obj["spec"])
+        model.load_state_dict(obj["state_dict"])
+        return model, groups_from_list(obj["groups"])
 
 
-def ticket_model(obj: dict) -> nn.Module:
+def ticket_model(obj: dict, what: str = "model file") -> nn.Module:
     """The pruned model of a ticket file (`save_model(..., kept=..., ratio=...)`), weights loaded."""
     if "kept" not in obj or "ratio" not in obj:
-        raise CheckpointError("this model file is not a ticket (no kept filters): use the ticket.pt written by "
-                         "`loft prune`")
-    pruned = pruned_skeleton(obj["spec"], groups_from_list(obj["groups"]), obj["kept"], float(obj["ratio"]))
-    pruned.load_state_dict(obj["state_dict"])
-    return pruned
+        raise CheckpointError(f"{what} is not a ticket (no kept filters): use the ticket.pt written by `loft prune`")
+    with _contents(what):
+        pruned = pruned_skeleton(obj["spec"], groups_from_list(obj["groups"]), obj["kept"], float(obj["ratio"]))
+        pruned.load_state_dict(obj["state_dict"])
+        return pruned
+
+
+@contextlib.contextmanager
+def _contents(what: str):
+    # A file with the right keys whose spec, groups, kept filters and weights do not fit together (edited,
+    # or written by another version): the user's file is at fault, not the program.
+    try:
+        yield
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(f"{what}: its spec, filter groups and weights do not fit together "
+                              f"({type(exc).__name__}: {exc})") from None
 
 
 def pruned_skeleton(spec: dict, groups, kept: dict, ratio: float) -> nn.Module:

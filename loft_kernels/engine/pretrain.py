@@ -161,7 +161,7 @@ def pretrain_run(out, *, dataset: Dataset, spec: dict, cfg: TrainConfig, seed: i
 def load_pretrained(out) -> tuple[nn.Module, list[FilterGroup], FilterTracker]:
     """(model, groups, tracker) of a finished `pretrain_run` directory."""
     out = Path(out)
-    model, groups = full_model(load_model_file(out / "model.pt", "pretrained model"))
+    model, groups = full_model(load_model_file(out / "model.pt", "pretrained model"), str(out / "model.pt"))
     tracker = FilterTracker(model, groups)
     try:
         state = load_checkpoint(out / "tracker.pt")
