@@ -334,6 +334,8 @@ BAD = [
     (["run", *TINY, "--train-samples", "3", "--methods", "loft-4"],
      "--methods loft-4: 4 workers need at least as many training images; --dataset synthetic has 3"),
     (["run", "--seeds", "100000000000"], "--seeds must be <= 10000"),
+    (["pretrain", "--dataset", "digits", "--data-dir", "{tmp}"], "--data-dir: data_dir does not apply to dataset "
+                                                                "'digits' \\(it is embedded in scikit-learn\\)"),
     (["run", "--epochs", "10000000000", "--draw-at", "auto"], "--epochs must be <= 100000"),
 ]
 

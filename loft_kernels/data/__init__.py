@@ -54,6 +54,9 @@ def get_dataset(name: str, data_dir=None, *, seed: int = 0, **options) -> Datase
     if name not in DATASETS:
         raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
     seed = C.non_negative_int(seed, "seed")
+    if data_dir is not None and name in ("synthetic", "digits"):
+        raise ValueError(f"data_dir does not apply to dataset {name!r} (it is "
+                         f"{'generated' if name == 'synthetic' else 'embedded in scikit-learn'}), got {str(data_dir)!r}")
     if name == "synthetic":
         return synthetic(seed, **_only(options, _SYNTHETIC_OPTIONS, name))
     _only(options, (), name)
