@@ -40,6 +40,42 @@ def test_opcheck(backend, device, case):
     torch.library.opcheck(op, args)
 
 
+def _other_layouts(case):
+    """The conv cases (0-3) with a channels-last x, weight and gradient (a permuted 5-D x for the grouped op)."""
+    def relayout(t):
+        if t.dim() == 4:
+            return t.to(memory_format=torch.channels_last)
+        if t.dim() == 5:
+            return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+        return t
+    op, args = _opcheck_cases("cpu")[case]
+    return op, tuple(relayout(a) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_opcheck_with_channels_last_tensors(backend, device, case):
+    op, args = _other_layouts(case)
+    assert not args[0].is_contiguous() and not args[1].is_contiguous()
+    torch.library.opcheck(op, tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
+
+
+def test_inductor_compiles_a_channels_last_partial_conv():
+    """Inductor lays out an op's result from its fake kernel; the real op must return exactly those strides."""
+    x = torch.randn(2, 3, 7, 7).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(5, 3, 3, 3).to(memory_format=torch.channels_last).requires_grad_()
+    rows = torch.tensor([4, 0])
+
+    def step(x, w):
+        return lk.partial_conv2d(x, w, None, 1, 1, out_index=rows).sin().sum()
+
+    compiled = torch.compile(step, backend="inductor")
+    got = torch.autograd.grad(compiled(x, w), (x, w))
+    torch._dynamo.reset()
+    want = torch.autograd.grad(step(x, w), (x, w))
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r)
+
+
 def test_partial_conv2d_requires_grad_through_opcheck(backend, device):
     x = torch.randn(2, 3, 6, 6, device=device, requires_grad=True)
     w = torch.randn(5, 4, 3, 3, device=device, requires_grad=True)

@@ -30,13 +30,19 @@ def _empty(ref: Tensor) -> Tensor:
     return ref.new_empty(0)
 
 
+# The custom ops return contiguous tensors, whatever the layout of x and the weight (a channels-last x gives a
+# channels-last convolution): their fake kernels say so, and a compiled graph (Inductor plans the strides of an
+# op's result from the fake kernel) must get exactly the strides it planned for.
+
+
 # ---------------------------------------------------------------- single ----
 @torch.library.custom_op("loft_kernels::partial_conv2d", mutates_args=())
 def _partial_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: Optional[Tensor],
                        in_index: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
                        groups: int) -> Tensor:
-    return dispatch("partial_conv2d", x, x, weight, bias, out_index, in_index,
-                    tuple(stride), tuple(padding), tuple(dilation), groups)
+    y = dispatch("partial_conv2d", x, x, weight, bias, out_index, in_index,
+                 tuple(stride), tuple(padding), tuple(dilation), groups)
+    return y.contiguous()
 
 
 @_partial_conv2d_op.register_fake
@@ -54,14 +60,23 @@ def _partial_conv2d_backward_op(grad: Tensor, x: Tensor, weight: Tensor, out_ind
                                 need_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
     gx, gw, gb = dispatch("partial_conv2d_backward", x, grad, x, weight, out_index, in_index, has_bias,
                           tuple(stride), tuple(padding), tuple(dilation), groups, need_input, need_weight)
-    return (gx if need_input else _empty(x), gw if need_weight else _empty(x), gb if has_bias else _empty(x))
+    return _backward_result(x, weight, gx, gw, gb, need_input, need_weight, has_bias)
+
+
+def _backward_result(x, weight, gx, gw, gb, need_input, need_weight, has_bias):
+    return (gx.contiguous() if need_input else _empty(x), gw.contiguous() if need_weight else _empty(x),
+            gb if has_bias else _empty(x))
+
+
+def _backward_fake(x, weight, need_input, need_weight, has_bias):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format) if need_input else _empty(x),
+            torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else _empty(x),
+            weight.new_empty(weight.shape[0]) if has_bias else _empty(x))
 
 
 @_partial_conv2d_backward_op.register_fake
 def _(grad, x, weight, out_index, in_index, has_bias, stride, padding, dilation, groups, need_input, need_weight):
-    return (torch.empty_like(x) if need_input else _empty(x),
-            torch.empty_like(weight) if need_weight else _empty(x),
-            weight.new_empty(weight.shape[0]) if has_bias else _empty(x))
+    return _backward_fake(x, weight, need_input, need_weight, has_bias)
 
 
 def _setup_context(ctx, inputs, output):
@@ -90,7 +105,7 @@ _partial_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 def _grouped_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: Optional[Tensor],
                 in_index: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
     return dispatch("grouped_partial_conv2d", x, x, weight, bias, out_index, in_index,
-                    tuple(stride), tuple(padding), tuple(dilation))
+                    tuple(stride), tuple(padding), tuple(dilation)).contiguous()
 
 
 @_grouped_op.register_fake
@@ -107,14 +122,12 @@ def _grouped_backward_op(grad: Tensor, x: Tensor, weight: Tensor, out_index: Opt
                          dilation: list[int], need_input: bool, need_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
     gx, gw, gb = dispatch("grouped_partial_conv2d_backward", x, grad, x, weight, out_index, in_index, has_bias,
                           tuple(stride), tuple(padding), tuple(dilation), need_input, need_weight)
-    return (gx if need_input else _empty(x), gw if need_weight else _empty(x), gb if has_bias else _empty(x))
+    return _backward_result(x, weight, gx, gw, gb, need_input, need_weight, has_bias)
 
 
 @_grouped_backward_op.register_fake
 def _(grad, x, weight, out_index, in_index, has_bias, stride, padding, dilation, need_input, need_weight):
-    return (torch.empty_like(x) if need_input else _empty(x),
-            torch.empty_like(weight) if need_weight else _empty(x),
-            weight.new_empty(weight.shape[0]) if has_bias else _empty(x))
+    return _backward_fake(x, weight, need_input, need_weight, has_bias)
 
 
 def _grouped_setup_context(ctx, inputs, output):
