@@ -58,6 +58,26 @@ def test_unpack_rows_leaves_other_rows_bit_identical(backend, device):
     assert bool((t[i] == 0).all())
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "views"])
+def test_unpack_rows_into_one_tensor_twice_writes_as_a_loop_over_the_entries(backend, device, layout):
+    base = torch.zeros(4, 3, 2, 2, device=device)
+    if layout == "channels_last":  # dim 0 cannot be strided through in this layout: a copy, written back
+        base = base.contiguous(memory_format=torch.channels_last)
+    targets = [base, base] if layout != "views" else [base, base[1:]]
+    rows = [torch.tensor([1, 3], device=device), torch.tensor([2, 0], device=device)]
+    dims = [0, 1]
+    flat = torch.randn(2 * 12 + targets[1].shape[0] * 2 * 4, device=device)
+    expected = base.clone()
+    expected_targets = [expected, expected] if layout != "views" else [expected, expected[1:]]
+    start = 0
+    for t, r, d in zip(expected_targets, rows, dims):  # the reference: one entry after another
+        block = t.index_select(d, r)
+        t.index_copy_(d, r, flat[start:start + block.numel()].view_as(block))
+        start += block.numel()
+    lk.unpack_rows(flat, targets, rows, dims)
+    assert torch.equal(base, expected)
+
+
 def test_unpack_into_parameters_under_grad_mode(backend, device):
     p = torch.nn.Parameter(torch.randn(4, 3, device=device))
     lk.unpack_rows(torch.ones(3, device=device), [p], [torch.tensor([2], device=device)])

@@ -84,5 +84,23 @@ def unpack_rows(flat: Tensor, tensors: list[Tensor], indices: list[Tensor], dims
     want = _packed_numel(tensors, indices, dims)
     if flat.numel() != want:
         raise ValueError(f"flat must have {want} elements (the packed size of the selected rows), got {flat.numel()}")
+    flat = flat.contiguous()
     with torch.no_grad():
-        _unpack_op(flat.contiguous(), [t.detach() for t in tensors], indices, dims)
+        if not _share_memory(tensors):
+            _unpack_op(flat, [t.detach() for t in tensors], indices, dims)
+            return
+        # Tensors listed twice (or views of one another): one entry after another, so each write lands as in
+        # a loop over the entries; one pass may write a layout it cannot stride through via a copy, whose
+        # write-back would undo another entry's writes to the same memory.
+        start = 0
+        for t, i, d in zip(tensors, indices, dims):
+            n = t.numel() // t.shape[d] * i.shape[0]
+            _unpack_op(flat[start:start + n], [t.detach()], [i], [d])
+            start += n
+
+
+def _share_memory(tensors) -> bool:
+    if torch.compiler.is_compiling():  # no storages to compare while tracing
+        return False
+    storages = [t.untyped_storage().data_ptr() for t in tensors if t.numel()]
+    return len(set(storages)) < len(storages)
