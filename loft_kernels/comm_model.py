@@ -39,6 +39,7 @@ from torch import nn
 
 from . import _checks as C
 from .nn import full_view
+from .nn.views import training_mode
 from .training.comm import STATES, loft_sync_bytes, ring_all_reduce_bytes
 from .training.groups import FilterGroup, find_filter_groups, select_groups
 
@@ -151,14 +152,8 @@ def _chain_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
 @contextlib.contextmanager
 def _eval_no_grad(model: nn.Module):
     """Run the model without touching BN statistics or autograd; restore every train flag after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad(), full_view(model):
-            yield
-    finally:
-        for m, training in modes:
-            m.training = training
+    with training_mode(model, False), torch.no_grad(), full_view(model):
+        yield
 
 
 def _units(model: nn.Module, example_input: torch.Tensor) -> list[_Unit]:

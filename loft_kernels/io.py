@@ -27,6 +27,8 @@ def atomic_write(path: str | os.PathLike, write, mode: str = "wb") -> Path:
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     if mode not in ("wb", "w"):
         raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
+    if not os.fspath(path):
+        raise ValueError("path must name a file, got an empty path")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_temp(path)
@@ -108,11 +110,14 @@ def load_checkpoint(path: str | os.PathLike, map_location=None):
     """torch.load with weights_only=True; errors name the file (see the module docstring)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    _check_map_location(map_location)
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file")
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if not path.is_file():  # a pipe or a device would block the reader or never end
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a regular file")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
@@ -122,3 +127,16 @@ def load_checkpoint(path: str | os.PathLike, map_location=None):
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be loaded (truncated, not written by torch.save, "
                               f"or holding objects other than tensors and plain containers): "
                               f"{type(exc).__name__}: {detail}") from exc
+
+
+def _check_map_location(value) -> None:
+    """What torch.load accepts as map_location, checked before the file is read (its errors would blame the file)."""
+    if value is None or isinstance(value, (torch.device, dict)) or callable(value):
+        return
+    if not isinstance(value, str):
+        raise TypeError(f"map_location must be None, a device (str or torch.device), a dict or a callable, "
+                        f"got {type(value).__name__}")
+    try:
+        torch.device(value)
+    except RuntimeError:
+        raise ValueError(f"map_location must name a device such as 'cpu' or 'cuda:0', got {value!r}") from None

@@ -236,6 +236,17 @@ def test_recalibrate_bn_is_the_mean_of_batch_statistics(data):
     assert model[1].momentum == 0.3 and model.training
 
 
+def test_recalibrating_and_evaluating_keep_every_modules_own_mode(data):
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Flatten(), nn.LazyLinear(10))
+    model(data.train_x[:2])
+    model.train()
+    model[1].eval()  # a BatchNorm the user froze inside a training model
+    engine.recalibrate_bn(model, [data.train_x[:16]])
+    assert model.training and not model[1].training
+    engine.evaluate(model, data.test_x[:16], data.test_y[:16])
+    assert model.training and not model[1].training
+
+
 def test_public_recalibrate_bn_takes_any_iterable_of_batches_and_checks_input(data):
     import loft_kernels as lk
     torch.manual_seed(0)

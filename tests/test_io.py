@@ -1,4 +1,5 @@
 """Atomic checkpoint writing: a failed write never replaces or truncates a good file."""
+import os
 import sys
 
 import pytest
@@ -67,6 +68,20 @@ def test_unreadable_files_name_the_file(tmp_path, content):
 def test_a_directory_is_not_called_missing(tmp_path):
     with pytest.raises(CheckpointError, match="is a directory, not a checkpoint file"):
         lk.load_checkpoint(tmp_path)
+
+
+def test_load_checkpoint_names_a_bad_map_location_and_refuses_a_pipe(tmp_path):
+    path = lk.atomic_save({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    with pytest.raises(ValueError, match="map_location must name a device such as 'cpu'.*'bogus'"):
+        lk.load_checkpoint(path, map_location="bogus")
+    with pytest.raises(TypeError, match="map_location must be None, a device .* got float"):
+        lk.load_checkpoint(path, map_location=1.5)
+    assert torch.equal(lk.load_checkpoint(path, map_location="cpu")["w"], torch.ones(2))
+    os.mkfifo(tmp_path / "pipe")  # reading it would block until a writer came
+    with pytest.raises(CheckpointError, match="is not a regular file"):
+        lk.load_checkpoint(tmp_path / "pipe")
+    with pytest.raises(ValueError, match="path must name a file, got an empty path"):
+        lk.atomic_save({}, "")
 
 
 def test_optional_dependencies_say_which_extra(monkeypatch):

@@ -20,6 +20,7 @@ i = torch.tensor
     (dict(bias=torch.randn(5, 1)), ValueError, "bias must be 1-D"),
     (dict(stride=0), ValueError, "stride must be >= 1"),
     (dict(stride=(1, 2, 3)), TypeError, "stride must be an int or a pair"),
+    (dict(stride=2 ** 64), ValueError, r"stride must be <= 2\*\*63 - 1"),
     (dict(padding=-1), ValueError, "padding must be >= 0"),
     (dict(padding="full"), ValueError, "padding must be an int, a pair of ints, 'same' or 'valid'"),
     (dict(padding="same", stride=2), ValueError, "padding='same' requires stride 1"),

@@ -260,6 +260,18 @@ def test_comm_stats_equal_loft_sync_bytes(model_name, opt_name, state, per_param
     assert lk.loft_sync_bytes(model, groups, 1, state)["bytes_sent"] == 0
 
 
+def test_comm_accounting_refuses_groups_of_another_model():
+    x = torch.randn(2, 3, 32, 32)
+    small, big = lk.vgg11(width=0.125), lk.vgg11(width=0.25)
+    groups = lk.find_filter_groups(small, x)
+    with pytest.raises(ValueError, match="were the groups found on another model"):
+        lk.loft_sync_bytes(big, groups, 4)
+    with pytest.raises(ValueError, match="were the groups found on another model"):
+        lk.parameter_share(lk.resnet18(width=0.125), groups)
+    with pytest.raises(TypeError, match="groups must be a list of FilterGroup"):
+        lk.parameter_share(small, None)
+
+
 def test_ring_model():
     assert lk.ring_all_reduce_bytes(1000, 4) == 1500
     assert lk.ring_all_reduce_bytes(1000, 1) == 0

@@ -183,6 +183,7 @@ def test_count_params_flops_by_hand():
     assert got == {"params": 4 * 27 + 4 + 8 + 2 * 100 + 2, "flops": 2 * 100 * 27 + 100 + 200 + 2 * 2 * 100 + 2}
     assert model.training and model[1].training and torch.equal(model[1].running_mean, stats)
     assert count_params_flops(model, torch.randn(3, 3, 5, 5))["flops"] == 3 * got["flops"]
+    assert count_params_flops(model[:1], torch.randn(3, 5, 5))["flops"] == 2 * 100 * 27 + 100  # unbatched
 
 
 def test_pruning_reduces_params_flops_and_speedup_is_measured():

@@ -10,6 +10,7 @@ from torch import nn
 from .. import _checks as C
 from ..data import BatchLoader
 from ..nn import full_view
+from ..nn.views import training_mode
 
 
 @torch.no_grad()
@@ -25,20 +26,15 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device=None,
     if x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ValueError(f"x and y must hold the same non-zero number of samples, got {x.shape[0]} and {y.shape[0]}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     loss_sum, correct = 0.0, 0
-    try:
-        with full_view(model):
-            for i in range(0, x.shape[0], batch_size):
-                xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-                if memory_format is not None:
-                    xb = xb.contiguous(memory_format=memory_format)
-                out = model(xb)
-                loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
-                correct += int((out.argmax(1) == yb).sum())
-    finally:
-        model.train(was_training)
+    with training_mode(model, False), full_view(model):
+        for i in range(0, x.shape[0], batch_size):
+            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+            if memory_format is not None:
+                xb = xb.contiguous(memory_format=memory_format)
+            out = model(xb)
+            loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
+            correct += int((out.argmax(1) == yb).sum())
     return {"loss": loss_sum / x.shape[0], "acc": 100.0 * correct / x.shape[0]}
 
 
@@ -73,14 +69,12 @@ def recalibrate_bn(model: nn.Module, batches, *, epoch: int = 0) -> nn.Module:
     device = next(iter(model.parameters()), norms[0].running_mean).device
     saved = [(m, m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
              for m in norms]
-    was_training = model.training
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average over the pass
-    model.train()
     seen, ok = 0, False
     try:
-        with full_view(model):
+        with training_mode(model, True), full_view(model):
             for i, batch in enumerate(batches):
                 x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
                 C.tensor(x, f"batch {i} of batches" + (" (its first item)" if x is not batch else ""),
@@ -97,5 +91,4 @@ def recalibrate_bn(model: nn.Module, batches, *, epoch: int = 0) -> nn.Module:
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(count)
-        model.train(was_training)
     return model

@@ -71,3 +71,16 @@ def full_view(model: nn.Module):
 dense = full_view
 
 __all__ = ["full_view", "dense", "is_compact", "owners", "refuse_active_sets", "OWNER"]
+
+
+@contextlib.contextmanager
+def training_mode(model: nn.Module, training: bool):
+    """`model.train(training)` for the block; every module's own flag restored after (a BatchNorm the user
+    froze with `.eval()` inside a training model stays frozen)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag

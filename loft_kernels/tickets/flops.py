@@ -11,6 +11,7 @@ Loft layer running a subset of its filters is counted for that subset.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import _checks as C
+from ..nn.views import training_mode
 from ._groups import check_model
 
 
@@ -30,24 +32,14 @@ def _as_inputs(example_input, name: str = "example_input") -> tuple:
     return tuple(items)
 
 
-class _EvalNoGrad:
+@contextlib.contextmanager
+def _eval_no_grad(*models):
     """Eval mode and no_grad for the block; every module's training flag restored after."""
-
-    def __init__(self, *models):
-        self.models = models
-
-    def __enter__(self):
-        self.modes = [[(m, m.training) for m in model.modules()] for model in self.models]
-        for model in self.models:
-            model.eval()
-        self.grad = torch.no_grad()
-        self.grad.__enter__()
-
-    def __exit__(self, *exc):
-        self.grad.__exit__(*exc)
-        for modes in self.modes:
-            for m, training in modes:
-                m.training = training
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(training_mode(model, False))
+        with torch.no_grad():
+            yield
 
 
 def count_params_flops(model: nn.Module, example_input) -> dict[str, int]:
@@ -63,7 +55,8 @@ def count_params_flops(model: nn.Module, example_input) -> dict[str, int]:
 
     def conv(m, args, out):
         x = args[0]
-        per_out = (x.shape[1] // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        # x's channels (not m.in_channels: an active Loft layer convolves a subset); dim -3 also when unbatched
+        per_out = (x.shape[-3] // m.groups) * m.kernel_size[0] * m.kernel_size[1]
         total[0] += 2 * out.numel() * per_out + (out.numel() if m.bias is not None else 0)
 
     def linear(m, args, out):
@@ -75,7 +68,7 @@ def count_params_flops(model: nn.Module, example_input) -> dict[str, int]:
     kinds = ((nn.Conv2d, conv), (nn.Linear, linear), (nn.modules.batchnorm._BatchNorm, norm))
     handles = [m.register_forward_hook(hook) for m in model.modules() for kind, hook in kinds if isinstance(m, kind)]
     try:
-        with _EvalNoGrad(model):
+        with _eval_no_grad(model):
             model(*inputs)
     finally:
         for h in handles:
@@ -107,7 +100,7 @@ def inference_speedup(baseline: nn.Module, candidate: nn.Module, example_input, 
     warmup = C.non_negative_int(warmup, "warmup")
     times = {"baseline": [], "candidate": []}
     models = {"baseline": baseline, "candidate": candidate}
-    with _EvalNoGrad(baseline, candidate):
+    with _eval_no_grad(baseline, candidate):
         for rep in range(warmup + repeats):
             fresh = tuple(torch.randn_like(t) if t.is_floating_point() else t for t in inputs)
             order = ("baseline", "candidate") if rep % 2 == 0 else ("candidate", "baseline")

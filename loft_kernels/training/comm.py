@@ -20,9 +20,9 @@ from typing import Iterable, Sequence
 from torch import nn
 
 from .. import _checks as C
+from ..filter_group import resolve_groups
 from ..nn.views import full_view
 from .groups import FilterGroup
-from .partition import check_groups
 from .sync import KINDS, SyncPlan
 
 STATES = ("reset", "keep")
@@ -114,7 +114,8 @@ def loft_sync_bytes(model: nn.Module, groups: Sequence[FilterGroup], workers: in
         raise TypeError(f"state_per_param must be an int, got {type(state_per_param).__name__}")
     if state_per_param < 0:
         raise ValueError(f"state_per_param must be >= 0, got {state_per_param}")
-    groups = check_groups(groups, workers)
+    with full_view(model):  # a worker's model mid-round: its groups' layers at full size
+        groups = [r.group for r in resolve_groups(model, groups, workers)]
     plan = make_plan(model, groups, workers)
     if workers == 1:
         return summarize((), workers)

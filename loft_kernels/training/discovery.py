@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..filter_group import DEPTHWISE, SE_EXPAND, SE_REDUCE, FilterGroup, Member, derived_weight_reason
 from ..nn import LoftBatchNorm2d, LoftConv2d, LoftLinear, full_view
+from ..nn.views import training_mode
 from . import trace
 from .group_report import GroupReport, parameter_share
 
@@ -68,16 +69,11 @@ class ExampleInputError(ValueError):
 def _safe_runner(model: nn.Module):
     """run(fn, grad=False): fn() in eval mode, dense, model flags restored; a failure names example_input."""
     def run(fn, grad: bool = False):
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
         try:
-            with torch.set_grad_enabled(grad), full_view(model):
+            with training_mode(model, False), torch.set_grad_enabled(grad), full_view(model):
                 fn()
         except Exception as e:
             raise ExampleInputError(f"example_input: the model failed to run on it ({type(e).__name__}: {e})") from e
-        finally:
-            for m, mode in modes:
-                m.training = mode
     return run
 
 

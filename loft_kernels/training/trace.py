@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from ..nn.views import training_mode
+
 # Layers that stay one node; everything else is seen through (fx) or as autograd ops.
 STRUCTURAL = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
@@ -147,13 +149,8 @@ def _fx_info(node: fx.Node, op: str) -> dict:
 
 def fx_graph(model: nn.Module, args: tuple, run) -> FlowGraph:
     """Trace with torch.fx; `run(fn)` runs fn() with the model in a safe mode (see groups._run_safely)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()  # trace the forward that runs: eval-mode branches (no dropout or stochastic depth masks)
-    try:
+    with training_mode(model, False):  # trace the forward that runs: eval-mode branches (no dropout masks)
         graph = _Tracer().trace(model)
-    finally:
-        for m, mode in modes:
-            m.training = mode
     gm = fx.GraphModule(model, graph)
     recorder = _ShapeRecorder(gm)
     run(lambda: recorder.run(*args))
