@@ -14,10 +14,10 @@ import torch
 
 from .collectives import all_gather, comm_device
 
+# The fields a saved state must match. The fingerprint's "dtypes" is compared across ranks only: a checkpoint
+# loads into another dtype (values are cast, as torch loads them), ranks of different dtypes would exchange
+# buffers that do not fit.
 FIELDS = ("workers", "seed", "sync_every", "state", "groups", "parameters", "buffers", "optimizer")
-# Compared across ranks only: a checkpoint loads into another dtype (values are cast, as torch loads
-# them), while ranks of different dtypes would exchange buffers that do not fit.
-RANK_FIELDS = ("dtypes",)
 
 
 def fingerprint(tensors: dict, param_names, groups, workers: int, seed: int, sync_every: int, state: str,
