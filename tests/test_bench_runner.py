@@ -27,7 +27,8 @@ def test_quick_run_writes_valid_json_with_every_case(tmp_path, capsys):
     report = json.loads(out.read_text())
     errors = [(r["id"], r["error"]) for r in report["results"] if r["error"]]
     assert rc == 0 and not errors, errors
-    assert {"cpu", "threads", "torch", "device", "date"} <= set(report["machine"])
+    assert {"cpu", "threads", "torch", "device", "date", "started"} <= set(report["machine"])
+    assert f"{report['machine']['started']} to {report['machine']['date']}" in printed  # start and end stamps
     assert [r["id"] for r in report["results"]] == CASE_IDS
     for r in report["results"]:
         assert ROW_KEYS <= set(r)

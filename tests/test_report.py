@@ -42,6 +42,19 @@ def test_build_report_means_and_schema(results):
     assert l2["per_seed"]["0"]["emerged_epoch"]["mask"] is None
     assert list(l2["per_seed"]) == ["0", "1", "2"]
     json.dumps(rep)  # plain JSON
+    # an even number of seeds: the lower of the two middle epochs, an epoch at which some seed's criterion fired
+    two = report.build_report("digits", [0, 1], {"dense": {0: results["dense"][0], 1: results["dense"][1]}})
+    assert two["methods"]["dense"]["emerged_epoch"] == {"footrule": 2, "mask": 5}
+
+
+def test_one_seed_has_no_spread_and_beats_no_control(results):
+    controls = {"initial-weights": {0: {"ticket": {"0.5": 80.0, "0.8": 70.0}}}}
+    rep = report.build_report("digits", [0], {m: {0: per[0]} for m, per in results.items()}, controls)
+    assert report.spread([91.0]) is None and report.spread([1.0, 3.0]) == pytest.approx(2 ** 0.5)
+    beat = rep["discrimination"]["per_ratio"]["0.8"]["controls"]["initial-weights"]
+    assert beat["margin"] == pytest.approx(19.0) and beat["spread"] is None and not beat["beaten"]
+    assert "| dense | 91.00 | 89.00 |" in report.format_ratio_table(rep)
+    assert any("not beaten (one seed: no spread" in line for line in report.format_discrimination(rep["discrimination"]))
 
 
 def test_extra_per_seed_fields_are_kept(results):

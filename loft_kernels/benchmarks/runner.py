@@ -1,6 +1,6 @@
 """The ratio benchmark runner: `loft bench [--quick] [--json FILE]` (also `python -m loft_kernels.benchmarks`).
 
-Runs cases P1..P8, each comparing a candidate with a named baseline
+Runs cases P1..P9, each comparing a candidate with a named baseline
 or limit inside this process (timing.py), prints a table and writes JSON
     {"machine": {...}, "results": [{"id", "name", "candidate_ms", "baseline_ms",
                                     "ratio", "limit", "goal", "met", ...}, ...]}
@@ -67,7 +67,11 @@ def machine_info(device: torch.device) -> dict:
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "loadavg": loadavg(),
             "torch": torch.__version__, "device": device_name(device), "python": platform.python_version(),
             "platform": platform.platform(), "backends": available_backends(),
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit}
+            "date": _utc_now(), "commit": commit}
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def machine_slug(machine: dict) -> str:
@@ -105,7 +109,9 @@ def format_table(report: dict) -> str:
 
 def format_header(report: dict) -> str:
     m = report["machine"]
-    return (f"{m['date']}: {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads), device {m['device']}, "
+    # "date" is when the run ended; runs stored before "started" existed have only that
+    when = f"{m['started']} to {m['date']}" if m.get("started") else m["date"]
+    return (f"{when}: {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads), device {m['device']}, "
             f"torch {m['torch']}, backends {', '.join(m['backends'])}"
             + (f", commit {m['commit']}" if m.get("commit") else "")
             + (f", load average {m['loadavg_start'][0]} at start, {m['loadavg'][0]} at end"
@@ -123,7 +129,7 @@ def store(report: dict, results_dir) -> Path:
 
 def _parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="loft bench", description=(
-        "Ratio benchmarks P1..P8: each candidate against its baseline or limit, interleaved in one process, "
+        "Ratio benchmarks P1..P9: each candidate against its baseline or limit, interleaved in one process, "
         "medians over repetitions on fresh random inputs. Goals not met are reported as NOT MET."))
     p.add_argument("--quick", action="store_true", help="fewer repetitions (under 2 minutes on a 2-core CPU)")
     p.add_argument("--json", metavar="FILE", help="also write the JSON report to FILE")
@@ -189,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup != 1:
         mode += f", warmup={args.warmup}"
     print(f"loft bench ({mode}) on {device_name(device)}: cases {', '.join(ids)}", flush=True)
-    start, load_start = time.perf_counter(), loadavg()
+    start, load_start, started = time.perf_counter(), loadavg(), _utc_now()
     results = run_cases(cfg, ids, log=lambda s: print(s, flush=True))
-    report = {"machine": {**machine_info(device), "loadavg_start": load_start}, "mode": mode,
+    report = {"machine": {**machine_info(device), "loadavg_start": load_start, "started": started}, "mode": mode,
               "wall_s": round(time.perf_counter() - start, 1), "results": [r.as_json() for r in results]}
     print(format_header(report))
     print(format_table(report), end="")

@@ -85,9 +85,12 @@ def details(results, extras, st, wall, wall_total) -> dict:
         # footrule_to_final starts at epoch 0 (initial weights), the loss curve at epoch 1
         settle[m] = {"footrule_below_10pct_epoch": settled_from(f, 0.1),
                      "loss_within_10pct_epoch": settled_from(loss, 0.1) + 1}
-        notes.append(f"{m}: footrule distance to the final ranking stays below 10 % of its first value from epoch "
-                     f"{settle[m]['footrule_below_10pct_epoch']}; training loss stays within 10 % of its total drop "
-                     f"from epoch {settle[m]['loss_within_10pct_epoch']}")
+        # the distance to the final ranking is zero at the final epoch by definition: settling there is no settling
+        ranking = (f"stays below 10 % of its first value from epoch {settle[m]['footrule_below_10pct_epoch']}"
+                   if settle[m]["footrule_below_10pct_epoch"] < len(f) - 1 else
+                   "does not stay below 10 % of its first value before the final epoch")
+        notes.append(f"{m}: footrule distance to the final ranking {ranking}; training loss stays within 10 % of its "
+                     f"total drop from epoch {settle[m]['loss_within_10pct_epoch']}")
     dense = results.get("dense")
     if dense:
         for m, per in results.items():
@@ -144,7 +147,8 @@ def plots(out: Path, results, extras, st, rep: dict | None = None) -> None:
             ys[m] = [_mean(by_epoch[e]) for e in sorted(by_epoch)]
         report.plot_lines(ys, out / "ticket_vs_epoch.png", x=xs,
                           title=f"ticket ({st['draw_ratio'] * 100:g} % pruned) drawn at epoch e, fine-tuned",
-                          xlabel=f"{xlabel} the ticket was drawn at", ylabel="test accuracy (%, mean over seeds)")
+                          xlabel=f"{xlabel} the ticket was drawn at",
+                          ylabel="test accuracy (%, mean over the seeds that drew there)")
 
 
 def run_info(wall_seconds: float, load_at_start: tuple, device) -> dict:

@@ -8,7 +8,7 @@ with accuracies in percent and means over seeds, plus, when the job ran control 
     "controls": {name: {"ticket": {"<ratio>": float}, "per_seed": {"<seed>": {"ticket": {...}}}}}
     "discrimination": what `discrimination` derives from the rest (does the
         pretrained ticket beat the controls, does LoFT's match dense's).
-`emerged_epoch` over seeds is the median of the seeds' epochs when the
+`emerged_epoch` over seeds is the (lower) median of the seeds' epochs when the
 criterion fired for every seed, else None (per_seed says which seeds it fired
 for). Everything the table needs beyond that (GPipe bytes, wall times) comes
 in a separate `details` dict.

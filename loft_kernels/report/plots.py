@@ -53,9 +53,10 @@ def plot_ticket_vs_ratio(report: Mapping, path) -> Path:
         ratios = sorted(per, key=float)
         control = name not in report["methods"]
         ax.errorbar([float(r) * 100 for r in ratios], [per[r]["mean"] for r in ratios],
-                    yerr=[per[r]["spread"] for r in ratios], marker="s" if control else "o", markersize=4,
+                    yerr=[per[r]["spread"] or 0.0 for r in ratios], marker="s" if control else "o", markersize=4,
                     capsize=3, linestyle="--" if control else "-", label=f"control: {name}" if control else name)
-    ax.set(title=f"fine-tuned tickets on {report['dataset']} ({len(report['seeds'])} seed(s); bars: ± 1 std)",
+    bars = "bars: ± 1 std" if len(report["seeds"]) > 1 else "one seed: no spread"
+    ax.set(title=f"fine-tuned tickets on {report['dataset']} ({len(report['seeds'])} seed(s); {bars})",
            xlabel="filters pruned per group (%)", ylabel="test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import statistics
 from typing import Mapping, Sequence
 
 CRITERIA = ("footrule", "mask")
@@ -63,7 +64,8 @@ def summarize_method(per_seed: Mapping[int, Mapping]) -> dict:
     emerged = {}
     for c in CRITERIA:
         epochs = [r["emerged_epoch"][c] for r in results]
-        emerged[c] = None if any(e is None for e in epochs) else int(sorted(epochs)[len(epochs) // 2])
+        # the lower median: with an even number of seeds, still an epoch at which a seed's criterion fired
+        emerged[c] = None if any(e is None for e in epochs) else int(statistics.median_low(epochs))
     return {
         "no_prune": mean([float(r["no_prune"]) for r in results]),
         "ticket": {k: mean([float(r["ticket"][k]) for r in results]) for k in ratios},
@@ -117,11 +119,11 @@ def _mean_of(xs) -> float:
     return sum(xs) / len(xs)
 
 
-def spread(xs: Sequence[float]) -> float:
-    """The seeds' spread: sample standard deviation (0 for a single seed)."""
+def spread(xs: Sequence[float]) -> float | None:
+    """The seeds' spread: sample standard deviation (None for a single seed: one value has no spread)."""
     xs = [float(x) for x in xs]
     if len(xs) < 2:
-        return 0.0
+        return None
     m = _mean_of(xs)
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
@@ -145,7 +147,8 @@ def discrimination(report: Mapping, settings: Mapping | None = None) -> dict | N
     At each of the `top_ratios` highest ratios: the reference (dense-pretrained)
     ticket beats a control when its mean over seeds is at least `margin` points
     above the control's AND that margin exceeds the seeds' spread (the larger
-    sample standard deviation of the two); another method matches the reference
+    sample standard deviation of the two; with one seed there is none, so no
+    control counts as beaten); another method matches the reference
     when its mean is within `within` points of the reference's (either side).
     None when the report has no controls or no reference method.
     """
@@ -161,9 +164,9 @@ def discrimination(report: Mapping, settings: Mapping | None = None) -> dict | N
         beat = {}
         for name in controls:
             c, margin = stats[name][k], ref[k]["mean"] - stats[name][k]["mean"]
-            noise = max(ref[k]["spread"], c["spread"])
+            noise = None if ref[k]["spread"] is None else max(ref[k]["spread"], c["spread"])
             beat[name] = {"mean": c["mean"], "spread": c["spread"], "margin": margin,
-                          "beaten": margin >= cfg["margin"] and margin > noise}
+                          "beaten": noise is not None and margin >= cfg["margin"] and margin > noise}
         match = {}
         for name in report["methods"]:
             if name != cfg["reference"]:

@@ -66,9 +66,13 @@ def format_ratio_table(report: Mapping) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, per in stats.items():
         label = name if name in report["methods"] else f"control: {name}"
-        lines.append("| " + " | ".join([label] + [f"{per[r]['mean']:.2f} ± {per[r]['spread']:.2f}"
-                                                  for r in ratios]) + " |")
+        lines.append("| " + " | ".join([label] + [_pm(per[r]) for r in ratios]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _pm(stat: Mapping) -> str:
+    """"mean ± spread", or the mean alone where one seed gives no spread."""
+    return f"{stat['mean']:.2f}" + ("" if stat["spread"] is None else f" ± {stat['spread']:.2f}")
 
 
 def format_discrimination(d: Mapping | None) -> list[str]:
@@ -79,12 +83,12 @@ def format_discrimination(d: Mapping | None) -> list[str]:
     for k, r in d["per_ratio"].items():
         ref = r["reference"]
         for name, c in r["controls"].items():
-            lines.append(f"- {float(k) * 100:g} %: {cfg['reference']} {ref['mean']:.2f} ± {ref['spread']:.2f} vs "
-                         f"{name} {c['mean']:.2f} ± {c['spread']:.2f}: {c['margin']:+.2f} points, "
-                         + ("beaten" if c["beaten"] else f"not beaten (needs >= {cfg['margin']:g} points, above "
-                                                         f"the seeds' spread)"))
+            why = ("one seed: no spread to hold the margin against" if ref["spread"] is None else
+                   f"needs >= {cfg['margin']:g} points, above the seeds' spread")
+            lines.append(f"- {float(k) * 100:g} %: {cfg['reference']} {_pm(ref)} vs {name} {_pm(c)}: "
+                         f"{c['margin']:+.2f} points, " + ("beaten" if c["beaten"] else f"not beaten ({why})"))
         for name, m in r["methods"].items():
-            lines.append(f"- {float(k) * 100:g} %: {name} {m['mean']:.2f} ± {m['spread']:.2f}, {m['gap']:+.2f} "
+            lines.append(f"- {float(k) * 100:g} %: {name} {_pm(m)}, {m['gap']:+.2f} "
                          f"points vs {cfg['reference']}: " + ("within" if m["within"] else "not within")
                          + f" {cfg['within']:g} point")
     lines.append(f"- verdict at {', '.join(f'{float(k) * 100:g} %' for k in d['ratios'])}: pretraining "
@@ -198,7 +202,8 @@ def write_report(out: str | Path, report: Mapping, details: Mapping | None = Non
           "group removed (lowest L2 norm), fine-tuned. comm: bytes all LoFT ranks send over the whole "
           "pretraining (`comm_stats`; each rank receives as much); GPipe and DDP comm: the communication model "
           "(`lk.comm_cost`) for the same workers and samples; improv. = GPipe / LoFT. emerged: the epoch each "
-          "criterion declared the ticket (median over seeds; 'not fired' if it did not fire for every seed).", "",
+          "criterion declared the ticket (median over seeds, the lower middle one for an even count; 'not "
+          "fired' if it did not fire for every seed).", "",
           table, "## Per seed", "", _per_seed_table(report)]
     draws = details.get("draws")
     if draws:
