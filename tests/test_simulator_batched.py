@@ -102,6 +102,11 @@ def test_batched_refuses_what_it_cannot_run():
         lk.LoftSimulator(model, groups, OPTIMIZERS["sgd"], 2, execution="batched")
     with pytest.raises(ValueError, match="execution must be one of"):
         lk.LoftSimulator(model, groups, OPTIMIZERS["sgd"], 2, execution="vmap")
+    mobile = lk.mobilenet_v2(width=0.125)
+    with pytest.raises(ValueError, match=r"module \(root\) \(MobileNetV2\): its forward code is not known to act "
+                                         r"per worker \(the batched execution runs nn.Sequential and .*VGG"):
+        lk.LoftSimulator(mobile, lk.find_filter_groups(mobile, torch.randn(2, 3, 8, 8)), OPTIMIZERS["sgd"], 2,
+                         execution="batched")
 
 
 def test_batched_step_is_all_or_nothing():

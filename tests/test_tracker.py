@@ -99,6 +99,25 @@ def test_mask_distance_matrix_matches_naive():
                                (6 * want[0] + 9 * want[1]) / 15, rtol=0, atol=1e-6)
 
 
+def test_mask_distance_of_a_grouped_conv_group_compares_the_tickets_masks():
+    """A group feeding a grouped conv keeps its top filters per conv group: the mask compared is the ticket's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, groups=2))
+    groups = lk.find_filter_groups(model, torch.randn(1, 3, 5, 5))
+    assert [(g.n, g.conv_groups) for g in groups] == [(8, 2)]
+    tracker = FilterTracker(model, groups)
+    masks = []
+    for t in range(4):
+        with torch.no_grad():
+            model[0].weight.normal_()
+        tracker.snapshot(t)
+        keep = torch.zeros(8, dtype=torch.bool)
+        keep[lk.tickets.select_filters(tracker.scores(t), groups, 0.5)[groups[0].name]] = True
+        masks.append(keep)
+    want = torch.tensor([[float((a != b).float().mean()) for b in masks] for a in masks])
+    torch.testing.assert_close(tracker.mask_distance_matrix(0.5)[0].double(), want.double(), rtol=0, atol=1e-6)
+
+
 def test_state_dict_roundtrip_through_checkpoint(tmp_path):
     tracker, _ = _tracked(T=3)
     lk.atomic_save(tracker.state_dict(), tmp_path / "tracker.pt")

@@ -111,14 +111,21 @@ class FilterTracker:
         return m.sum(0) if _bool(reduce, "reduce") else m
 
     def mask_distance_matrix(self, ratio: float, *, reduce: bool = False) -> Tensor:
-        """[groups, T, T] float32 Early-Bird mask distances at pruning `ratio` (per-group keep masks).
+        """[groups, T, T] float32 Early-Bird mask distances at pruning `ratio` (per-group keep masks, drawn per
+        conv group where a group runs through grouped convs, as the ticket is).
 
         reduce=True: the model-level [T, T] matrix, the fraction of ALL tracked
         filters whose keep bit differs (the per-group distances averaged with
         weights n_g), which is Hamming distance between the concatenated masks.
         """
         ratio = C.ratio(ratio)
-        m = mask_distance_matrix(self.score_history(), ratio)
+        # A group that runs through grouped convs keeps its top filters per conv group (as `select_filters` draws
+        # the ticket): each conv group's mask is one of the op's, the group's distance their mean (equal sizes).
+        blocks = [(i, h[:, b * g.block_size:(b + 1) * g.block_size].contiguous())
+                  for i, (g, h) in enumerate(zip(self._groups, self.score_history())) for b in range(g.conv_groups)]
+        per_block = mask_distance_matrix([h for _, h in blocks], ratio)
+        owner = torch.tensor([i for i, _ in blocks])
+        m = torch.stack([per_block[owner == i].mean(0) for i in range(len(self._groups))])
         if not _bool(reduce, "reduce"):
             return m
         sizes = torch.tensor([g.n for g in self._groups], dtype=torch.float64)

@@ -56,6 +56,10 @@ def unsupported(model: nn.Module) -> Optional[str]:
             if m.p > 0:
                 return f"{where}: dropout draws per worker in the loop's order, which one batched draw cannot match"
         elif type(m) not in _CONTAINERS and not isinstance(m, _CHANNELWISE + (nn.Linear,)):
+            if next(m.children(), None) is not None:  # a container whose forward code is not known to be channel-wise
+                known = ", ".join(sorted({c.__name__ for c in _CONTAINERS if c is not nn.Sequential}))
+                return (f"{where}: its forward code is not known to act per worker (the batched execution runs "
+                        f"nn.Sequential and {known})")
             return f"{where} is not a layer the batched execution knows to act per worker"
     return None
 
