@@ -59,6 +59,7 @@ def test_opcheck_with_channels_last_tensors(backend, device, case):
     torch.library.opcheck(op, tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own
 def test_inductor_compiles_a_channels_last_partial_conv():
     """Inductor lays out an op's result from its fake kernel; the real op must return exactly those strides."""
     x = torch.randn(2, 3, 7, 7).to(memory_format=torch.channels_last).requires_grad_()
