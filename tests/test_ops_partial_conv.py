@@ -215,6 +215,21 @@ def test_autocast_convolves_in_its_dtype_like_conv2d(grouped):
 
 
 @pytest.mark.parametrize("grouped", [False, True])
+def test_autocast_leaves_float64_alone_like_conv2d(grouped):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 2, 6, 6, 6, generator=g, dtype=torch.float64)
+    x = x if grouped else x[0]
+    w = torch.randn(8, 6, 3, 3, generator=g, dtype=torch.float64)
+    rows = torch.tensor([[1, 5, 6], [0, 2, 7]]) if grouped else torch.tensor([1, 5, 6])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = (lk.grouped_partial_conv2d if grouped else lk.partial_conv2d)(x, w, None, 1, 1, out_index=rows)
+        want = torch.stack([torch.nn.functional.conv2d(x[k], w[rows[k]], None, 1, 1) for k in range(2)]) \
+            if grouped else torch.nn.functional.conv2d(x, w[rows], None, 1, 1)
+    assert y.dtype == want.dtype == torch.float64
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
 def test_meta_and_fake_tensors_give_shapes_without_values(grouped):
     """Meta and fake tensors (shape propagation, torch.compile tracing) run the op's fake kernels, backward too."""
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -1,4 +1,5 @@
 """LoftSimulator(execution="batched" / "auto"): every worker through one network equals the loop, step by step."""
+import contextlib
 import copy
 import json
 
@@ -76,6 +77,31 @@ def test_batched_with_grad_scalers(one_thread):  # noqa: F811
         torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=1e-5)
     assert [s.get_scale() for s in scalers[0]] == [s.get_scale() for s in scalers[1]]
     _assert_same(loop, batched, 1e-4)
+
+
+def test_one_autocast_block_around_many_steps_trains_as_one_block_per_step(one_thread):  # noqa: F811
+    """Autocast caches its casts of the weights until its block ends; the workers step those weights in place, so
+    a block around several steps must not reuse the first step's casts. Logits come in one dtype in both forms."""
+    runs = {}
+    for form in ("one block", "a block per step"):
+        loop, batched = _pair("preact", 2, "reset")
+        seen = []
+
+        def loss_fn(out, y):
+            seen.append(out.dtype)
+            return F.cross_entropy(out.float(), y)
+        losses = []
+        with contextlib.ExitStack() as outer:
+            if form == "one block":
+                outer.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+            for t in range(3):
+                with torch.autocast("cpu", dtype=torch.bfloat16) if form != "one block" else contextlib.nullcontext():
+                    batches = [batch(s, t) for s in range(2)]
+                    losses.append(loop.step(batches, loss_fn) + batched.step(batches, loss_fn))
+        runs[form] = losses
+        assert set(seen) == {torch.bfloat16}, seen  # the loop's and the batched network's logits alike
+    assert runs["one block"] == runs["a block per step"]
+    assert runs["one block"][2] != runs["one block"][0]  # it trains
 
 
 def test_batched_under_autocast_is_as_close_to_float32_as_the_loop(one_thread):  # noqa: F811

@@ -224,7 +224,9 @@ def _autocast(x, weight, bias):
             or not torch.is_autocast_enabled(x.device.type):  # meta/fake tensors: no autocast device
         return x, weight, bias
     dtype = torch.get_autocast_dtype(x.device.type)
-    cast = [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in (x, weight, bias)]
+    # what autocast casts for F.conv2d: floating tensors other than float64 (a float64 conv stays float64)
+    cast = [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in (x, weight, bias)]
     return tuple(cast)
 
 

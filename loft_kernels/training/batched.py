@@ -139,8 +139,8 @@ class _Linear(nn.Module):
         if all(w.shape == ws[0].shape for w in ws):
             n, s = x.shape[0], len(mods)
             y = torch.einsum("nsf,sof->nso", x.view(n, s, -1), torch.stack(ws))
-            if mods[0].bias is not None:
-                y = y + torch.stack([m.bias for m in mods])
+            if mods[0].bias is not None:  # in y's dtype, as F.linear adds it (under autocast too)
+                y = y + torch.stack([m.bias for m in mods]).to(y.dtype)
             return y.reshape(n, -1)
         xs = x.split(_split_sizes(mods, lambda m: m.weight.shape[1]), dim=1)
         return torch.cat([F.linear(xi, m.weight, m.bias) for m, xi in zip(mods, xs)], dim=1)

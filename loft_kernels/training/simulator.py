@@ -146,7 +146,8 @@ class LoftSimulator:
 
         scalers: optional list of one `torch.amp.GradScaler` per worker (as each rank of a
         distributed run has its own): the loss is scaled, `scaler.step` and `scaler.update`
-        run per worker. Call `step` inside `torch.autocast(...)` for mixed precision.
+        run per worker. Call `step` inside `torch.autocast(...)` for mixed precision (one block
+        around many steps is fine: the step drops autocast's cached casts of the weights it updates).
         All or nothing: the batches are checked (and, for a batch shape not seen
         before, run once through every worker's forward without grad), then every
         worker runs its forward, loss and backward, and only then do the workers
@@ -171,7 +172,10 @@ class LoftSimulator:
                     not all(isinstance(sc, torch.amp.GradScaler) for sc in scalers):
                 raise TypeError(f"scalers must be None or a list of {self.workers} torch.amp.GradScaler (one per "
                                 f"worker), got {scalers!r}")
-        sig = self._dry_run(batches) + (_autocast_state(batches[0][0]),)
+        autocast = _autocast_state(batches[0][0])
+        if autocast:  # autocast's cached low-precision weights are stale once anything stepped them in place
+            torch.clear_autocast_cache()
+        sig = self._dry_run(batches) + (autocast,)
         if self.execution == "auto" and self._batched is not None and sig not in self._decided:
             self._decide(sig, batches)
         engine = None if sig in self._loop_signatures else self._batched
@@ -203,6 +207,8 @@ class LoftSimulator:
             opt.zero_grad(set_to_none=True)
         if self.step_in_round >= self.optimizers[0].sync_every:
             self._sync()
+        if autocast:  # the workers stepped and the masters may have synced, in place: drop the stale casts
+            torch.clear_autocast_cache()
         return losses
 
     def _dry_run(self, batches: Sequence) -> tuple:
