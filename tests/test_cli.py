@@ -284,6 +284,24 @@ def test_torchrun_two_gloo_processes_match_the_simulation(pretrained, tmp_path):
     assert s_dist["resumes"] == [] and s_dist["torchrun_restarts"] == 0
 
 
+def test_torchrun_ranks_with_different_settings_all_refuse(tmp_path):
+    """Rank 1 trains at another lr (it would train apart silently) or another batch size (gloo would abort):
+    every rank says so in one line and exits 2, before writing anything."""
+    for flag, values in (("--lr", ("0.05", "0.1")), ("--batch-size", ("32", "16"))):
+        out = tmp_path / flag.strip("-")
+        loft = f"{sys.executable} -m loft_kernels pretrain {' '.join(TINY[:-2])} {' '.join(LOFT2)} --distributed " \
+               f"--device cpu --out {out} --quiet"
+        script = f'if [ "$RANK" = 0 ]; then exec {loft} {flag} {values[0]}; else exec {loft} {flag} {values[1]}; fi'
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--no-python",
+               "sh", "-c", script]
+        r = subprocess.run(cmd, env=ENV, timeout=300, capture_output=True, text=True)
+        assert r.returncode != 0
+        said = "loft pretrain: error: --distributed: the run's settings must be the same on every rank: train differs"
+        assert r.stderr.count(said) == 2, r.stderr[-3000:]  # one line from each rank
+        assert "loft_kernels/" not in r.stderr  # no traceback of ours (torchrun prints its own summary)
+        assert not out.exists()
+
+
 # ------------------------------------------------------------- bad input ----
 BAD = [
     (["pretrain", "--model", "resnet_nope"], "unknown model 'resnet_nope'"),
@@ -292,6 +310,7 @@ BAD = [
     (["pretrain", "--dataset", "cifar10", "--data-dir", "{tmp}"], "data_batch_1"),
     (["pretrain", "--workers", "0"], "--workers must be >= 1"),
     (["pretrain", "--workers", "2", "--distributed"], "torchrun"),
+    (["pretrain", "--workers", "2", "--distributed", "--device", "mps"], "only cpu and cuda devices are supported"),
     (["pretrain", "--epochs", "3", "--keep-epochs", "5"], "--keep-epochs must lie in 1..3"),
     (["pretrain", "--device", "tpu:0"], "--device"),
     (["pretrain", "--lr", "0"], "learning rate must be a finite number > 0"),

@@ -14,6 +14,7 @@ by itself from the newest checkpoint that every rank completed.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from .. import engine
 from ..elastic import restart_count
 from ..engine.config import MEMORY_FORMATS
+from ..training.fingerprint import check_across_ranks
 from ..training.simulator import EXECUTIONS
 from . import _common as U
 
@@ -122,6 +124,20 @@ def emergence_options(args) -> dict:
             "footrule_window": args.footrule_window}
 
 
+def _check_same_on_every_rank(args, config: dict, out_text: str, rank: int, world: int) -> None:
+    """Every rank must run the same job: ranks with another batch size or epoch count would call mismatched
+    collectives (gloo aborts), another checkpoint schedule would hang, another lr would train silently apart.
+    One all_gather of the settings' hashes; every rank raises the same error. (The device is each rank's own
+    GPU, and a data directory may sit elsewhere on another node.)"""
+    settings = {**config, "checkpoint_every": args.checkpoint_every, "keep_checkpoints": args.keep_checkpoints,
+                "out": out_text, "resume": bool(args.resume)}
+    mine = {k: json.dumps(v, sort_keys=True, default=str) for k, v in settings.items() if k not in ("device", "data_dir")}
+    try:
+        check_across_ranks(mine, None, rank, world, what="--distributed", subject="the run's settings")
+    except ValueError as e:
+        raise U.CLIError(str(e)) from None
+
+
 def run(args) -> int:
     workers = U.check_positive(args.workers, "--workers")
     if args.distributed and workers < 2:
@@ -142,6 +158,7 @@ def run(args) -> int:
     spec = U.make_spec(args, dataset, workers=workers, workers_option=f"--workers {workers}")
     rank = 0
     if args.distributed:
+        U.resolve_device(args.device)  # the same refusals as a single process (each rank takes cuda:LOCAL_RANK)
         try:
             rank, world, device = engine.init_distributed(args.device)
         except engine.NotUnderTorchrun as e:
@@ -156,6 +173,8 @@ def run(args) -> int:
                   "train": cfg.to_dict(), "seed": args.seed, "emergence": emergence,
                   "stop_at_emergence": args.stop_at_emergence, "keep_epochs": keep, "device": str(device)}
         out = Path(out_text)
+        if args.distributed:
+            _check_same_on_every_rank(args, config, out_text, rank, world)
         if args.resume:  # every rank checks (read-only), so a refusal never leaves the others waiting
             U.check_same_config(out_text, config, ("dataset", "spec", "train", "seed", "emergence",
                                                    "stop_at_emergence", "keep_epochs"))

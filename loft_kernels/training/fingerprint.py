@@ -82,7 +82,8 @@ def _same(value):
     return value
 
 
-def check_across_ranks(mine: dict, group, rank: int, size: int, *, what: str, local_error: str = "") -> None:
+def check_across_ranks(mine: dict, group, rank: int, size: int, *, what: str, local_error: str = "",
+                       subject: str = "the LoFT configuration") -> None:
     """Compare `mine` with every rank's fingerprint in one all_gather; raise the same ValueError on every rank.
 
     `local_error`: a problem this rank found on its own (e.g. a checkpoint that does not
@@ -113,4 +114,4 @@ def check_across_ranks(mine: dict, group, rank: int, size: int, *, what: str, lo
         problems.append(f"ranks {failed} reported: {local_error}" if local_error else
                         f"ranks {failed} could not load their state (see their error)")
     if problems:
-        raise ValueError(f"{what}: the LoFT configuration must be the same on every rank: " + "; ".join(problems))
+        raise ValueError(f"{what}: {subject} must be the same on every rank: " + "; ".join(problems))
