@@ -193,18 +193,24 @@ def test_grouped_partial_conv2d_gradcheck(backend, device):
         fast_mode=backend == "triton")
 
 
-@pytest.mark.parametrize("grouped", [False, True])
-def test_autocast_convolves_in_its_dtype_like_conv2d(grouped):
-    """Under autocast the ops cast like F.conv2d: low-precision output, float32 gradients for float32 leaves."""
+def _under_autocast(grouped: bool, dtype: torch.dtype):
+    """(the op's result, F.conv2d's) under bf16 autocast for `dtype` inputs (float32 ones require grad), and x, w."""
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 3, 6, 6, 6, generator=g)[: 2 if grouped else 1]
-    x = (x if grouped else x[0]).requires_grad_()
-    w = torch.randn(8, 6, 3, 3, generator=g, requires_grad=True)
+    x = torch.randn(2, 3, 6, 6, 6, generator=g, dtype=dtype)[: 2 if grouped else 1]
+    x = (x if grouped else x[0]).requires_grad_(dtype == torch.float32)
+    w = torch.randn(8, 6, 3, 3, generator=g, dtype=dtype, requires_grad=dtype == torch.float32)
     rows = torch.tensor([[1, 5, 6], [0, 2, 7]]) if grouped else torch.tensor([1, 5, 6])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = (lk.grouped_partial_conv2d if grouped else lk.partial_conv2d)(x, w, None, 1, 1, out_index=rows)
         want = torch.stack([torch.nn.functional.conv2d(x[k], w[rows[k]], None, 1, 1) for k in range(2)]) \
             if grouped else torch.nn.functional.conv2d(x, w[rows], None, 1, 1)
+    return y, want, x, w
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_autocast_convolves_in_its_dtype_like_conv2d(grouped):
+    """Under autocast the ops cast like F.conv2d: low-precision output, float32 gradients for float32 leaves."""
+    y, want, x, w = _under_autocast(grouped, torch.float32)
     assert y.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), want.float(), rtol=2e-2, atol=2e-2)
     gx, gw = torch.autograd.grad(y.float().sum(), [x, w])
@@ -216,15 +222,7 @@ def test_autocast_convolves_in_its_dtype_like_conv2d(grouped):
 
 @pytest.mark.parametrize("grouped", [False, True])
 def test_autocast_leaves_float64_alone_like_conv2d(grouped):
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(2, 2, 6, 6, 6, generator=g, dtype=torch.float64)
-    x = x if grouped else x[0]
-    w = torch.randn(8, 6, 3, 3, generator=g, dtype=torch.float64)
-    rows = torch.tensor([[1, 5, 6], [0, 2, 7]]) if grouped else torch.tensor([1, 5, 6])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = (lk.grouped_partial_conv2d if grouped else lk.partial_conv2d)(x, w, None, 1, 1, out_index=rows)
-        want = torch.stack([torch.nn.functional.conv2d(x[k], w[rows[k]], None, 1, 1) for k in range(2)]) \
-            if grouped else torch.nn.functional.conv2d(x, w[rows], None, 1, 1)
+    y, want, _, _ = _under_autocast(grouped, torch.float64)
     assert y.dtype == want.dtype == torch.float64
     torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
 
