@@ -21,7 +21,6 @@ what one rank of the distributed run would have sent.
 from __future__ import annotations
 
 import copy
-import types
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -37,6 +36,7 @@ from .comm import STATES, make_plan
 from .exchange import InProcessExchange
 from .optimizer import LoftOptimizer
 from .optimizer_checks import check_training_groups
+from .sim_model import ConvertWorkers, LoadIntoWorkers, plain_method
 
 EXECUTIONS = ("loop", "batched", "auto")
 
@@ -106,7 +106,6 @@ class LoftSimulator:
                                 masters=masters or None, auto_sync=False)
             self.worker_models.append(m)
             self.optimizers.append(opt)
-        self._loading = False
         self._attach()
         self.execution = execution
         self._batched = None
@@ -118,7 +117,7 @@ class LoftSimulator:
     def _attach(self) -> None:
         # `sim.model.to(...)` / `.load_state_dict(...)` reach every worker. A copy or pickle of the model alone
         # drops these methods; a copy or pickle of the whole simulator attaches them again (`__setstate__`).
-        for method in (_ConvertWorkers, _LoadIntoWorkers):
+        for method in (ConvertWorkers, LoadIntoWorkers):
             self.model.__dict__[method.name] = method(self)
 
     def __setstate__(self, state: dict) -> None:
@@ -335,11 +334,8 @@ class LoftSimulator:
         if len(state_dict["optimizers"]) != self.workers or len(state_dict["worker_models"]) != self.workers:
             raise ValueError(f"state_dict holds {len(state_dict['optimizers'])} workers, this simulator has "
                              f"{self.workers}")
-        self._loading = True  # the workers' own saved values follow; no re-cut from the masters first
-        try:
-            self.model.load_state_dict(state_dict["model"])  # the masters
-        finally:
-            self._loading = False
+        # the masters, by the model's own method: the workers' saved values follow, no re-cut from the masters first
+        plain_method(self.model, "load_state_dict")(state_dict["model"])
         for m, opt, msd, osd in zip(self.worker_models, self.optimizers, state_dict["worker_models"],
                                     state_dict["optimizers"]):
             # the optimizer first: it cuts the saved round's blocks from the masters, then the
@@ -350,7 +346,7 @@ class LoftSimulator:
     def _sync(self) -> None:
         if self.workers == 1:  # nothing to exchange: the one worker is the model
             self.optimizers[0].sync()
-            nn.Module.load_state_dict(self.model, self.worker_models[0].state_dict())
+            plain_method(self.model, "load_state_dict")(self.worker_models[0].state_dict())
             return
         self._exchange.run([opt.sync for opt in self.optimizers])  # the blocks meet in the masters
         # the partitioned tensors are the masters already; the shared ones come from any worker
@@ -381,68 +377,3 @@ def _copy_without(model: nn.Module, skip) -> nn.Module:
         empty = t.new_empty(0)
         memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
     return copy.deepcopy(model, memo)
-
-
-def _plain_method(model: nn.Module, name: str):
-    return types.MethodType(getattr(type(model), name), model)
-
-
-class _SimulatorMethod:
-    """A method of `sim.model` that the simulator replaces (in the model's `__dict__`) to reach its workers.
-
-    A copy or pickle of the model is an ordinary model again: it gets the class's own
-    method back instead of this one and the simulator behind it (all S workers). A
-    copy of the simulator attaches new ones to its own model.
-    """
-
-    _loft_attached = True  # see worker_model._Hook
-    name = ""
-
-    def __init__(self, sim: LoftSimulator):
-        self.sim = sim
-
-    def __reduce__(self):
-        return _plain_method, (self.sim.model, self.name)
-
-
-class _ConvertWorkers(_SimulatorMethod):
-    """`sim.model._apply`: convert the model (the masters) and every worker's own tensors with it."""
-
-    name = "_apply"
-
-    def __call__(self, fn, recurse: bool = True):
-        model = self.sim.model
-        _plain_method(model, self.name)(fn, recurse)
-        if recurse and self.sim.workers == 1:  # the one worker is a full copy of the model
-            nn.Module._apply(self.sim.worker_models[0], fn)
-        elif recurse:
-            tensors = self.sim._plan.tensors(model)
-            masters = {s.name: tensors[s.name] for s in self.sim._plan.slots}
-            for opt in self.sim.optimizers:
-                opt.worker.apply_shared(fn, masters)
-        return model
-
-
-class _LoadIntoWorkers(_SimulatorMethod):
-    """`sim.model.load_state_dict`: load the model, then restart every worker's round from it.
-
-    The workers' blocks and shared-layer copies were cut from the model when the round
-    began; without a re-cut they would train on from the old values and the sync would
-    write those back over the loaded ones. The workers' optimizer state is kept, as a
-    plain `load_state_dict` keeps an optimizer's.
-    """
-
-    name = "load_state_dict"
-
-    def __call__(self, state_dict, strict: bool = True, assign: bool = False):
-        sim = self.sim
-        if assign:
-            raise RuntimeError("sim.model.load_state_dict(assign=True) would replace the tensors every worker's "
-                               "blocks are cut from; load without assign (the values are copied in)")
-        try:
-            return _plain_method(sim.model, self.name)(state_dict, strict=strict)
-        finally:  # a load that raised may still have copied some entries
-            if not sim._loading:
-                full = sim.model.state_dict()
-                for m in sim.worker_models:
-                    m.load_state_dict(full)
