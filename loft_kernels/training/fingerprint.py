@@ -73,13 +73,11 @@ def _describe(value) -> str:
 
 def differences(mine: dict, other: dict) -> list[str]:
     """Fields (of FIELDS) whose values differ between two fingerprints (e.g. a saved one and this rank's)."""
-    norm = {"parameters": _shapes, "buffers": _shapes}
-    return [f for f in FIELDS
-            if _digest(norm.get(f, _same)(mine.get(f))) != _digest(norm.get(f, _same)(other.get(f)))]
+    return [f for f in FIELDS if _digest(_comparable(f, mine.get(f))) != _digest(_comparable(f, other.get(f)))]
 
 
-def _same(value):
-    return value
+def _comparable(field: str, value):
+    return _shapes(value) if field in ("parameters", "buffers") else value
 
 
 def check_across_ranks(mine: dict, group, rank: int, size: int, *, what: str, local_error: str = "",

@@ -281,10 +281,11 @@ class LoftOptimizer(torch.optim.Optimizer):
             raise ValueError("state_dict must be a dict from LoftOptimizer.state_dict() with keys "
                              "'state', 'param_groups', 'loft'")
         meta = state_dict["loft"]
-        self._fingerprint["dtypes"] = fp.dtypes(self._plan.tensors(self.model))  # the model may be converted since
         problem = self._compare(meta)
-        mine = dict(self._fingerprint, position=(meta.get("round"), meta.get("step_in_round"))) \
-            if isinstance(meta, dict) else self._fingerprint
+        # this rank's dtypes now (the model may have been converted since construction), compared across ranks
+        mine = dict(self._fingerprint, dtypes=fp.dtypes(self._plan.tensors(self.model)))
+        if isinstance(meta, dict):
+            mine["position"] = (meta.get("round"), meta.get("step_in_round"))
         self._exchange.check(mine, "LoftOptimizer.load_state_dict", local_error=problem)
         if self._workers > 1:
             self.worker.expand(write_back=not self.worker.shared)
