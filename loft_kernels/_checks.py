@@ -14,9 +14,8 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _SMALL_INDEX = 4096  # CPU index sets up to this many entries are checked as Python ints
+INT64_MAX = 2 ** 63 - 1  # the largest int the kernels take (a C++ int64)
 
-
-INT64_MAX = 2 ** 63 - 1
 
 def memory_format(value, name: str):
     """None or a torch.memory_format (e.g. torch.channels_last)."""
@@ -108,7 +107,7 @@ def pair(value, name: str, *, minimum: int) -> tuple[int, int]:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if min(value) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if max(value) > INT64_MAX:  # what the kernels take as a C++ int64
+    if max(value) > INT64_MAX:
         raise ValueError(f"{name} must be <= 2**63 - 1, got {value}")
     return value
 

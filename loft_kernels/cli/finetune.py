@@ -54,8 +54,8 @@ def run(args) -> int:
             if source["spec"] != obj["spec"] or source["groups"] != obj["groups"]:
                 raise U.CLIError(f"--rewind-from {str(rew)!r} is a different model than the ticket's "
                                  f"(spec or filter groups differ)")
-            engine.full_model(source, f"--rewind-from {str(rew)!r}")  # a full-size model whose weights fit
-            pruned = rewind(pruned, obj["kept"], groups, source["state_dict"])
+            full, _ = engine.full_model(source, f"--rewind-from {str(rew)!r}")  # refuses a ticket, a misfit file
+            pruned = rewind(pruned, obj["kept"], groups, full)
     except (CheckpointError, FileNotFoundError) as e:
         raise U.CLIError(str(e)) from None
     dataset = U.load_dataset(args)

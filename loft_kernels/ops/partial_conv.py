@@ -30,12 +30,10 @@ def _empty(ref: Tensor) -> Tensor:
     return ref.new_empty(0)
 
 
+# ---------------------------------------------------------------- single ----
 # The custom ops return contiguous tensors, whatever the layout of x and the weight (a channels-last x gives a
 # channels-last convolution): their fake kernels say so, and a compiled graph (Inductor plans the strides of an
 # op's result from the fake kernel) must get exactly the strides it planned for.
-
-
-# ---------------------------------------------------------------- single ----
 @torch.library.custom_op("loft_kernels::partial_conv2d", mutates_args=())
 def _partial_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: Optional[Tensor],
                        in_index: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
@@ -60,10 +58,10 @@ def _partial_conv2d_backward_op(grad: Tensor, x: Tensor, weight: Tensor, out_ind
                                 need_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
     gx, gw, gb = dispatch("partial_conv2d_backward", x, grad, x, weight, out_index, in_index, has_bias,
                           tuple(stride), tuple(padding), tuple(dilation), groups, need_input, need_weight)
-    return _backward_result(x, weight, gx, gw, gb, need_input, need_weight, has_bias)
+    return _backward_result(x, gx, gw, gb, need_input, need_weight, has_bias)
 
 
-def _backward_result(x, weight, gx, gw, gb, need_input, need_weight, has_bias):
+def _backward_result(x, gx, gw, gb, need_input, need_weight, has_bias):
     return (gx.contiguous() if need_input else _empty(x), gw.contiguous() if need_weight else _empty(x),
             gb if has_bias else _empty(x))
 
@@ -122,7 +120,7 @@ def _grouped_backward_op(grad: Tensor, x: Tensor, weight: Tensor, out_index: Opt
                          dilation: list[int], need_input: bool, need_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
     gx, gw, gb = dispatch("grouped_partial_conv2d_backward", x, grad, x, weight, out_index, in_index, has_bias,
                           tuple(stride), tuple(padding), tuple(dilation), need_input, need_weight)
-    return _backward_result(x, weight, gx, gw, gb, need_input, need_weight, has_bias)
+    return _backward_result(x, gx, gw, gb, need_input, need_weight, has_bias)
 
 
 @_grouped_backward_op.register_fake

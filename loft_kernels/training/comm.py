@@ -114,19 +114,18 @@ def loft_sync_bytes(model: nn.Module, groups: Sequence[FilterGroup], workers: in
         raise TypeError(f"state_per_param must be an int, got {type(state_per_param).__name__}")
     if state_per_param < 0:
         raise ValueError(f"state_per_param must be >= 0, got {state_per_param}")
-    with full_view(model):  # a worker's model mid-round: its groups' layers at full size
+    with full_view(model):  # a worker's model mid-round: its groups' layers and tensors at full size
         groups = [r.group for r in resolve_groups(model, groups, workers)]
-    plan = make_plan(model, groups, workers)
-    if workers == 1:
-        return summarize((), workers)
-    state_keys = {}
-    if state == "keep":
-        t = plan.tensors(model)
-        state_keys = {n: [(f"state{i}", t[n].dtype) for i in range(state_per_param)]
-                      for n in plan.shared_params + [s.name for s in plan.slot_params]}
-    collectives = []
-    with full_view(model):  # a worker's model mid-round: count the full-size tensors
+        plan = make_plan(model, groups, workers)
+        if workers == 1:
+            return summarize((), workers)
+        state_keys = {}
+        if state == "keep":
+            t = plan.tensors(model)
+            state_keys = {n: [(f"state{i}", t[n].dtype) for i in range(state_per_param)]
+                          for n in plan.shared_params + [s.name for s in plan.slot_params]}
         numels = plan.bucket_numels(model, state_keys)
+    collectives = []
     for (bucket, dtype), numel in numels.items():
         nbytes = numel * dtype.itemsize
         collectives.append(("all_gather", workers * nbytes) if bucket == "gather" else ("all_reduce", nbytes))

@@ -32,7 +32,8 @@ class ParameterShare:
 def parameter_share(model: nn.Module, groups) -> ParameterShare:
     """The share of `model`'s parameters that `groups` touch and that they partition (see ParameterShare)."""
     with full_view(model):
-        if not (isinstance(groups, (list, tuple)) and not groups):  # no groups: they touch nothing
+        no_groups = isinstance(groups, (list, tuple)) and len(groups) == 0  # they touch nothing
+        if not no_groups:
             groups = [r.group for r in resolve_groups(model, groups)]  # they belong to this model
         params = {id(p): p.numel() for p in model.parameters()}
         touched = {id(p) for g in groups for name in g.modules
