@@ -11,7 +11,6 @@ batch. The GPU check (loft_kernels.benchmarks.gpu_check) runs the same checks.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -19,6 +18,7 @@ import time
 import torch
 
 from . import ops
+from ._argparse import Parser
 from .backends import available_backends, backend_choices, table, use_backend
 from .benchmarks.shapes import block_convs, group_sizes, preact_resnet18_convs
 
@@ -172,7 +172,7 @@ def check(name: str, backend: str, device: torch.device, repeats: int = 15, seed
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loft_kernels.selfcheck", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m loft_kernels.selfcheck", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=15, help="timed repetitions per op and backend (>= 1)")
     args = parser.parse_args(argv)

@@ -62,6 +62,27 @@ def test_no_subcommand_is_an_error(capsys):
     assert e.value.code == 2
 
 
+@pytest.mark.parametrize("argv", [["pretrain", "--epochs", "x"], ["prune", "--bogus"], ["nosuch"],
+                                  ["bench", "--repeats", "x"], ["bench", "--cases", "P99"], ["run", "--seeds"]])
+def test_usage_errors_are_one_line(argv):
+    """argparse's own errors (bad types, unknown options) are one line like every other user error."""
+    r = subprocess.run([sys.executable, "-m", "loft_kernels", *argv], capture_output=True, text=True, env=ENV)
+    command = argv[0] if argv[0] != "nosuch" else ""
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"loft {command}".rstrip() + ": error: ") and "--help" in r.stderr, r.stderr
+
+
+def test_an_unreadable_data_file_is_a_user_error(capsys, monkeypatch, tmp_path):
+    import loft_kernels.data as data
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/data/train-images-idx3-ubyte")
+    monkeypatch.setattr(data, "get_dataset", unreadable)
+    rc, _, err = cli(capsys, "groups", "--dataset", "mnist", "--data-dir", tmp_path)
+    assert rc == 2 and err == ("loft groups: error: --data-dir: '/data/train-images-idx3-ubyte': cannot be read "
+                               "(Permission denied)\n")
+
+
 def test_python_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "loft_kernels", "--help"], capture_output=True, text=True, env=ENV)
     assert r.returncode == 0 and "pretrain" in r.stdout and "run" in r.stdout

@@ -407,3 +407,29 @@ def test_activate_bad_input():
     with pytest.raises(ValueError):
         lk.activate(loft, GROUPS, {"conv0": torch.tensor([0]), "conv1": torch.tensor([9])})
     assert torch.equal(loft.conv0.active_out, good["conv0"])
+
+
+def test_a_refused_set_active_changes_nothing_and_the_active_sets_handed_out_are_copies():
+    torch.manual_seed(0)
+    for layer, x in ((lk.LoftConv2d(4, 8, 3), torch.randn(1, 4, 5, 5)), (lk.LoftLinear(4, 8), torch.randn(3, 4))):
+        before = layer(x)
+        with pytest.raises(ValueError, match="in_index has entry 9"):
+            layer.set_active(out_index=torch.tensor([0, 1]), in_index=torch.tensor([9]))
+        assert layer.active_out is None and torch.equal(layer(x), before)
+        layer.set_active(out_index=torch.tensor([5, 0, 3]))
+        layer.active_out[1] = 5  # edits a copy: the layer keeps its checked set
+        assert layer.active_out.tolist() == [5, 0, 3]
+    bn = lk.LoftBatchNorm2d(6)
+    bn.set_active(torch.tensor([4, 1]))
+    bn.active[0] = 1
+    assert bn.active.tolist() == [4, 1]
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_symbolic_trace_of_an_active_layer_matches_eager(kind):
+    torch.manual_seed(0)
+    layer, x = ((lk.LoftConv2d(4, 6, 3), torch.randn(2, 4, 5, 5)) if kind == "conv" else
+                (lk.LoftLinear(4, 6), torch.randn(3, 4)))
+    layer.set_active(out_index=torch.tensor([0, 2, 5]))
+    traced = torch.fx.symbolic_trace(layer)
+    assert torch.equal(traced(x), layer(x))

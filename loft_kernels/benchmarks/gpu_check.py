@@ -20,7 +20,6 @@ prints one line and exits 0.
 """
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import os
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from .._argparse import Parser
 from ..io import atomic_write_text
 
 GPU_BACKENDS = ("cuda", "triton", "torch")
@@ -159,7 +159,7 @@ def _markdown(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loft_kernels.benchmarks.gpu_check", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m loft_kernels.benchmarks.gpu_check", description=__doc__.split("\n")[0])
     p.add_argument("--out", help="results folder (default: bench/results/gpu-check-<device class>)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: " + ",".join(BUDGET_S))
     args = p.parse_args(argv)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .._argparse import Parser
 from ..backends import available_backends
 from ..io import atomic_write_text, check_writable
 from . import case_comm, case_conv, case_layout, case_sim, case_stats, case_step, case_sync
@@ -128,7 +129,7 @@ def store(report: dict, results_dir) -> Path:
 
 
 def _parse(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="loft bench", description=(
+    p = Parser(prog="loft bench", description=(
         "Ratio benchmarks P1..P9: each candidate against its baseline or limit, interleaved in one process, "
         "medians over repetitions on fresh random inputs. Goals not met are reported as NOT MET."))
     p.add_argument("--quick", action="store_true", help="fewer repetitions (under 2 minutes on a 2-core CPU)")

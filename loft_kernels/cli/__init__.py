@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .._argparse import Parser
 from .._optional import missing_message
 from ..io import CheckpointError
 from ._common import CLIError
@@ -26,7 +27,7 @@ def _module(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="loft", description="LoFT: find lottery tickets through filter-wise training.",
         epilog="Start with `loft run` (the main job on the embedded digits dataset); `loft run --quick` is a "
                "two-minute version.")

@@ -236,6 +236,9 @@ def load_dataset(args):
         return get_dataset(args.dataset, args.data_dir, seed=args.seed)
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(f"--data-dir: {e}") from None
+    except OSError as e:  # unreadable: permissions, an I/O error
+        where = f"{str(e.filename)!r}: " if e.filename else ""
+        raise CLIError(f"--data-dir: {where}cannot be read ({e.strerror or e})") from None
     except MemoryError:  # the loaders bound what a file can claim by its size; a real dataset can still be too big
         raise CLIError(f"--dataset {args.dataset}: the data do not fit in this machine's memory") from None
 

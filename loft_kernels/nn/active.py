@@ -24,16 +24,19 @@ class ActiveInOut:
 
     @property
     def active_out(self) -> Optional[Tensor]:
-        return self._active_out
+        """A copy of the active output filters (None = all): editing it does not change the layer."""
+        return None if self._active_out is None else self._active_out.clone()
 
     @property
     def active_in(self) -> Optional[Tensor]:
-        return self._active_in
+        """A copy of the active input channels (None = all)."""
+        return None if self._active_in is None else self._active_in.clone()
 
     def _set_active(self, out_index: Optional[Tensor], in_index: Optional[Tensor], out_size: int,
                     in_size: int) -> None:
         if out_index is not None or in_index is not None:
             refuse_active_sets(self)
         dev = self.weight.device
-        self._active_out = None if out_index is None else C.index(out_index, "out_index", out_size, dev).clone()
-        self._active_in = None if in_index is None else C.index(in_index, "in_index", in_size, dev).clone()
+        out_index = None if out_index is None else C.index(out_index, "out_index", out_size, dev).clone()
+        in_index = None if in_index is None else C.index(in_index, "in_index", in_size, dev).clone()
+        self._active_out, self._active_in = out_index, in_index  # both checked first: a refused call changes nothing

@@ -30,6 +30,16 @@ from .linear import LoftLinear
 from .views import refuse_active_sets
 
 
+def _active_conv(x, weight, bias, stride, padding, dilation, groups, out_index, in_index):
+    # The indices were validated by set_active. One call for torch.fx (wrapped below): symbolic tracing records
+    # it with the active set as a constant, instead of tracing into the argument checks.
+    return _partial_conv2d(x, weight, bias, stride, padding, dilation, groups, out_index, in_index,
+                           check_index_values=False)
+
+
+torch.fx.wrap("_active_conv")
+
+
 class LoftConv2d(ActiveInOut, nn.Conv2d):
     """nn.Conv2d with optional active output filters / input channels.
 
@@ -51,9 +61,8 @@ class LoftConv2d(ActiveInOut, nn.Conv2d):
         if self.padding_mode != "zeros":  # as nn.Conv2d._conv_forward does
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        # indices were validated by set_active
-        return _partial_conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
-                               self._active_out, self._active_in, check_index_values=False)
+        return _active_conv(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
+                            self._active_out, self._active_in)
 
 
 class LoftBatchNorm2d(nn.BatchNorm2d):
@@ -69,7 +78,8 @@ class LoftBatchNorm2d(nn.BatchNorm2d):
 
     @property
     def active(self) -> Optional[Tensor]:
-        return self._active
+        """A copy of the active channels (None = all): editing it does not change the layer."""
+        return None if self._active is None else self._active.clone()
 
     def set_active(self, index: Optional[Tensor] = None) -> None:
         """Restrict to channels `index` (None = all)."""

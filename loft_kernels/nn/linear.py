@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -30,16 +31,22 @@ class LoftLinear(ActiveInOut, nn.Linear):
         self._set_active(out_index, in_index, self.out_features, self.in_features)
 
     def forward(self, input: Tensor) -> Tensor:
-        out_idx, in_idx = self._active_out, self._active_in
-        if out_idx is None and in_idx is None:
+        if self._active_out is None and self._active_in is None:
             return super().forward(input)
-        expected = self.in_features if in_idx is None else in_idx.numel()
-        if input.dim() == 0 or input.shape[-1] != expected:
-            raise ValueError(f"input must have {expected} features in its last dim (the active input features), "
-                             f"got shape {tuple(input.shape)}")
-        weight = self.weight if out_idx is None else self.weight.index_select(0, out_idx)
-        weight = weight if in_idx is None else weight.index_select(1, in_idx)
-        bias = self.bias
-        if bias is not None and out_idx is not None:
-            bias = bias.index_select(0, out_idx)
-        return F.linear(input, weight, bias)
+        return _active_linear(input, self.weight, self.bias, self.in_features, self._active_out, self._active_in)
+
+
+def _active_linear(input, weight, bias, in_features, out_idx, in_idx):
+    # One call for torch.fx (wrapped below): symbolic tracing records it, the active set as a constant.
+    expected = in_features if in_idx is None else in_idx.numel()
+    if input.dim() == 0 or input.shape[-1] != expected:
+        raise ValueError(f"input must have {expected} features in its last dim (the active input features), "
+                         f"got shape {tuple(input.shape)}")
+    weight = weight if out_idx is None else weight.index_select(0, out_idx)
+    weight = weight if in_idx is None else weight.index_select(1, in_idx)
+    if bias is not None and out_idx is not None:
+        bias = bias.index_select(0, out_idx)
+    return F.linear(input, weight, bias)
+
+
+torch.fx.wrap("_active_linear")

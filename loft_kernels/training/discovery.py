@@ -4,7 +4,8 @@ A group (see loft_kernels.filter_group) is a producer (nn.Conv2d or nn.Linear)
 whose output channels flow only through per-channel operations into exactly
 one consumer (nn.Conv2d or nn.Linear). Per-channel here means output channel j
 depends on input channel j alone and the op runs the same on a subset of
-channels: elementwise activations (in place or not), dropout, spatial pooling,
+channels and keeps a removed (zero) channel zero: elementwise activations with
+f(0) = 0 (in place or not), multiplication by a scalar, dropout, spatial pooling,
 BatchNorm2d and depthwise convs (channel multiplier 1; they become members cut
 with the group), a squeeze-and-excitation gate and the multiplication by it
 (its reduce and expand layers become members), layout permutes/transposes (the
@@ -14,7 +15,8 @@ conv may be the producer or the consumer: the group then records its conv
 groups, and the partition keeps every worker's share aligned in each of them.
 What stops a walk is reported as the reason: a residual add, a concat, a
 reshape, a channel shuffle, a split, a multiplication by anything but an SE
-gate, LayerNorm/GroupNorm/softmax over channels, a depthwise conv with a
+gate, a sigmoid or an added constant (they turn a removed channel's zero into
+something else), LayerNorm/GroupNorm/softmax over channels, a depthwise conv with a
 channel multiplier, a layer called twice or with tied weights, a weight that is
 not a parameter of its own layer (hook-style weight_norm).
 
@@ -41,6 +43,9 @@ LINEARS = (nn.Linear, LoftLinear)
 NORMS = (nn.BatchNorm2d, LoftBatchNorm2d)
 _ELEMENTWISE = {"relu", "relu6", "hardtanh", "gelu", "silu", "leaky_relu", "elu", "hardswish", "hardsigmoid",
                 "mish", "sigmoid", "tanh", "dropout", "identity"}
+# Elementwise ops allowed inside an SE gate but not on a group's own path, where a removed filter must stay zero.
+_NOT_ZERO_PRESERVING = {"sigmoid": "0.5", "hardsigmoid": "0.5"}
+_SHIFTS = {"add", "sub"}
 _SPATIAL = {"max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "dropout2d"}
 _ARITHMETIC = {"add", "sub", "mul", "div"}
 _COMBINE_REASONS = {"add": "residual add (summed with another tensor)", "sub": "combined with another tensor (sub)",
@@ -99,6 +104,12 @@ def _trace(model: nn.Module, args: tuple, tracer: str) -> trace.FlowGraph:
     except ValueError as e:
         raise ValueError(f"model could not be traced: torch.fx failed ({type(fx_error).__name__}: {fx_error}) and "
                          f"so did the autograd graph of one forward ({e})") from e
+
+
+def _one_pixel(shape) -> bool:
+    """Whether a known [N, C, ...] shape has a single spatial position (a pooled map), so that a reshape
+    between it and [N, C] keeps channel j as feature j."""
+    return shape is not None and len(shape) >= 2 and math.prod(shape[2:]) == 1
 
 
 def _norm_dims(dims, ndim: int) -> tuple:
@@ -186,14 +197,18 @@ class _Walk:
                 layers.append(cur.target)
             elif cur.kind != "op":
                 return ""
-            elif cur.target == "reshape" and len(layers) == 2 and c == 1 and nd == 2 and cur.ndim == 4:
+            elif cur.target == "reshape" and len(layers) == 2 and c == 1 and nd == 2 and cur.ndim == 4 and \
+                    _one_pixel(cur.shape):
                 nd = 4  # [N, C] -> [N, C, 1, 1] to scale the feature map (a Linear gate)
+            elif not layers and (cur.target in _NOT_ZERO_PRESERVING or cur.target in _SHIFTS):
+                return ""  # before the reduce layer a removed channel must still be zero
             elif cur.target in _ELEMENTWISE or (cur.target in _ARITHMETIC and len(cur.inputs) == 1):
                 pass
             elif not layers and cur.target == "mean" and c == 1 and nd == 4 and \
                     sorted(_norm_dims(cur.info.get("dims") or (1,), nd)) == [2, 3] and not cur.info.get("keepdim"):
                 nd = 2  # a squeeze to [N, C] for a Linear gate
-            elif not layers and cur.target == "reshape" and c == 1 and nd == 4 and cur.ndim == 2:
+            elif not layers and cur.target == "reshape" and c == 1 and nd == 4 and cur.ndim == 2 and \
+                    len(cur.inputs) == 1 and _one_pixel(cur.inputs[0].shape):
                 nd = 2  # a flatten of the pooled [N, C, 1, 1] (the Linear checks it holds n features)
             elif not layers:
                 step = self._op(cur, c, nd)  # pooling before the reduce layer: per channel
@@ -267,7 +282,12 @@ class _Walk:
     def _op(user: trace.FlowNode, cdim: int, ndim: int):
         """The new (channel dim, rank) after a per-channel op, or a reason string."""
         op = user.target
-        if op in _ELEMENTWISE or op in _ARITHMETIC:  # arithmetic here has no other tensor operand
+        if op in _NOT_ZERO_PRESERVING:
+            return f"{op} maps 0 to {_NOT_ZERO_PRESERVING[op]}: a removed filter's zero output would still " \
+                "reach the consumer, so the smaller network would compute something else"
+        if op in _SHIFTS:  # no other tensor operand: a scalar (or, seen by autograd, a tensor without grad)
+            return f"{op} of a constant: a removed filter's zero output would become that constant in the consumer"
+        if op in _ELEMENTWISE or op in _ARITHMETIC:  # mul/div by a scalar keep zero
             return cdim, ndim
         if op in _SPATIAL:
             return (cdim, ndim) if cdim == 1 and ndim == 4 else f"{op} over a layout whose channels are in dim {cdim}"

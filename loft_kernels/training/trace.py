@@ -68,7 +68,7 @@ _AUTOGRAD_OPS = {
     "Relu": "relu", "Hardtanh": "hardtanh", "Gelu": "gelu", "Silu": "silu", "LeakyRelu": "leaky_relu", "Elu": "elu",
     "Hardswish": "hardswish", "Hardsigmoid": "hardsigmoid", "Mish": "mish", "Sigmoid": "sigmoid", "Tanh": "tanh",
     "MaxPool2DWithIndices": "max_pool2d", "AvgPool2D": "avg_pool2d", "AdaptiveAvgPool2D": "adaptive_avg_pool2d",
-    "AdaptiveMaxPool2D": "adaptive_max_pool2d", "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div",
+    "AdaptiveMaxPool2D": "adaptive_max_pool2d", "Add": "add", "Sub": "sub", "Rsub": "sub", "Mul": "mul", "Div": "div",
     "Cat": "cat", "Stack": "cat", "View": "reshape", "UnsafeView": "reshape", "ReshapeAlias": "reshape",
     "Permute": "permute", "Transpose": "transpose", "Mean": "mean", "Softmax": "softmax", "Split": "split",
     "SplitWithSizes": "split", "Unbind": "split", "Clone": "identity", "NativeLayerNorm": "layer_norm",
@@ -83,7 +83,8 @@ class FlowNode:
     inputs: list = field(default_factory=list)  # FlowNode (a node may appear once per tensor argument)
     users: list = field(default_factory=list)
     info: dict = field(default_factory=dict)
-    ndim: Optional[int] = None      # rank of the output, where known (module calls)
+    ndim: Optional[int] = None      # rank of the output, where known
+    shape: Optional[tuple] = None   # the output's shape, where known
 
 
 @dataclass
@@ -115,17 +116,21 @@ class _Tracer(fx.Tracer):
 
 
 class _ShapeRecorder(fx.Interpreter):
-    """Runs the traced graph and records each tensor-valued node's rank."""
+    """Runs the traced graph and records each tensor-valued node's shape, and which nodes return several tensors
+    (a tuple or list: chunk, max with a dim, a module such as nn.MultiheadAttention)."""
 
     def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
         self.extra_traceback = False  # the model's own error message is the useful one
-        self.ndims: dict[fx.Node, int] = {}
+        self.shapes: dict[fx.Node, tuple] = {}
+        self.several: set[fx.Node] = set()
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
         if isinstance(result, Tensor):
-            self.ndims[n] = result.dim()
+            self.shapes[n] = tuple(result.shape)
+        elif isinstance(result, (tuple, list)) and any(isinstance(t, Tensor) for t in result):
+            self.several.add(n)
         return result
 
 
@@ -157,8 +162,9 @@ def fx_graph(model: nn.Module, args: tuple, run) -> FlowGraph:
     modules = dict(model.named_modules())
     nodes, mapped, calls, read_directly = [], {}, {}, set()
     for n in graph.nodes:
-        if n.op not in ("placeholder", "output", "get_attr") and n not in recorder.ndims:
-            continue  # not tensor-valued: a size query, a shape attribute, ...
+        if n.op not in ("placeholder", "output", "get_attr") and n not in recorder.shapes and \
+                n not in recorder.several:
+            continue  # holds no tensor: a size query, a shape attribute, ...
         if n.op == "placeholder":
             node = FlowNode("input", n.target)
         elif n.op == "get_attr":
@@ -180,7 +186,8 @@ def fx_graph(model: nn.Module, args: tuple, run) -> FlowGraph:
             else:
                 op = _METHOD_OPS.get(n.target, n.target)
             node = FlowNode("op", op, info=_fx_info(n, op))
-        node.ndim = recorder.ndims.get(n)
+        node.shape = recorder.shapes.get(n)
+        node.ndim = None if node.shape is None else len(node.shape)
         node.inputs = [mapped[a] for a in _flat_inputs(n) if a in mapped]
         mapped[n] = node
         nodes.append(node)
@@ -238,6 +245,14 @@ def _autograd_info(fn, op: str) -> dict:
     return {}
 
 
+def _output_shape(fn) -> Optional[tuple]:
+    """The shape of an autograd node's (first) forward output, where torch exposes it."""
+    try:
+        return tuple(fn._input_metadata[0].shape)  # the gradient it receives has its output's shape
+    except (AttributeError, IndexError, TypeError, RuntimeError):
+        return None
+
+
 def _constant_operand(fn) -> bool:
     """Whether a binary op's operand without grad is a tensor of more than one element (not a scalar)."""
     saved = [getattr(fn, a, None) for a in ("_saved_other", "_saved_self")]
@@ -246,13 +261,14 @@ def _constant_operand(fn) -> bool:
 
 def autograd_graph(model: nn.Module, args: tuple, run) -> FlowGraph:
     """Trace one forward (grad enabled) through forward hooks and the autograd graph of its output."""
-    calls_seen: list[tuple[str, object, object, int]] = []  # (name, input grad_fn, output grad_fn, ndim)
+    calls_seen: list[tuple[str, object, object, tuple]] = []  # (name, input grad_fn, output grad_fn, shape)
 
     def hook(name):
         def record(m, inputs, output):
             if isinstance(output, Tensor):
                 first = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
-                calls_seen.append((name, None if first is None else first.grad_fn, output.grad_fn, output.dim()))
+                calls_seen.append((name, None if first is None else first.grad_fn, output.grad_fn,
+                                   tuple(output.shape)))
         return record
 
     handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if isinstance(m, STRUCTURAL)]
@@ -283,11 +299,11 @@ def autograd_graph(model: nn.Module, args: tuple, run) -> FlowGraph:
     param_names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
     module_of_output, module_input, internal = {}, {}, {}
     calls: dict[str, int] = {}
-    for name, fn_in, fn_out, ndim in calls_seen:
+    for name, fn_in, fn_out, shape in calls_seen:
         calls[name] = calls.get(name, 0) + 1
         if fn_out is None:
             continue
-        module_of_output[fn_out] = FlowNode("module", name, ndim=ndim)
+        module_of_output[fn_out] = FlowNode("module", name, ndim=len(shape), shape=shape)
         stack = [fn_out]
         while stack:  # the layer's own autograd nodes: from its output back to its input
             fn = stack.pop()
@@ -314,6 +330,8 @@ def autograd_graph(model: nn.Module, args: tuple, run) -> FlowGraph:
         else:
             op_name = _AUTOGRAD_OPS.get(_NODE_NAME.sub("", type(fn).__name__), type(fn).__name__)
             node = FlowNode("op", op_name, info=_autograd_info(fn, op_name))
+            node.shape = _output_shape(fn)
+            node.ndim = None if node.shape is None else len(node.shape)
             if op_name in ("add", "sub", "mul", "div") and any(f is None for f, _ in fn.next_functions) and \
                     (op_name in ("add", "sub") or not _constant_operand(fn)):
                 node.info["scalar_operand"] = True
