@@ -95,6 +95,14 @@ def index(value, name: str, size: int, device: torch.device, *, ndim: int = 1, d
     return value.contiguous()
 
 
+def index_values_in_op(value, name: str, size: int, *, ndim: int = 1) -> None:
+    """Range and duplicate checks inside a custom op's CPU kernel, where the public function's checks may not
+    have run: in a compiled graph (they need the values, so tracing skips them) and for a direct
+    `torch.ops.loft_kernels` call. On a GPU they would cost a host sync per call, so there they do not run."""
+    if value is not None and value.device.type == "cpu":
+        index(value, name, size, value.device, ndim=ndim)
+
+
 def pair(value, name: str, *, minimum: int) -> tuple[int, int]:
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got bool")

@@ -158,3 +158,68 @@ def test_explicit_backend_without_dtype_support_is_clear(monkeypatch):
     with lk.use_backend("torch"):
         with pytest.raises(TypeError, match="backend 'torch' runs filter_norms for dtypes"):
             lk.filter_norms([torch.randn(3, 3)])
+
+
+def _sliced(x, w, b, out_index):
+    return torch.nn.functional.conv2d(x, w.index_select(0, out_index), b.index_select(0, out_index), padding=1)
+
+
+def test_jit_trace_records_the_convolution_it_runs():
+    """torch.jit.trace cannot see into a compiled kernel: the op traces as index_select + conv2d."""
+    torch.manual_seed(0)
+    layer = lk.LoftConv2d(4, 6, 3, padding=1)
+    layer.set_active(out_index=torch.tensor([0, 2, 5]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer warns about the Python checks it cannot record
+        traced = torch.jit.trace(layer, (torch.randn(2, 4, 5, 5),))
+    x = torch.randn(3, 4, 7, 7)  # other values and sizes than at trace time
+    torch.testing.assert_close(traced(x), _sliced(x, layer.weight, layer.bias, torch.tensor([0, 2, 5])))
+
+
+def test_functorch_transforms_differentiate_the_op():
+    """jvp, grad and vmap see plain PyTorch ops (the custom op has no forward-mode or higher-order rule)."""
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 4, 5, 5, dtype=torch.float64), torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    w, b, rows = torch.randn(6, 4, 3, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64), torch.tensor([4, 1])
+    op = lambda z, w: lk.partial_conv2d(z, w, b, padding=1, out_index=rows)  # noqa: E731
+    ref = lambda z, w: _sliced(z, w, b, rows)  # noqa: E731
+    torch.testing.assert_close(torch.func.jvp(lambda z: op(z, w), (x,), (t,)),
+                               torch.func.jvp(lambda z: ref(z, w), (x,), (t,)))
+    grad = torch.func.grad(lambda w: op(x, w).square().sum())(w)
+    torch.testing.assert_close(grad, torch.func.grad(lambda w: ref(x, w).square().sum())(w))
+    assert grad[[0, 2, 3, 5]].abs().max() == 0  # rows outside the set get no gradient
+    xs = torch.randn(3, 2, 4, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(lambda z: op(z, w))(xs), torch.stack([ref(z, w) for z in xs]))
+
+
+@pytest.mark.parametrize("call", ["compiled", "direct"])
+def test_duplicate_or_out_of_range_indices_are_refused_inside_the_op(call):
+    """The public functions' value checks do not run in a compiled graph nor for a direct torch.ops call: the CPU
+    kernels check, instead of returning a wrong weight gradient (two copies of one row, one of them lost)."""
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3, requires_grad=True)
+    if call == "compiled":
+        run = torch.compile(lambda i: lk.partial_conv2d(x, w, out_index=i), backend="aot_eager", fullgraph=True)
+    else:
+        run = lambda i: ops.partial_conv2d(x, w, None, i, None, [1, 1], [0, 0], [1, 1], 1)  # noqa: E731
+    with pytest.raises(ValueError, match="out_index has duplicate entries"):
+        run(torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="out_index has entry 7, out of range"):
+        run(torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match="indices\\[0\\] has duplicate entries"):
+        torch.compile(lambda t, i: lk.unpack_rows(torch.arange(6.0), [t], [i]), backend="eager")(
+            torch.zeros(4, 3), torch.tensor([1, 1]))
+    assert torch.is_grad_enabled()  # the refusal inside a compiled graph leaves grad mode as it was
+
+
+def test_grouped_op_takes_an_empty_batch_like_the_single_op():
+    w = torch.randn(5, 4, 3, 3, requires_grad=True)
+    y = lk.grouped_partial_conv2d(torch.randn(2, 0, 4, 5, 5), w, out_index=torch.tensor([[0], [1]]))
+    assert y.shape == (2, 0, 1, 3, 3)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_torch_jit_script_says_the_loft_layers_are_not_scriptable():
+    for layer in (lk.LoftConv2d(3, 4, 3), lk.LoftLinear(3, 4), lk.LoftBatchNorm2d(4)):
+        with pytest.raises(RuntimeError, match=f"{type(layer).__name__} cannot be compiled by torch.jit.script"):
+            torch.jit.script(torch.nn.Sequential(layer))

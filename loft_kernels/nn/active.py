@@ -11,7 +11,7 @@ from typing import Optional
 from torch import Tensor
 
 from .. import _checks as C
-from .views import refuse_active_sets
+from .views import refuse_active_sets, refuse_scripting
 
 
 class ActiveInOut:
@@ -31,6 +31,8 @@ class ActiveInOut:
     def active_in(self) -> Optional[Tensor]:
         """A copy of the active input channels (None = all)."""
         return None if self._active_in is None else self._active_in.clone()
+
+    __prepare_scriptable__ = refuse_scripting
 
     def _set_active(self, out_index: Optional[Tensor], in_index: Optional[Tensor], out_size: int,
                     in_size: int) -> None:

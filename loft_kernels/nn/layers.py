@@ -27,7 +27,7 @@ from ..filter_group import BATCHNORM, check_group_list, resolve_groups
 from ..ops.partial_conv import _partial_conv2d
 from .active import ActiveInOut
 from .linear import LoftLinear
-from .views import refuse_active_sets
+from .views import refuse_active_sets, refuse_scripting
 
 
 def _active_conv(x, weight, bias, stride, padding, dilation, groups, out_index, in_index):
@@ -75,6 +75,7 @@ class LoftBatchNorm2d(nn.BatchNorm2d):
     """
 
     _active: Optional[Tensor] = None
+    __prepare_scriptable__ = refuse_scripting
 
     @property
     def active(self) -> Optional[Tensor]:

@@ -84,3 +84,10 @@ def training_mode(model: nn.Module, training: bool):
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def refuse_scripting(module: nn.Module):
+    """`__prepare_scriptable__` of the Loft layers: torch.jit.script cannot compile their forward (it calls the
+    package's Python ops), so say so instead of failing on an internal attribute."""
+    raise RuntimeError(f"{type(module).__name__} cannot be compiled by torch.jit.script; use torch.compile or "
+                       f"torch.export, or lk.prune / plain nn layers for a TorchScript model")

@@ -23,7 +23,13 @@ def _packed_numel(tensors, indices, dims) -> int:
 
 @torch.library.custom_op("loft_kernels::pack_rows", mutates_args=())
 def _pack_op(tensors: list[Tensor], indices: list[Tensor], dims: list[int]) -> Tensor:
+    _check_values(tensors, indices, dims)
     return dispatch("pack_rows", tensors[0], tensors, indices, dims)
+
+
+def _check_values(tensors, indices, dims) -> None:
+    for k, (t, i, d) in enumerate(zip(tensors, indices, dims)):
+        C.index_values_in_op(i, f"indices[{k}]", t.shape[d])
 
 
 @_pack_op.register_fake
@@ -33,6 +39,7 @@ def _(tensors, indices, dims):
 
 @torch.library.custom_op("loft_kernels::unpack_rows", mutates_args=("tensors",))
 def _unpack_op(flat: Tensor, tensors: list[Tensor], indices: list[Tensor], dims: list[int]) -> None:
+    _check_values(tensors, indices, dims)
     dispatch("unpack_rows", tensors[0], flat, tensors, indices, dims)
 
 
@@ -84,19 +91,20 @@ def unpack_rows(flat: Tensor, tensors: list[Tensor], indices: list[Tensor], dims
     want = _packed_numel(tensors, indices, dims)
     if flat.numel() != want:
         raise ValueError(f"flat must have {want} elements (the packed size of the selected rows), got {flat.numel()}")
-    flat = flat.contiguous()
-    with torch.no_grad():
-        if not _share_memory(tensors):
-            _unpack_op(flat, [t.detach() for t in tensors], indices, dims)
-            return
-        # Tensors listed twice (or views of one another): one entry after another, so each write lands as in
-        # a loop over the entries; one pass may write a layout it cannot stride through via a copy, whose
-        # write-back would undo another entry's writes to the same memory.
-        start = 0
-        for t, i, d in zip(tensors, indices, dims):
-            n = t.numel() // t.shape[d] * i.shape[0]
-            _unpack_op(flat[start:start + n], [t.detach()], [i], [d])
-            start += n
+    # Detached rather than under no_grad: a compiled graph that raises inside a no_grad block (an index the op
+    # refuses) would leave grad mode off.
+    flat = flat.detach().contiguous()
+    if not _share_memory(tensors):
+        _unpack_op(flat, [t.detach() for t in tensors], indices, dims)
+        return
+    # Tensors listed twice (or views of one another): one entry after another, so each write lands as in
+    # a loop over the entries; one pass may write a layout it cannot stride through via a copy, whose
+    # write-back would undo another entry's writes to the same memory.
+    start = 0
+    for t, i, d in zip(tensors, indices, dims):
+        n = t.numel() // t.shape[d] * i.shape[0]
+        _unpack_op(flat[start:start + n], [t.detach()], [i], [d])
+        start += n
 
 
 def _share_memory(tensors) -> bool:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks as C
-from ..backends import autograd_node, dispatch
+from ..backends import autograd_node, dispatch, reference
 
 
 def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -38,6 +38,8 @@ def _empty(ref: Tensor) -> Tensor:
 def _partial_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: Optional[Tensor],
                        in_index: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
                        groups: int) -> Tensor:
+    C.index_values_in_op(out_index, "out_index", weight.shape[0])
+    C.index_values_in_op(in_index, "in_index", weight.shape[1])
     y = dispatch("partial_conv2d", x, x, weight, bias, out_index, in_index,
                  tuple(stride), tuple(padding), tuple(dilation), groups)
     return y.contiguous()
@@ -102,6 +104,8 @@ _partial_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("loft_kernels::grouped_partial_conv2d", mutates_args=())
 def _grouped_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: Optional[Tensor],
                 in_index: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
+    C.index_values_in_op(out_index, "out_index", weight.shape[0], ndim=2)
+    C.index_values_in_op(in_index, "in_index", weight.shape[1], ndim=2)
     return dispatch("grouped_partial_conv2d", x, x, weight, bias, out_index, in_index,
                     tuple(stride), tuple(padding), tuple(dilation)).contiguous()
 
@@ -201,7 +205,18 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
+def _composite(*tensors) -> bool:
+    """True where the op runs as plain differentiable PyTorch (index_select + F.conv2d): under torch.jit.trace,
+    which records aten ops and cannot see into a compiled kernel, and under functorch transforms (jvp, grad,
+    jacrev, vmap), which need forward-mode and higher-order derivatives the custom op does not define."""
+    if torch.compiler.is_compiling():  # the custom op: what the compiled graph's fake kernels describe
+        return False
+    return torch.jit.is_tracing() or any(t is not None and _functorch_wrapped(t) for t in tensors)
+
+
 def _run(op: str, custom, x, weight, bias, out_index, in_index, *conf) -> Tensor:
+    if _composite(x, weight, bias, out_index, in_index) or x.numel() == 0:
+        return getattr(reference, op)(x, weight, bias, out_index, in_index, *conf)
     if _plain_cpu(x, weight, bias, out_index, in_index):
         node = autograd_node(op, x.device, x.dtype)
         if node is not None:  # the compiled backend's own node
@@ -330,8 +345,8 @@ def grouped_partial_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = N
     x, weight, bias = _autocast(x, weight, bias)
     C.tensor(x, "x", ndim=5, floating=True)
     G, N = x.shape[:2]
-    if G == 0 or N == 0:
-        raise ValueError(f"x must hold at least one group and one sample, got shape {tuple(x.shape)}")
+    if G == 0:
+        raise ValueError(f"x must hold at least one group, got shape {tuple(x.shape)}")
     # Validate (and apply an asymmetric 'same' padding) on the groups folded into the batch.
     folded, stride, padding, dilation = _conv_args(x.reshape(G * N, *x.shape[2:]), weight, bias,
                                                    stride, padding, dilation, spatial=2)
