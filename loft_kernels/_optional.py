@@ -2,7 +2,8 @@
 
 The core (ops, training, tickets, the CLI's training commands) needs only
 torch, numpy, ninja and tqdm; plots need matplotlib (`loft_kernels[plots]`)
-and the embedded digits dataset needs scikit-learn (`loft_kernels[digits]`).
+the embedded digits dataset needs scikit-learn (`loft_kernels[digits]`) and
+the triton backend triton (`loft_kernels[triton]`).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import importlib
 OPTIONAL = {
     "matplotlib": ("matplotlib", "plots", "plots (loft run, loft distance, loft_kernels.report)"),
     "sklearn": ("scikit-learn", "digits", "the digits dataset"),
+    "triton": ("triton", "triton", "the triton backend"),
 }
 
 

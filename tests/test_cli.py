@@ -62,7 +62,7 @@ def test_no_subcommand_is_an_error(capsys):
     assert e.value.code == 2
 
 
-@pytest.mark.parametrize("argv", [["pretrain", "--epochs", "x"], ["prune", "--bogus"], ["nosuch"],
+@pytest.mark.parametrize("argv", [["pretrain", "--epochs", "x"], ["prune", "--bogus"], ["run", "--bogus", "1"], ["nosuch"],
                                   ["bench", "--repeats", "x"], ["bench", "--cases", "P99"], ["run", "--seeds"]])
 def test_usage_errors_are_one_line(argv):
     """argparse's own errors (bad types, unknown options) are one line like every other user error."""
@@ -560,3 +560,20 @@ def test_missing_optional_dependency_names_the_extra(capsys, monkeypatch, tmp_pa
     assert rc == 2 and err.count("\n") == 1, err
     assert "scikit-learn" in err and "pip install 'loft_kernels[digits]'" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_resume_with_more_seeds_extends_a_run_and_fewer_are_refused(capsys, tmp_path):
+    """`loft run --resume --seeds N` reuses the finished seeds' units and adds the new ones: the report equals that
+    of a run started with N seeds; dropping a seed or changing --seed is refused."""
+    args = [*TINY, "--methods", "dense", "--epochs", "1", "--finetune-epochs", "1", "--ratios", "0.5",
+            "--controls", "none", "--quiet"]
+    assert cli(capsys, "run", *args, "--seeds", "1", "--out", tmp_path / "grown")[0] == 0
+    assert cli(capsys, "run", *args, "--seeds", "2", "--out", tmp_path / "grown", "--resume")[0] == 0
+    assert cli(capsys, "run", *args, "--seeds", "2", "--out", tmp_path / "fresh")[0] == 0
+    grown, fresh = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("grown", "fresh"))
+    assert grown["seeds"] == fresh["seeds"] == [0, 1]
+    assert grown["methods"] == fresh["methods"]
+    assert json.loads((tmp_path / "grown" / "config.json").read_text())["seeds"] == [0, 1]
+    for more in (["--seeds", "1"], ["--seeds", "2", "--seed", "1"]):
+        rc, _, err = cli(capsys, "run", *args, *more, "--out", tmp_path / "grown", "--resume")
+        assert rc == 2 and "has seeds [0, 1]" in err and "more seeds extend the run" in err, err

@@ -2,6 +2,8 @@
 import importlib
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,16 @@ def test_readme_matrix_is_what_the_registry_says():
     found = re.search(r"<!-- op-matrix -->\n(.*?)<!-- /op-matrix -->", text, re.S)
     assert found, "README.md lacks the <!-- op-matrix --> block"
     assert found.group(1) == table.matrix_markdown()
+
+
+def test_choices_under_the_environment_variable_say_it_was_requested(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    assert all(choice == ("torch", f"requested by the environment variable {backends.ENV_VAR}")
+               for choice in backends.backend_choices("cpu").values())
+
+
+def test_a_missing_triton_says_which_extra_installs_it():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import loft_kernels.backends.triton as t; print(t.unavailable_reason())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "pip install 'loft_kernels[triton]'" in out, out

@@ -168,15 +168,17 @@ def select(op: str, device: torch.device, dtype: torch.dtype) -> tuple[str, Call
 
 
 def backend_choices(device="cpu", dtype: torch.dtype = torch.float32) -> dict[str, tuple[str, str]]:
-    """For each public op: (the backend the automatic choice takes on `device`, why)."""
+    """For each public op: (the backend it takes on `device` outside `use_backend` blocks, why)."""
     device = torch.device(device)
     out = {}
     for public in table.public_ops():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             with use_backend("auto"):
-                name = select(public, device, dtype)[0]
-        if device.type == "cuda":
+                name, forced = select(public, device, dtype)[0], requested_backend()
+        if forced is not None:  # the environment variable overrides the automatic choice
+            why = f"requested by the environment variable {ENV_VAR}"
+        elif device.type == "cuda":
             why = choice.automatic_reason(public, device)
         else:
             reason = unavailable_reason("cpu")

@@ -39,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_and_run(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)  # argparse exits 2 on unknown options / bad types
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)  # argparse exits 2 on bad types and values
+    if unknown:  # named by the subcommand that was given them, not by `loft`
+        subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     return _module(args.command).run(args)
 
 

@@ -16,7 +16,7 @@ from .. import engine, report
 from ..io import CheckpointError, atomic_write_text
 from ..tickets import FilterTracker
 from . import _common as U
-from .pretrain import add_loft_args, emergence_options
+from .pretrain import add_emergence_args, emergence_options
 
 HELP = "filter-ranking distances (footrule, Early-Bird mask) of a pretraining run, and emergence epochs"
 
@@ -27,7 +27,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="a `loft pretrain` output directory (with tracker.pt, model.pt)")
     p.add_argument("--reference", default="final",
                    help="snapshot the footrule distance is measured to: final (default) or an epoch number")
-    add_loft_args(p)
+    add_emergence_args(p.add_argument_group("emergence criteria"))
     U.add_common(p)
     return p
 

@@ -3,7 +3,7 @@
 By default the ticket is fine-tuned from the pruned pretrained weights (the
 LoFT paper). --rewind-from MODEL_FILE re-initialises the pruned structure
 from another checkpoint of the same pretraining run (init.pt: the initial
-weights; epoch_<e>.pt: those of epoch e), cut by the ticket's kept filters.
+weights; epoch_<eee>.pt, e in three digits: those of epoch e), cut by the ticket's kept filters.
 SGD with cosine learning-rate annealing. Writes to --out: config.json,
 metrics.json/metrics.csv per epoch, a checkpoint set in checkpoints/ after
 every epoch (for --resume), and at the end model.pt (the fine-tuned ticket)
@@ -30,7 +30,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ticket", required=True, help="a `loft prune` output directory (its ticket.pt) or a ticket file")
     p.add_argument("--rewind-from", default=None,
-                   help="full-size model file of the same run (init.pt, epoch_<e>.pt) to take the weights from")
+                   help="full-size model file of the same run (init.pt, epoch_<eee>.pt) to take the weights from")
     U.add_data_model(p, model=False)
     add_train_args(p, epochs=15, lr=0.05)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -4,7 +4,7 @@ Writes to --out: config.json; metrics.json/metrics.csv (one row per epoch);
 checkpoints/step-<n>/rank<r>-of-<S>.pt after every epoch and every
 --checkpoint-every steps (one file per rank, newest --keep-checkpoints kept)
 for --resume; init.pt (initial weights, for rewinding);
-epoch_<e>.pt for each epoch in --keep-epochs; at the end model.pt (the
+epoch_<eee>.pt (epoch e, three digits) for each epoch in --keep-epochs; at the end model.pt (the
 pretrained model), tracker.pt (filter scores of every epoch) and
 summary.json (accuracy, emergence epochs, communication, time, resumes).
 
@@ -53,6 +53,11 @@ def add_loft_args(p: argparse.ArgumentParser) -> None:
                         "(batched; VGG/ResNet without dropout), or whichever measured faster for each batch shape "
                         "after the batched network matched the loop's gradients (auto); results are the same "
                         "(default: %(default)s)")
+    add_emergence_args(g)
+
+
+def add_emergence_args(g) -> None:
+    """The emergence criteria's settings (`g`: a parser or an argument group)."""
     g.add_argument("--mask-ratio", type=U.finite_float, default=0.5,
                    help="pruning ratio whose keep-masks the Early-Bird criterion compares (default: %(default)s)")
     g.add_argument("--footrule-threshold", type=U.finite_float, default=0.1,
@@ -76,7 +81,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--stop-at-emergence", choices=("footrule", "mask"), default=None,
                    help="end pretraining when this criterion declares the ticket emerged")
     g.add_argument("--keep-epochs", default=None,
-                   help="comma-separated epochs whose weights to keep as epoch_<e>.pt (for drawing/rewinding)")
+                   help="comma-separated epochs whose weights to keep as epoch_<eee>.pt (for drawing/rewinding)")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
                    "(implied when torchrun restarts the job)")

@@ -25,7 +25,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="pretrained model: a `loft pretrain` output directory (its model.pt) or a model file "
-                        "(model.pt, epoch_<e>.pt, init.pt)")
+                        "(model.pt, epoch_<eee>.pt, init.pt)")
     p.add_argument("--ratio", type=U.finite_float, default=0.5, help="pruning ratio in [0, 1) (default: %(default)s)")
     p.add_argument("--speed-repeats", type=int, default=20,
                    help="repetitions of the inference-speedup measurement; 0 skips it (default: %(default)s)")

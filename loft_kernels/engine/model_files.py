@@ -74,7 +74,7 @@ def full_model(obj: dict, what: str = "model file") -> tuple[nn.Module, list[Fil
     contents that do not fit together."""
     if "kept" in obj:
         raise CheckpointError(f"{what} is a ticket (a pruned model), not a full-size model: give a model.pt, "
-                              f"init.pt or epoch_<e>.pt written by `loft pretrain`")
+                              f"init.pt or epoch_<eee>.pt written by `loft pretrain`")
     with _contents(what):
         model, groups = build_model(obj["spec"])
         model.load_state_dict(obj["state_dict"])

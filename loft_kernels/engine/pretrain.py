@@ -52,7 +52,7 @@ def pretrain_run(out, *, dataset: Dataset, spec: dict, cfg: TrainConfig, seed: i
 
     The tracker snapshots the filter scores of the initial weights (tag 0)
     and after every epoch (tag = epoch). Files (rank 0 writes all but its own
-    checkpoint files): init.pt (initial weights), epoch_<e>.pt for e in
+    checkpoint files): init.pt (initial weights), epoch_<eee>.pt (e in three digits) for e in
     keep_epochs, metrics.json/csv after every epoch, checkpoint sets in
     checkpoints/ (see `RunCheckpoints`: after every epoch and, with
     checkpoint_every=STEPS, mid-epoch at a sync boundary; the newest

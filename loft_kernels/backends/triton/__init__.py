@@ -18,6 +18,7 @@ import importlib
 
 import torch
 
+from ..._optional import missing_message
 from .. import table
 
 try:
@@ -25,6 +26,8 @@ try:
     _IMPORT_ERROR = None
 except Exception as exc:  # a missing or broken triton makes the backend unavailable, not the package
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == "triton":
+        _IMPORT_ERROR += "; " + missing_message("triton")
 
 
 def unavailable_reason() -> str | None:
