@@ -65,13 +65,15 @@ def test_a_failing_case_is_reported_not_raised(monkeypatch, tmp_path):
 
 
 def test_table_marks_goals_not_met_and_errors():
-    met = valued(Spec("X1", "a", "b", 0.02, "within 2 %", within=True), 3.49, 3.5).as_json()
+    met = valued(Spec("X1", "a", "b", 0.02, "within 2 %", within=True), 3.49, 3.5, unit="").as_json()
     missed = Result("X2", "slow", "fast", 10.0, 5.0, 2.0, 1.15, "ratio <= 1.15", False).as_json()
     broken = Result("X3", "c", "d", None, None, None, 1.0, "ratio <= 1", False, error="boom").as_json()
-    lines = runner.format_table({"results": [met, missed, broken]}).splitlines()
-    assert lines[2].endswith("| met |") and "3.4900" in lines[2]
-    assert lines[3].endswith("| NOT MET |") and "| 2.000 |" in lines[3]
+    memory = valued(Spec("X4", "m", "n", 1.5, "ratio <= 1.5"), 3 * 2 ** 20, 2 * 2 ** 20, unit="bytes").as_json()
+    lines = runner.format_table({"results": [met, missed, broken, memory]}).splitlines()
+    assert lines[2].endswith("| met |") and "| 3.4900 | 3.5000 |" in lines[2]
+    assert lines[3].endswith("| NOT MET |") and "| 10.00 ms | 5.00 ms | 2.000 |" in lines[3]
     assert lines[4].endswith("| ERROR |")
+    assert "| 3.0 MiB | 2.0 MiB | 1.500 |" in lines[5]  # bytes are not printed as milliseconds
 
 
 def test_goal_judgement():

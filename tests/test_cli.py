@@ -553,6 +553,21 @@ def test_resume_from_a_truncated_checkpoint_is_a_user_error(capsys, tmp_path):
     assert str(ckpts[-1]) in err and "cannot be loaded" in err
 
 
+def test_resume_from_a_checkpoint_of_another_program_is_a_user_error(capsys, tmp_path):
+    """A file in the right format that does not hold a training run's state (here: what ElasticCheckpoint itself
+    writes for a user's own loop) is refused in one line, not with a KeyError."""
+    out = tmp_path / "run"
+    assert cli(capsys, "pretrain", *TINY, "--epochs", "1", "--out", out, "--quiet")[0] == 0
+    (out / "summary.json").unlink()
+    for ck in out.glob("checkpoints/*/rank0-of-1.pt"):
+        state = torch.load(ck, weights_only=True)
+        state["state"] = {"model": {}, "optimizer": {}}
+        torch.save(state, ck)
+    rc, _, err = cli(capsys, "pretrain", *TINY, "--epochs", "1", "--out", out, "--quiet", "--resume")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "is not a checkpoint of a loft_kernels training run: it has no 'trainer'" in err, err
+
+
 def test_missing_optional_dependency_names_the_extra(capsys, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)

@@ -213,6 +213,31 @@ def test_cifar_numpy_pickles_of_every_protocol_load(tmp_path):
                                    rtol=0, atol=1e-3)
 
 
+def test_cifar_batches_with_empty_bytes_load_and_bytes_calls_with_arguments_are_refused(tmp_path):
+    """Protocol 2 stores b"" as a call of bytes(): the writer's own small sets (an empty batch), and a batch
+    whose batch_label is empty, load; bytes(n) (an allocation the file never held) does not."""
+    root = write_fake_cifar(tmp_path / "small", n_train=3, n_test=2)  # two of the five training batches are empty
+    assert get_dataset("cifar10", root).train_x.shape[0] == 3
+    data, labels = np.zeros((2, 3072), np.uint8), [1, 2]
+    (root / "test_batch").write_bytes(pickle.dumps({b"batch_label": b"", b"data": data, b"labels": labels},
+                                                   protocol=2))
+    assert get_dataset("cifar10", root).test_y.tolist() == labels
+    (root / "test_batch").write_bytes(pickle.dumps({b"data": data, b"labels": labels, b"x": _BytesOf(10 ** 9)},
+                                                   protocol=2))
+    with pytest.raises(ValueError, match="bytes\\(...\\) with arguments is not allowed"):
+        get_dataset("cifar10", root)
+
+
+class _BytesOf:
+    """Pickles as a call bytes(n)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __reduce__(self):
+        return bytes, (self.n,)
+
+
 def test_cifar_strided_file_via_the_cli_is_one_line(tmp_path):
     root = write_fake_cifar(tmp_path / "data", n_train=10, n_test=5)
     with open(root / "test_batch", "wb") as f:

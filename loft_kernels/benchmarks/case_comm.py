@@ -31,7 +31,7 @@ def p7(cfg: Config) -> list[Result]:
     paper = PAPER_GPIPE[4] / PAPER_GPIPE[2]
     note = (f"{EPOCHS} epochs: GPipe-2 {cost[2].total_bytes / 1e9:.2f} GB (paper 131.88), "
             f"GPipe-4 {cost[4].total_bytes / 1e9:.2f} GB (paper 461.60)")
-    return [valued(P7[0], ours, paper, note=note,
+    return [valued(P7[0], ours, paper, unit="", note=note,
                    cuts={str(s): cost[s].details["cut_before"] for s in cost})]
 
 

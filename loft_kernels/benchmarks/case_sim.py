@@ -207,7 +207,7 @@ def _regret_row(cfg: Config) -> Result:
                               "regret": ratio})
                 if ratio > worst:
                     worst, where = ratio, f"S={workers} {c_in}->{c_out} k{k} s{stride} @{size}"
-    return valued(P8[3], worst, 1.0, note=f"{len(shapes)} distinct conv shapes x S = 2/4/8, batch {batch} per "
+    return valued(P8[3], worst, 1.0, unit="", note=f"{len(shapes)} distinct conv shapes x S = 2/4/8, batch {batch} per "
                                           f"worker, each re-timed {reps} times; worst at {where or 'none'}",
                   convs=table)
 
@@ -222,7 +222,8 @@ def _memory_row(cfg: Config) -> Result:
     total = lambda d: sum(d.values())  # noqa: E731
     note = ("(quick: width 0.25, batch 8) " if cfg.quick else "") + "; ".join(f"S={s}: " + ", ".join(f"{e} {total(v) / 2**20:.0f} MiB" for e, v in out[s].items())
                      for s in SIZES)
-    return valued(P8[4], total(out[4]["batched"]), total(out[4]["loop"]), note=note, bytes=out)
+    return valued(P8[4], total(out[4]["batched"]), total(out[4]["loop"]), unit="bytes", note=note,
+                  bytes=out)
 
 
 def _vmap_step(sim: LoftSimulator, groups, n: int, device, autocast=contextlib.nullcontext):

@@ -181,12 +181,12 @@ def p6(cfg: Config) -> list[Result]:
     else:
         w, s = memory["loft"], memory["sliced"]
         rows.append(valued(P6[3], w["gradients"] + w["optimizer_state"], s["gradients"] + s["optimizer_state"],
-                           note=f"parameters held: {w['parameters'] / 2**20:.1f} MiB compact + shared, "
+                           unit="bytes", note=f"parameters held: {w['parameters'] / 2**20:.1f} MiB compact + shared, "
                                 f"{w['masters'] / 2**20:.1f} MiB full-size masters; sliced "
                                 f"{s['parameters'] / 2**20:.1f} MiB; step peak (MiB) dense "
                                 f"{memory['dense']['peak'] / 2**20:.0f}, worker {w['peak'] / 2**20:.0f}, "
                                 f"sliced {s['peak'] / 2**20:.0f}", memory=memory))
-        rows.append(valued(P6[4], w["saved_activations"], s["saved_activations"],
+        rows.append(valued(P6[4], w["saved_activations"], s["saved_activations"], unit="bytes",
                            note=f"dense saves {memory['dense']['saved_activations'] / 2**20:.1f} MiB"))
     return rows
 

@@ -29,8 +29,9 @@ class Result:
     """One comparison: ratio = candidate / baseline (median over repetitions), goal: ratio <= limit.
 
     For P7 (a model against a published ratio) the goal is abs(ratio - 1) <= limit
-    (`within=True`) and the *_ms fields are None: the compared quantities are
-    the values in `candidate_value` / `baseline_value`.
+    (`within=True`). Rows that compare computed values rather than times (P6m,
+    P7, P8r, P8m) leave the *_ms fields None: the compared quantities are
+    `candidate_value` / `baseline_value`, in `unit`.
     """
     id: str
     name: str
@@ -45,6 +46,7 @@ class Result:
     backend: Optional[str] = None
     candidate_value: Optional[float] = None
     baseline_value: Optional[float] = None
+    unit: str = "ms"  # of the compared values: "ms" (the *_ms fields), "bytes" or "" (plain numbers, e.g. ratios)
     note: str = ""
     error: Optional[str] = None
     extra: dict = field(default_factory=dict)
@@ -84,12 +86,12 @@ def timed(spec: Spec, t: Timings, cand: str, base: str, *, scale: float = 1.0, b
                   met=judge(ratio, spec.limit), backend=backend, note=note, extra=dict(extra))
 
 
-def valued(spec: Spec, candidate: float, baseline: float, *, note: str = "", **extra) -> Result:
-    """A Result comparing two computed values (not times)."""
+def valued(spec: Spec, candidate: float, baseline: float, *, unit: str, note: str = "", **extra) -> Result:
+    """A Result comparing two computed values (not times), in `unit` ("bytes" or "" for plain numbers)."""
     ratio = candidate / baseline
     return Result(id=spec.id, name=spec.name, baseline=spec.baseline, candidate_ms=None, baseline_ms=None,
                   ratio=ratio, limit=spec.limit, goal=spec.goal, met=judge(ratio, spec.limit, spec.within),
-                  within=spec.within, candidate_value=candidate, baseline_value=baseline, note=note,
+                  within=spec.within, candidate_value=candidate, baseline_value=baseline, unit=unit, note=note,
                   extra=dict(extra))
 
 

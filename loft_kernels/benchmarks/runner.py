@@ -86,6 +86,17 @@ def _fmt(v, digits=2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _value(v, unit) -> str:
+    """A compared quantity with its unit (reports written before units were stored give none)."""
+    if v is None:
+        return "-"
+    if unit == "ms":
+        return f"{v:.2f} ms"
+    if unit == "bytes":
+        return f"{v / 2 ** 20:.1f} MiB"
+    return f"{v:.4f}"
+
+
 def _status(r: dict) -> str:
     if r.get("error"):
         return "ERROR"
@@ -94,13 +105,13 @@ def _status(r: dict) -> str:
 
 def format_table(report: dict) -> str:
     """The results as a markdown table (also what the runner prints)."""
-    lines = ["| id | candidate | baseline / limit | candidate ms | baseline ms | ratio | goal | status |",
+    lines = ["| id | candidate | baseline / limit | candidate | baseline | ratio | goal | status |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         if r.get("candidate_value") is not None:
-            cand, base = _fmt(r["candidate_value"], 4), _fmt(r["baseline_value"], 4)
+            cand, base = (_value(r["candidate_value"], r.get("unit")), _value(r["baseline_value"], r.get("unit")))
         else:
-            cand, base = _fmt(r["candidate_ms"]), _fmt(r["baseline_ms"])
+            cand, base = (_value(r["candidate_ms"], "ms"), _value(r["baseline_ms"], "ms"))
         name = r["name"] + (f" [{r['backend']}]" if r.get("backend") else "")
         lines.append(f"| {r['id']} | {name} | {r['baseline']} | {cand} | {base} | {_fmt(r['ratio'], 3)} | "
                      f"{r['goal']} | {_status(r)} |")

@@ -57,6 +57,8 @@ class _ArrayUnpickler(pickle.Unpickler):
             return np.dtype
         if (module, name) == ("_codecs", "encode"):  # how protocol 2 stores bytes under Python 3
             return _latin1
+        if (module, name) in (("__builtin__", "bytes"), ("builtins", "bytes")):  # ... and an empty bytes
+            return _empty_bytes
         if name == "_reconstruct" and module in self._REBUILDERS:
             return self._reconstruct
         if name == "_frombuffer" and module in self._FROMBUFFER:  # a view of bytes read from the file
@@ -94,6 +96,12 @@ def _latin1(text, encoding):
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
         raise pickle.UnpicklingError(f"_codecs.encode is only allowed for latin1 text, got {encoding!r}")
     return text.encode("latin1")
+
+
+def _empty_bytes(*args):
+    if args:  # bytes(n) would allocate n bytes the file never held
+        raise pickle.UnpicklingError("bytes(...) with arguments is not allowed in a CIFAR batch file")
+    return b""
 
 
 def _cifar_dir(data_dir, name: str) -> Path:

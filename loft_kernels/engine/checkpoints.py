@@ -17,7 +17,11 @@ def _trainer_state(trainer: Trainer, **position) -> dict:
     return {"trainer": trainer.state_dict(), "rng": rng_state(), **position}
 
 
-def _restore(trainer: Trainer, state: dict) -> None:
+def _restore(trainer: Trainer, state: dict, where: str, position: tuple) -> None:
+    missing = [k for k in ("trainer", "rng", *position) if k not in state]
+    if missing:  # e.g. a checkpoint of the same format written by another program (ElasticCheckpoint's own)
+        raise CheckpointError(f"{where} is not a checkpoint of a loft_kernels training run: it has no "
+                              f"{', '.join(map(repr, missing))}")
     trainer.load_state_dict(state["trainer"])
     set_rng_state(state["rng"])
 
@@ -35,7 +39,7 @@ def load_run(path, trainer: Trainer) -> tuple[int, dict]:
         raise FileNotFoundError(f"no checkpoint to resume from: {str(path)!r} does not exist") from None
     if not isinstance(state, dict) or state.get("format") != 1:
         raise CheckpointError(f"{str(path)!r} is not a loft_kernels run checkpoint")
-    _restore(trainer, state)
+    _restore(trainer, state, repr(str(path)), ("epoch", "extra"))
     return int(state["epoch"]), state["extra"]
 
 
@@ -66,7 +70,8 @@ class RunCheckpoints:
         if found is None:
             return None
         step, state = found
-        _restore(self.trainer, state)
+        _restore(self.trainer, state, f"the checkpoint set of step {step} in {str(self.elastic.directory)!r}",
+                 ("epoch", "batch", "partial", "extra"))
         return {"step": step, "epoch": state["epoch"], "batch": state["batch"], "partial": state["partial"],
                 "extra": state["extra"]}
 
