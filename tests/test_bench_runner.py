@@ -150,3 +150,17 @@ def test_gpu_check_orders_correct_backends_fastest_first_and_renders():
                                 "orders": gpu_check.orders(ops)})
     assert "| partial_conv2d | triton | 5.0e-01 | - | - | False | 0.100 | - |" in text
     assert "filter_stats: triton" in text and "pretend" in text
+
+
+def test_saved_bytes_counts_each_saved_tensor_once_and_two_slices_of_a_buffer_twice():
+    from loft_kernels.benchmarks.case_step import saved_bytes
+    x = torch.randn(10, requires_grad=True)
+
+    def slices():
+        a, b = x[:5], x[5:]
+        (a.sin() + b.sin()).sum()  # sin saves its input: the two halves, 20 bytes each
+
+    def twice():
+        (x.sin() + x.cos()).sum()  # x saved by both ops: one tensor
+    assert saved_bytes(slices) == 40
+    assert saved_bytes(twice) == 40

@@ -377,6 +377,8 @@ BAD = [
     (["pretrain", "--dataset", "digits", "--data-dir", "{tmp}"], "--data-dir: data_dir does not apply to dataset "
                                                                 "'digits' \\(it is embedded in scikit-learn\\)"),
     (["run", "--epochs", "10000000000", "--draw-at", "auto"], "--epochs must be <= 100000"),
+    (["pretrain", "--model", "vgg11", "--dataset", "synthetic"],
+     "--model vgg11 cannot run on --dataset synthetic's 1x8x8 images \\(Given input size"),
 ]
 
 

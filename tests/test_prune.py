@@ -186,6 +186,32 @@ def test_count_params_flops_by_hand():
     assert count_params_flops(model[:1], torch.randn(3, 5, 5))["flops"] == 2 * 100 * 27 + 100  # unbatched
 
 
+def test_count_flops_of_other_convolutions_and_attention_by_hand():
+    """1-D, 3-D and transposed convolutions and nn.MultiheadAttention (whose projections run as functions, not
+    through its out_proj module) are counted too, by the module docstring's rules."""
+    conv1d = nn.Conv1d(4, 6, 3, groups=2)  # in [2, 4, 10] -> out [2, 6, 8]: (4 / 2) * 3 MACs per output
+    assert count_params_flops(conv1d, torch.randn(2, 4, 10))["flops"] == 2 * 96 * 6 + 96
+    conv3d = nn.Conv3d(2, 3, 2, bias=False)  # in [1, 2, 3, 3, 3] -> out [1, 3, 2, 2, 2]: 2 * 8 MACs per output
+    assert count_params_flops(conv3d, torch.randn(1, 2, 3, 3, 3))["flops"] == 2 * 24 * 16
+    up = nn.ConvTranspose2d(4, 6, 3, stride=2)  # every input element meets 6 x 9 weights; out [1, 6, 9, 9]
+    assert count_params_flops(up, torch.randn(1, 4, 4, 4))["flops"] == 2 * 64 * 6 * 9 + 6 * 81
+
+    class Attend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True, kdim=4, vdim=6)
+
+        def forward(self, q, kv):
+            return self.attn(q, kv[..., :4], kv, need_weights=False)[0]
+    n, length, keys = 3, 5, 7  # queries of embedding 8, keys of 4 and values of 6 features
+    got = count_params_flops(Attend(), (torch.randn(n, length, 8), torch.randn(n, keys, 6)))["flops"]
+    q_tokens, k_tokens = n * length, n * keys
+    projections = 2 * q_tokens * 8 * 8 + 2 * k_tokens * 4 * 8 + 2 * k_tokens * 6 * 8 + (q_tokens + 2 * k_tokens) * 8
+    products = 2 * 2 * n * length * keys * 8
+    output = 2 * q_tokens * 8 * 8 + q_tokens * 8
+    assert got == projections + products + output
+
+
 def test_pruning_reduces_params_flops_and_speedup_is_measured():
     model, x = _net(c1=16, c2=16), torch.randn(2, 3, 8, 8)
     groups = [dataclasses.replace(GROUPS[0], n=16), dataclasses.replace(GROUPS[1], n=16)]

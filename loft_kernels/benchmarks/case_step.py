@@ -88,7 +88,8 @@ def saved_bytes(run) -> int:
     saved, seen = [0], set()
 
     def pack(t):
-        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        # the same tensor saved twice counts once; two slices of one buffer are two tensors
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), t.stride())
         if key not in seen:
             seen.add(key)
             saved[0] += t.numel() * t.element_size()

@@ -261,8 +261,13 @@ def make_spec(args, dataset, *, workers: int = 1, workers_option: str = "--worke
     spec = engine.model_spec(args.model, dataset, width=args.width, policy=args.policy, include=include,
                              exclude=exclude)
     check_model_fits(spec, f"--width {args.width:g}")
+    from ..training.discovery import ExampleInputError
     try:
         model, groups = engine.build_model(spec)
+    except ExampleInputError as e:  # the model's own forward failed on this dataset's images
+        size = "x".join(map(str, dataset.train_x.shape[1:]))
+        raise CLIError(f"--model {args.model} cannot run on --dataset {dataset.name}'s {size} images "
+                       f"({str(e.__cause__ or e)}); choose another --model or --dataset") from None
     except (ValueError, TypeError) as e:
         raise CLIError(f"--model {args.model} with --policy {args.policy}: {e}") from None
     except (MemoryError, RuntimeError) as e:  # fits the machine on paper, not in the memory free now

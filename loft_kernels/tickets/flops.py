@@ -1,17 +1,25 @@
 """Cost of a model: parameters, FLOPs of one forward pass, and measured inference speedup.
 
 FLOP convention (inference, one forward of the given input, whole batch):
-a multiply-add is 2 FLOPs. Conv2d: 2 * out.numel() * (C_in / groups) * kh * kw,
-plus out.numel() for the bias. Linear: 2 * out.numel() * in_features, plus
-out.numel() for the bias. BatchNorm: 2 * numel (folded into one scale and one
-shift per element). Activations, pooling and adds are not counted (they are
-the same before and after pruning up to the channel count and small beside
-the convolutions). Counted from the shapes each layer actually sees, so a
-Loft layer running a subset of its filters is counted for that subset.
+a multiply-add is 2 FLOPs. Convolution (1-, 2- or 3-D): 2 * out.numel() *
+(C_in / groups) * kernel size, plus out.numel() for the bias; a transposed
+one: 2 * in.numel() * (C_out / groups) * kernel size, plus out.numel(). Linear:
+2 * out.numel() * in_features, plus out.numel() for the bias.
+nn.MultiheadAttention: its query, key, value and output projections as Linear
+layers, plus 2 * 2 * L * S * E for the attention scores and their weighted
+sum (L queries and S keys per sample, embedding E). BatchNorm: 2 * numel
+(folded into one scale and one shift per element). Activations, pooling,
+softmax and adds are not counted (they are the same before and after pruning
+up to the channel count and small beside the convolutions). Layers are
+counted through module hooks, so a convolution or linear map called as a
+function (F.conv2d, torch.matmul) in a forward is not. Counted from the shapes
+each layer actually sees, so a Loft layer running a subset of its filters is
+counted for that subset.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
 
@@ -54,10 +62,13 @@ def count_params_flops(model: nn.Module, example_input) -> dict[str, int]:
     total = [0]
 
     def conv(m, args, out):
-        x = args[0]
-        # x's channels (not m.in_channels: an active Loft layer convolves a subset); dim -3 also when unbatched
-        per_out = (x.shape[-3] // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        total[0] += 2 * out.numel() * per_out + (out.numel() if m.bias is not None else 0)
+        x, dims = args[0], len(m.kernel_size)
+        # x's channels (not m.in_channels: an active Loft layer convolves a subset), also when unbatched
+        if m.transposed:
+            work = x.numel() * (out.shape[-dims - 1] // m.groups)
+        else:
+            work = out.numel() * (x.shape[-dims - 1] // m.groups)
+        total[0] += 2 * work * math.prod(m.kernel_size) + (out.numel() if m.bias is not None else 0)
 
     def linear(m, args, out):
         total[0] += 2 * out.numel() * args[0].shape[-1] + (out.numel() if m.bias is not None else 0)
@@ -65,8 +76,22 @@ def count_params_flops(model: nn.Module, example_input) -> dict[str, int]:
     def norm(m, args, out):
         total[0] += 2 * out.numel()
 
-    kinds = ((nn.Conv2d, conv), (nn.Linear, linear), (nn.modules.batchnorm._BatchNorm, norm))
-    handles = [m.register_forward_hook(hook) for m in model.modules() for kind, hook in kinds if isinstance(m, kind)]
+    def attention(m, args, kwargs, out):
+        named = dict(zip(("query", "key", "value"), args), **kwargs)
+        q, k = named["query"], named["key"]  # the values have as many tokens as the keys
+        e = m.embed_dim
+        queries, keys = q.numel() // e, k.numel() // m.kdim  # over the whole batch
+        samples = 1 if q.dim() == 2 else q.shape[0 if m.batch_first else 1]
+        bias = m.in_proj_bias is not None
+        total[0] += (2 * queries * e * e + 2 * keys * (m.kdim + m.vdim) * e  # query, key, value projections
+                     + (queries + 2 * keys) * e * bias
+                     + 2 * 2 * queries * (keys // samples) * e  # scores and their weighted sum
+                     + 2 * queries * e * e + queries * e * (m.out_proj.bias is not None))  # output projection
+
+    hooks = ((nn.modules.conv._ConvNd, conv), (nn.Linear, linear), (nn.modules.batchnorm._BatchNorm, norm))
+    handles = [m.register_forward_hook(hook) for m in model.modules() for kind, hook in hooks if isinstance(m, kind)]
+    handles += [m.register_forward_hook(attention, with_kwargs=True) for m in model.modules()
+                if isinstance(m, nn.MultiheadAttention)]
     try:
         with _eval_no_grad(model):
             model(*inputs)
