@@ -76,25 +76,30 @@ def masked_setup(shapes: Sequence[ConvShape], device):
     return setup
 
 
-def sliced_setup(shapes: Sequence[ConvShape], device, groups: int = 1):
+def sliced_setup(shapes: Sequence[ConvShape], device, groups: int = 1, side: str = "out"):
     """The floor of the partial convs: `groups` convs (each its own batch) on physically sliced weights (1/4 of
-    the filters each, own leaves), forward + backward, the weight gradients then written into one full-size
-    tensor (the partial ops' contract: a full-size gradient, zero outside the selected rows)."""
+    the filters each, or with side="in" 1/4 of the input channels, own leaves), forward + backward, the weight
+    gradients then written into one full-size tensor (the partial ops' contract: a full-size gradient, zero
+    outside the selected rows or columns)."""
+    dim = 0 if side == "out" else 1
+
     def setup():
         args = []
         for s in shapes:
-            idx = disjoint_subsets(s.c_out, WORKERS, device)[:groups]
-            xs = [leaf(BATCH, s.c_in, s.size, s.size, device=device) for _ in range(groups)]
-            ws = [leaf(idx.shape[1], s.c_in, s.kernel, s.kernel, device=device) for _ in range(groups)]
-            gs = [torch.randn(BATCH, idx.shape[1], s.size, s.size, device=device) for _ in range(groups)]
+            idx = disjoint_subsets(s.c_out if side == "out" else s.c_in, WORKERS, device)[:groups]
+            c_in, c_out = (s.c_in, idx.shape[1]) if side == "out" else (idx.shape[1], s.c_out)
+            out = (s.size + 2 * s.padding - s.kernel) // s.stride + 1
+            xs = [leaf(BATCH, c_in, s.size, s.size, device=device) for _ in range(groups)]
+            ws = [leaf(c_out, c_in, s.kernel, s.kernel, device=device) for _ in range(groups)]
+            gs = [torch.randn(BATCH, c_out, out, out, device=device) for _ in range(groups)]
             args.append((xs, ws, gs, idx, s))
 
         def run():
             for xs, ws, gs, idx, s in args:
                 full = torch.zeros(s.c_out, s.c_in, s.kernel, s.kernel, device=device)
-                for x, w, g, rows in zip(xs, ws, gs, idx):
+                for x, w, g, chosen in zip(xs, ws, gs, idx):
                     _, gw = _grad(F.conv2d(x, w, None, s.stride, s.padding), (x, w), g)
-                    full.index_add_(0, rows, gw)
+                    full.index_add_(dim, chosen, gw)
         return run
     return setup
 
