@@ -164,3 +164,13 @@ def test_saved_bytes_counts_each_saved_tensor_once_and_two_slices_of_a_buffer_tw
         (x.sin() + x.cos()).sum()  # x saved by both ops: one tensor
     assert saved_bytes(slices) == 40
     assert saved_bytes(twice) == 40
+
+
+def test_the_microbenchmarks_run():
+    """Every pytest-benchmark microbenchmark in bench/ runs once (timing disabled): the suite cannot rot."""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                        str(root / "bench")], capture_output=True, text=True, cwd=root,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout
