@@ -570,6 +570,12 @@ def test_resume_from_a_checkpoint_of_another_program_is_a_user_error(capsys, tmp
     assert "is not a checkpoint of a loft_kernels training run: it has no 'trainer'" in err, err
 
 
+def test_a_diverging_pretraining_is_one_line(capsys, tmp_path):
+    rc, _, err = cli(capsys, "pretrain", *TINY, "--epochs", "1", "--lr", "1e12", "--out", tmp_path / "o", "--quiet")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "snapshot 1: the weights of group" in err and "the training diverged" in err
+
+
 def test_missing_optional_dependency_names_the_extra(capsys, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)

@@ -168,3 +168,45 @@ def test_bad_input():
         FilterTracker(model, [GROUPS[0], dataclasses.replace(GROUPS[1], name="a")])
     with pytest.raises(TypeError, match="state must be a dict"):
         tracker.load_state_dict([1])
+
+
+def _two_groups():
+    """Groups of 5 and 15 filters (conv a -> b -> c)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 5, 1), nn.ReLU(), nn.Conv2d(5, 15, 1), nn.ReLU(), nn.Conv2d(15, 2, 1))
+    return model, lk.find_filter_groups(model, torch.randn(1, 1, 2, 2))
+
+
+def test_a_model_level_mask_distance_of_exactly_one_tenth_fires_a_one_tenth_criterion():
+    """2 of 20 filters differing is float32(0.1) exactly (it was summed from rounded per-group distances)."""
+    model, groups = _two_groups()
+    tracker = FilterTracker(model, groups)
+    with torch.no_grad():
+        model[2].weight.copy_(torch.arange(1.0, 16.0).view(15, 1, 1, 1))  # distinct norms: a clear ranking
+        for tag in range(4):
+            tracker.snapshot(tag)
+        model[2].weight[[6, 7]] = model[2].weight[[7, 6]].clone()  # filters 6 and 7 swap across the cut
+        tracker.snapshot(4)
+    m = tracker.mask_distance_matrix(0.5, reduce=True)
+    per_group = tracker.mask_distance_matrix(0.5)
+    assert per_group[1, 4, 3] == torch.tensor(2 / 15, dtype=torch.float32)
+    assert m[4, 3] == torch.tensor(0.1, dtype=torch.float32)
+    assert lk.detect_emergence(tracker, "mask", ratio=0.5) == 4
+
+
+def test_a_diverged_snapshot_is_refused_by_name():
+    model, groups = _two_groups()
+    tracker = FilterTracker(model, groups)
+    tracker.snapshot(0)
+    with torch.no_grad():
+        model[2].weight[3] = float("nan")
+    with pytest.raises(lk.tickets.TrainingDiverged, match="snapshot 1: the weights of group '2' hold NaN"):
+        tracker.snapshot(1)
+    assert tracker.tags == [0]  # the tracker stays usable
+    assert tracker.footrule_matrix(reduce=True).shape == (1, 1)
+
+
+@pytest.mark.parametrize("n, ratio, pruned", [(100, 0.29, 29), (10, 0.3, 3), (1, 0.999, 0), (1, 1 - 1e-9, 0),
+                                              (7, 1 - 1e-10, 6), (10, 0.29999999995, 2), (96, 0.93, 89)])
+def test_pruned_count_is_the_floor_of_the_decimal_ratio(n, ratio, pruned):
+    assert lk.pruned_count(n, ratio) == pruned

@@ -25,6 +25,7 @@ from ..ops import (
     mask_distance_matrix,
     pack_rows,
     partial_conv2d,
+    pruned_count,
     unpack_rows,
 )
 from .shapes import BATCH, ConvShape, conv_snapshot, group_sizes
@@ -234,7 +235,7 @@ def mask_distance_setup(device, how: str = "op", ratio: float = 0.5):
         s = scores(device)
         if how == "op":
             return lambda: mask_distance_matrix(s, ratio)
-        keep = [t.shape[1] - int(math.floor(ratio * t.shape[1] + 1e-9)) for t in s]
+        keep = [t.shape[1] - pruned_count(t.shape[1], ratio) for t in s]
         return lambda: reference.mask_distance_matrix(s, keep)
     return setup
 

@@ -15,6 +15,7 @@ import sys
 from .._argparse import Parser
 from .._optional import missing_message
 from ..io import CheckpointError
+from ..tickets.tracker import TrainingDiverged
 from ._common import CLIError
 
 _COMMANDS = ("pretrain", "prune", "finetune", "distance", "groups", "run", "bench")
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         command, run = (argv[0] if argv else "loft"), (lambda: _parse_and_run(argv))
     try:
         return int(run() or 0)
-    except (CLIError, CheckpointError) as e:  # raised where user input (options, files) is validated
+    except (CLIError, CheckpointError, TrainingDiverged) as e:  # user input (options, files), or settings that
+        # made the training diverge
         print(f"loft {command}: error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:  # an optional dependency (plots, digits) that is not installed

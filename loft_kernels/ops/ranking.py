@@ -7,6 +7,7 @@ score; ties go to the lower filter index.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -16,15 +17,14 @@ from ..backends import dispatch
 
 
 def pruned_count(n: int, ratio: float) -> int:
-    """How many of n filters a pruning ratio removes: floor(ratio * n).
+    """How many of n filters a pruning ratio removes: floor(ratio * n), with the ratio read as the decimal it
+    prints as (0.29 * 100 is 28.999... in binary floating point and must prune 29; 1 - 1e-10 of 7 is 6).
 
-    The small tolerance keeps decimal ratios exact (0.29 * 100 is 28.999... in
-    binary floating point and must prune 29). Every part of the library that
-    turns a ratio into a count calls this.
+    Every part of the library that turns a ratio into a count calls this.
     """
     n = C.non_negative_int(n, "n")
     ratio = C.ratio(ratio)
-    return min(n, int(math.floor(ratio * n + 1e-9)))
+    return math.floor(Fraction(repr(float(ratio))) * n)  # repr: the shortest decimal that reads back as ratio
 
 
 @torch.library.custom_op("loft_kernels::footrule_matrix", mutates_args=())

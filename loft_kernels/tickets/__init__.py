@@ -11,7 +11,7 @@ from .emergence import detect_emergence
 from .flops import count_params_flops, inference_speedup
 from .prune import group_scores, prune, select_filters, slice_state_dict
 from .rewind import rewind
-from .tracker import DistanceSeries, FilterTracker
+from .tracker import DistanceSeries, FilterTracker, TrainingDiverged
 
-__all__ = ["FilterTracker", "DistanceSeries", "detect_emergence", "prune", "group_scores", "select_filters",
+__all__ = ["FilterTracker", "DistanceSeries", "TrainingDiverged", "detect_emergence", "prune", "group_scores", "select_filters",
            "slice_state_dict", "rewind", "count_params_flops", "inference_speedup", "draw"]

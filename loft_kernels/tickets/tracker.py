@@ -20,6 +20,10 @@ class DistanceSeries:
     per_group: dict[str, Tensor]  # group name -> [T] float32
 
 
+class TrainingDiverged(ValueError):
+    """A snapshot found NaN or infinite weights: the training it tracks has diverged."""
+
+
 def _check_tag(tag, name: str = "tag"):
     # Plain ints/strs keep state_dict weights_only-loadable and tags printable.
     if isinstance(tag, bool) or not isinstance(tag, (numbers.Integral, str)):
@@ -65,6 +69,10 @@ class FilterTracker:
         with _groups.full_view(self._model):  # a LoFT worker mid-round holds compact blocks
             resolved = _groups.resolve(self._model, self._groups)
             norms = filter_norms([r.producer.weight for r in resolved])
+        for g, s in zip(self._groups, norms):
+            if not bool(torch.isfinite(s).all()):  # later ranking distances could not use the snapshot
+                raise TrainingDiverged(f"snapshot {tag!r}: the weights of group {g.name!r} hold NaN or infinite "
+                                       f"values (the training diverged; a lower learning rate may help)")
         for per_group, s in zip(self._scores, norms):
             per_group.append(s.detach().to("cpu", torch.float32))
         self._tags.append(tag)
@@ -120,16 +128,17 @@ class FilterTracker:
         """
         ratio = C.ratio(ratio)
         # A group that runs through grouped convs keeps its top filters per conv group (as `select_filters` draws
-        # the ticket): each conv group's mask is one of the op's, the group's distance their mean (equal sizes).
+        # the ticket): each conv group's mask is one of the op's. Distances are summed as counts of differing
+        # filters, so that 2 of 20 is exactly float32(0.1), as the criterion's threshold test expects.
         blocks = [(i, h[:, b * g.block_size:(b + 1) * g.block_size].contiguous())
                   for i, (g, h) in enumerate(zip(self._groups, self.score_history())) for b in range(g.conv_groups)]
         per_block = mask_distance_matrix([h for _, h in blocks], ratio)
+        sizes = torch.tensor([h.shape[1] for _, h in blocks], dtype=torch.float64)
+        differing = (per_block.double() * sizes[:, None, None]).round()
         owner = torch.tensor([i for i, _ in blocks])
-        m = torch.stack([per_block[owner == i].mean(0) for i in range(len(self._groups))])
         if not _bool(reduce, "reduce"):
-            return m
-        sizes = torch.tensor([g.n for g in self._groups], dtype=torch.float64)
-        return ((m.double() * sizes[:, None, None]).sum(0) / sizes.sum()).float()
+            return torch.stack([(differing[owner == i].sum(0) / g.n).float() for i, g in enumerate(self._groups)])
+        return (differing.sum(0) / sizes.sum()).float()
 
     # ------------------------------------------------------------ checkpoint ----
     def state_dict(self) -> dict:
