@@ -4,8 +4,8 @@ Subcommands: pretrain, prune, finetune, distance, groups, run (the main job), be
 `loft <subcommand> --help` documents each. User errors (bad values, missing
 or unreadable files, unknown names, an unusable --out) print one
 `loft <subcommand>: error: ...` line and exit with status 2, before anything
-is written to --out where they can be found up front. Everything else is a bug
-and keeps its traceback.
+is written to --out where they can be found up front; so does a training whose
+settings made it diverge. Everything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
