@@ -69,7 +69,7 @@ def index(value, name: str, size: int, device: torch.device, *, ndim: int = 1, d
                                                                          and _is_fake(value)):
         # Range and duplicate checks read the values (a host sync and a graph break);
         # inside a compiled graph, and for meta/fake tensors (no values), only the static checks above apply.
-        return value.long()
+        return value.long().contiguous()
     value = value.long()
     rows = value.reshape(-1, value.shape[-1])
     # A partial conv's index set is a few hundred entries: reading them as Python ints costs a few
@@ -95,12 +95,18 @@ def index(value, name: str, size: int, device: torch.device, *, ndim: int = 1, d
     return value.contiguous()
 
 
-def index_values_in_op(value, name: str, size: int, *, ndim: int = 1) -> None:
-    """Range and duplicate checks inside a custom op's CPU kernel, where the public function's checks may not
-    have run: in a compiled graph (they need the values, so tracing skips them) and for a direct
-    `torch.ops.loft_kernels` call. On a GPU they would cost a host sync per call, so there they do not run."""
-    if value is not None and value.device.type == "cpu":
-        index(value, name, size, value.device, ndim=ndim)
+def index_in_op(value, name: str, size: int, *, ndim: int = 1):
+    """An index as a custom op's kernel receives it, where the public function's checks may not have run (in a
+    compiled graph, which cannot read values while tracing, and for a direct `torch.ops.loft_kernels` call):
+    int64 and contiguous, as the kernels read it, with its range and duplicates checked on a CPU (on a GPU that
+    would cost a host sync per call, so there only its shape is)."""
+    if value is None:
+        return None
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
+    if value.device.type == "cpu":
+        return index(value, name, size, value.device, ndim=ndim)
+    return value.long().contiguous()
 
 
 def pair(value, name: str, *, minimum: int) -> tuple[int, int]:

@@ -118,3 +118,30 @@ def test_internal_overlap_matches_counting_offsets(shape, strides):
     t = torch.zeros(64).as_strided(shape, strides)
     offsets = [sum(i * s for i, s in zip(ix, strides)) for ix in itertools.product(*map(range, shape))]
     assert has_internal_overlap(t) == (len(set(offsets)) < len(offsets))
+
+
+def test_unpack_rows_refuses_a_flat_or_an_index_that_shares_memory_with_a_destination(backend, device):
+    """The kernels would read what they have already written (an index read while its own storage is written
+    crashed the cpu backend; a flat overlapping its destination wrote already-overwritten rows)."""
+    t = torch.zeros(4, dtype=torch.int64, device=device)
+    t[0], t[1] = 1, 2
+    with pytest.raises(ValueError, match=r"indices\[0\] shares memory with tensors\[0\]"):
+        lk.unpack_rows(torch.tensor([10 ** 12, 7], device=device), [t], [t[:2]], [0])
+    dst = torch.arange(12.0, device=device).view(4, 3)
+    with pytest.raises(ValueError, match=r"flat shares memory with tensors\[0\]"):
+        lk.unpack_rows(dst.view(-1)[0:6], [dst], [torch.tensor([1, 2], device=device)], [0])
+
+
+def test_unpack_rows_into_overlapping_tensors_of_different_storages_writes_as_a_loop(backend, device):
+    """Two tensors over one numpy array have different storages but share memory: written one after another."""
+    np = pytest.importorskip("numpy")
+    if device.type != "cpu":
+        pytest.skip("numpy arrays live on the CPU")
+    arr = np.zeros((4, 3, 4))
+    a, b = torch.from_numpy(arr), torch.from_numpy(arr[:, :, 1:3])
+    flat = torch.arange(1.0, 19.0, dtype=torch.float64)
+    lk.unpack_rows(flat, [a, b], [torch.tensor([0]), torch.tensor([1])], [0, 0])
+    expected = torch.zeros(4, 3, 4, dtype=torch.float64)
+    expected[0] = flat[:12].view(3, 4)
+    expected[1, :, 1:3] = flat[12:].view(3, 2)
+    assert torch.equal(a, expected)

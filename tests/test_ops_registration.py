@@ -223,3 +223,18 @@ def test_torch_jit_script_says_the_loft_layers_are_not_scriptable():
     for layer in (lk.LoftConv2d(3, 4, 3), lk.LoftLinear(3, 4), lk.LoftBatchNorm2d(4)):
         with pytest.raises(RuntimeError, match=f"{type(layer).__name__} cannot be compiled by torch.jit.script"):
             torch.jit.script(torch.nn.Sequential(layer))
+
+
+def test_the_custom_ops_check_the_bias_and_take_any_valid_index_layout():
+    """What the public functions check and normalise, the ops do too (a direct torch.ops call, a compiled graph):
+    a short bias was read past its end; a strided or int32 index was refused with a 2-D shape in the message."""
+    x, w = torch.randn(2, 3, 7, 7), torch.randn(6, 5, 3, 3)
+    with pytest.raises(ValueError, match="bias must have 6 entries"):
+        ops.partial_conv2d(torch.randn(1, 5, 4, 4), torch.zeros(6, 5, 3, 3), torch.arange(100.0)[:2],
+                           torch.tensor([5, 3]), None, [1, 1], [0, 0], [1, 1], 1)
+    rows, cols = torch.tensor([4, 9, 0, 9, 2])[::2], torch.tensor([3, 1, 0], dtype=torch.int32)
+    expected = torch.nn.functional.conv2d(x, w[[4, 0, 2]][:, [3, 1, 0]], padding=1)
+    torch.testing.assert_close(ops.partial_conv2d(x, w, None, rows, cols, [1, 1], [1, 1], [1, 1], 1), expected)
+    compiled = torch.compile(lambda x, w, r, c: lk.partial_conv2d(x, w, None, padding=1, out_index=r, in_index=c),
+                             backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, w, rows, cols), expected)

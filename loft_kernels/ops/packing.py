@@ -23,13 +23,12 @@ def _packed_numel(tensors, indices, dims) -> int:
 
 @torch.library.custom_op("loft_kernels::pack_rows", mutates_args=())
 def _pack_op(tensors: list[Tensor], indices: list[Tensor], dims: list[int]) -> Tensor:
-    _check_values(tensors, indices, dims)
+    indices = _check_values(tensors, indices, dims)
     return dispatch("pack_rows", tensors[0], tensors, indices, dims)
 
 
-def _check_values(tensors, indices, dims) -> None:
-    for k, (t, i, d) in enumerate(zip(tensors, indices, dims)):
-        C.index_values_in_op(i, f"indices[{k}]", t.shape[d])
+def _check_values(tensors, indices, dims) -> list:
+    return [C.index_in_op(i, f"indices[{k}]", t.shape[d]) for k, (t, i, d) in enumerate(zip(tensors, indices, dims))]
 
 
 @_pack_op.register_fake
@@ -39,7 +38,7 @@ def _(tensors, indices, dims):
 
 @torch.library.custom_op("loft_kernels::unpack_rows", mutates_args=("tensors",))
 def _unpack_op(flat: Tensor, tensors: list[Tensor], indices: list[Tensor], dims: list[int]) -> None:
-    _check_values(tensors, indices, dims)
+    indices = _check_values(tensors, indices, dims)
     dispatch("unpack_rows", tensors[0], flat, tensors, indices, dims)
 
 
@@ -82,7 +81,13 @@ def pack_rows(tensors: list[Tensor], indices: list[Tensor], dims: Optional[list[
 
 
 def unpack_rows(flat: Tensor, tensors: list[Tensor], indices: list[Tensor], dims: Optional[list[int]] = None) -> None:
-    """Write a `pack_rows` buffer back into the tensors in place (outside autograd)."""
+    """Write a `pack_rows` buffer back into the tensors in place (outside autograd).
+
+    `flat` and the indices must not share memory with the tensors written (the
+    kernels would read what they have already overwritten); the tensors may
+    share memory with one another (they are then written one after another).
+    """
+    _refuse_reads_of_written_memory(flat, tensors, indices)
     tensors, indices, dims = _check(tensors, indices, dims)
     for i, t in enumerate(tensors):
         C.writable(t, f"tensors[{i}]")
@@ -107,8 +112,33 @@ def unpack_rows(flat: Tensor, tensors: list[Tensor], indices: list[Tensor], dims
         start += n
 
 
+def _extent(t: Tensor) -> Optional[tuple[int, int]]:
+    """The [start, end) byte range a tensor's elements lie in (None if it has none)."""
+    if not isinstance(t, Tensor) or t.numel() == 0 or t.device.type == "meta":
+        return None
+    span = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (span + 1) * t.element_size()
+
+
+def _overlap(a, b) -> bool:
+    return a is not None and b is not None and a[0] < b[1] and b[0] < a[1]
+
+
+def _refuse_reads_of_written_memory(flat, tensors, indices) -> None:
+    if torch.compiler.is_compiling() or not isinstance(tensors, (list, tuple)) or \
+            not isinstance(indices, (list, tuple)):  # no memory to compare while tracing; bad lists: _check says
+        return
+    written = [(k, _extent(t)) for k, t in enumerate(tensors)]
+    for what, source in [("flat", _extent(flat))] + [(f"indices[{k}]", _extent(i)) for k, i in enumerate(indices)]:
+        hit = next((k for k, e in written if _overlap(source, e)), None)
+        if hit is not None:
+            raise ValueError(f"{what} shares memory with tensors[{hit}], which unpack_rows writes: pass a copy "
+                             f"({what}.clone())")
+
+
 def _share_memory(tensors) -> bool:
-    if torch.compiler.is_compiling():  # no storages to compare while tracing
+    """Whether any two tensors' memory ranges overlap (views of one storage, or of one numpy array)."""
+    if torch.compiler.is_compiling():  # no memory to compare while tracing
         return False
-    storages = [t.untyped_storage().data_ptr() for t in tensors if t.numel()]
-    return len(set(storages)) < len(storages)
+    extents = [e for e in map(_extent, tensors) if e is not None]
+    return any(_overlap(a, b) for k, a in enumerate(extents) for b in extents[k + 1:])

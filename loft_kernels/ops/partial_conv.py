@@ -30,6 +30,15 @@ def _empty(ref: Tensor) -> Tensor:
     return ref.new_empty(0)
 
 
+def _op_indices(weight, bias, out_index, in_index, ndim: int):
+    """What the kernels may assume, checked inside the custom ops (a compiled graph or a direct torch.ops call
+    skips the public functions' checks): a bias of one entry per filter, int64 contiguous indices in range."""
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"bias must have {weight.shape[0]} entries (weight.shape[0]), got shape {tuple(bias.shape)}")
+    return (C.index_in_op(out_index, "out_index", weight.shape[0], ndim=ndim),
+            C.index_in_op(in_index, "in_index", weight.shape[1], ndim=ndim))
+
+
 # ---------------------------------------------------------------- single ----
 # The custom ops return contiguous tensors, whatever the layout of x and the weight (a channels-last x gives a
 # channels-last convolution): their fake kernels say so, and a compiled graph (Inductor plans the strides of an
@@ -38,8 +47,7 @@ def _empty(ref: Tensor) -> Tensor:
 def _partial_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: Optional[Tensor],
                        in_index: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
                        groups: int) -> Tensor:
-    C.index_values_in_op(out_index, "out_index", weight.shape[0])
-    C.index_values_in_op(in_index, "in_index", weight.shape[1])
+    out_index, in_index = _op_indices(weight, bias, out_index, in_index, 1)
     y = dispatch("partial_conv2d", x, x, weight, bias, out_index, in_index,
                  tuple(stride), tuple(padding), tuple(dilation), groups)
     return y.contiguous()
@@ -58,6 +66,7 @@ def _partial_conv2d_backward_op(grad: Tensor, x: Tensor, weight: Tensor, out_ind
                                 in_index: Optional[Tensor], has_bias: bool, stride: list[int], padding: list[int],
                                 dilation: list[int], groups: int, need_input: bool,
                                 need_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
+    out_index, in_index = _op_indices(weight, None, out_index, in_index, 1)
     gx, gw, gb = dispatch("partial_conv2d_backward", x, grad, x, weight, out_index, in_index, has_bias,
                           tuple(stride), tuple(padding), tuple(dilation), groups, need_input, need_weight)
     return _backward_result(x, gx, gw, gb, need_input, need_weight, has_bias)
@@ -104,8 +113,7 @@ _partial_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("loft_kernels::grouped_partial_conv2d", mutates_args=())
 def _grouped_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], out_index: Optional[Tensor],
                 in_index: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int]) -> Tensor:
-    C.index_values_in_op(out_index, "out_index", weight.shape[0], ndim=2)
-    C.index_values_in_op(in_index, "in_index", weight.shape[1], ndim=2)
+    out_index, in_index = _op_indices(weight, bias, out_index, in_index, 2)
     return dispatch("grouped_partial_conv2d", x, x, weight, bias, out_index, in_index,
                     tuple(stride), tuple(padding), tuple(dilation)).contiguous()
 
@@ -122,6 +130,7 @@ def _(x, weight, bias, out_index, in_index, stride, padding, dilation):
 def _grouped_backward_op(grad: Tensor, x: Tensor, weight: Tensor, out_index: Optional[Tensor],
                          in_index: Optional[Tensor], has_bias: bool, stride: list[int], padding: list[int],
                          dilation: list[int], need_input: bool, need_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
+    out_index, in_index = _op_indices(weight, None, out_index, in_index, 2)
     gx, gw, gb = dispatch("grouped_partial_conv2d_backward", x, grad, x, weight, out_index, in_index, has_bias,
                           tuple(stride), tuple(padding), tuple(dilation), need_input, need_weight)
     return _backward_result(x, gx, gw, gb, need_input, need_weight, has_bias)
