@@ -52,6 +52,44 @@ def test_simulator_matches_reference(model_name, opt_name, workers, state):
             assert torch.equal(idx, parts[name][r])
 
 
+def _decay_matrices_only(params):
+    """The usual recipe: weight decay on weight matrices and kernels (ndim > 1), none on biases and norms."""
+    params = list(params)
+    return torch.optim.SGD([{"params": [p for p in params if p.ndim > 1], "weight_decay": 0.5},
+                            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=0.05)
+
+
+@pytest.mark.parametrize("factory, state", [(_decay_matrices_only, "reset"),
+                                            (lambda ps: torch.optim.Adagrad(ps, lr=0.05), "keep"),
+                                            (lambda ps: torch.optim.Adagrad(ps, lr=0.05), "reset")],
+                         ids=["groups-by-ndim", "adagrad-keep", "adagrad-reset"])
+def test_the_optimizer_factory_sees_every_parameter_with_its_shape(factory, state):
+    """The simulator builds each worker's optimizer on parameters of their real shapes: a factory that groups by
+    ndim decays the partitioned weights too (they were empty placeholders, so it did not), and Adagrad, which sizes
+    its state in __init__, trains (it failed with an IndexError)."""
+    model, groups = MODELS["vgg"]()
+    assert_simulator_matches_reference(model, groups, factory, 2, 3, 7, state, 6)
+
+
+class _Scaled(torch.nn.Module):
+    """A VGG whose logits a scalar parameter scales (a temperature)."""
+
+    def __init__(self):
+        super().__init__()
+        self.vgg, self.scale = lk.vgg(width=0.1, num_classes=5), torch.nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.vgg(x) * self.scale
+
+
+def test_state_keep_with_a_scalar_parameter():
+    """Adam's step counter of a 0-dim parameter has the parameter's shape: it was taken for per-element state and
+    the keep policy refused the group at the first sync."""
+    torch.manual_seed(0)
+    model, groups = lk.convert(_Scaled(), torch.randn(2, 3, 8, 8))
+    assert_simulator_matches_reference(model, groups, OPTIMIZERS["adam"], 2, 3, 7, "keep", 6)
+
+
 def test_simulator_model_is_dense_and_evaluates_as_full_model():
     model, groups = MODELS["preact"]()
     lk.nn.to_loft_layers(model, groups)  # Loft layers, whose active sets the simulator leaves clear

@@ -28,7 +28,10 @@ schedule.
 
 Optimizer state across rounds (`state`): "reset" clears it at every sync (the
 official code); "keep" hands each filter's state to its next owner (it rides in
-the sync's all_gather) and averages the shared parameters' state.
+the sync's all_gather) and averages the shared parameters' state. Its layout is
+fixed at the first sync, so under "keep" every parameter the optimizer holds
+must have received a gradient by then (freeze one the loss never uses, or leave
+it out of the optimizer); the sync refuses otherwise.
 
 With one worker (no process group and torch.distributed not initialised) the
 wrapper is the base optimizer exactly.

@@ -123,13 +123,16 @@ class RoundState:
                     continue
                 shaped, _ = split_state(self.base.state.get(p, {}), p.shape)
                 keys[id(p)] = sorted((k, v.dtype) for k, v in shaped.items())
+                if p.dim() == 0:  # a scalar parameter's scalar counters (Adam's step) look parameter-shaped too
+                    continue
                 got = [k for k, _ in keys[id(p)]]
                 if ref is None:
                     ref = got
                 elif got != ref:
                     raise RuntimeError(f"state='keep': parameters of one param group hold different optimizer "
-                                       f"state ({ref} and {got}); every parameter must receive a gradient "
-                                       f"before the first sync")
+                                       f"state ({ref} and {got}); every parameter the optimizer holds must "
+                                       f"receive a gradient before the first sync (freeze one the loss does "
+                                       f"not use, or leave it out of the optimizer)")
         for pid, k in keys.items():
             if pid in names:
                 out[names[pid]] = k

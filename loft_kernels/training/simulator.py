@@ -371,9 +371,12 @@ def _scalar(loss) -> Tensor:
 
 
 def _copy_without(model: nn.Module, skip) -> nn.Module:
-    """A deep copy of `model` in which the tensors in `skip` become empty placeholders (no full-size copy)."""
+    """A deep copy of `model` in which the tensors in `skip` (the masters) are not copied but aliased: the
+    optimizer factory sees every parameter with its real shape (a rule such as "decay where p.ndim > 1", an
+    optimizer that sizes its state in __init__), and the worker model then cuts its blocks from the masters
+    without writing to them."""
     memo = {}
     for t in skip:
-        empty = t.new_empty(0)
-        memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+        alias = t.detach()
+        memo[id(t)] = nn.Parameter(alias, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else alias
     return copy.deepcopy(model, memo)
