@@ -219,6 +219,7 @@ def test_grouped_op_takes_an_empty_batch_like_the_single_op():
     assert torch.equal(w.grad, torch.zeros_like(w))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_torch_jit_script_says_the_loft_layers_are_not_scriptable():
     for layer in (lk.LoftConv2d(3, 4, 3), lk.LoftLinear(3, 4), lk.LoftBatchNorm2d(4)):
         with pytest.raises(RuntimeError, match=f"{type(layer).__name__} cannot be compiled by torch.jit.script"):
