@@ -37,21 +37,22 @@ def test_device_class_is_a_file_name_key():
     assert choice.device_class("NVIDIA A100-SXM4-80GB") == "nvidia-a100-sxm4-80gb"
 
 
-def test_without_a_stored_result_every_op_runs_on_the_cuda_backend(fake_gpu):
+def test_without_a_stored_result_every_op_runs_on_the_reference(fake_gpu):
+    """A kernel that has never run on a GPU class is never its default: not the CUDA kernels, not Triton's."""
     for op in table.OPS:
-        assert backends.select(op.name, CUDA, torch.float32)[0] == "cuda", op.name
+        assert backends.select(op.name, CUDA, torch.float32)[0] == "torch", op.name
     chosen = backends.backend_choices(CUDA)
     assert set(chosen) == set(table.public_ops())
     for public, (name, why) in chosen.items():
-        assert name == "cuda"
-        assert "no GPU check result for fake-gpu-9000" in why and "never an unmeasured Triton kernel" in why
+        assert name == "torch"
+        assert "no GPU check result for fake-gpu-9000" in why and "never a kernel that has not run" in why
 
 
 def test_a_stored_result_orders_the_backends_per_op(fake_gpu):
     orders = {p: ["cuda", "torch"] for p in table.public_ops()}
     orders["filter_stats"] = ["triton", "cuda"]
     orders["footrule_matrix"] = []  # no kernel backend passed: the reference
-    fake_gpu.write_text(json.dumps({"date": "2026-11-30", "orders": orders}))
+    fake_gpu.write_text(json.dumps({"date": "2026-11-30", "orders": orders, "sources": choice.kernel_sources()}))
     assert backends.select("filter_stats", CUDA, torch.float32)[0] == "triton"
     assert backends.select("partial_conv2d_backward", CUDA, torch.float32)[0] == "cuda"
     assert backends.select("footrule_matrix", CUDA, torch.float32)[0] == "torch"
@@ -61,18 +62,24 @@ def test_a_stored_result_orders_the_backends_per_op(fake_gpu):
 
 
 def test_a_measured_backend_that_is_missing_falls_back_to_the_next(fake_gpu, monkeypatch):
-    fake_gpu.write_text(json.dumps({"orders": {"filter_norms": ["triton", "cuda"]}}))
+    fake_gpu.write_text(json.dumps({"orders": {"filter_norms": ["triton", "cuda"]},
+                                    "sources": choice.kernel_sources()}))
     monkeypatch.setitem(backends._reasons, "triton", "pretend triton is broken")
     monkeypatch.setattr(backends, "_warned", set())
     with pytest.warns(RuntimeWarning, match="pretend triton is broken"):
         assert backends.select("filter_norms", CUDA, torch.float32)[0] == "cuda"
 
 
-def test_an_unreadable_stored_result_counts_as_none(fake_gpu):
-    fake_gpu.write_text("{not json")
-    assert backends.select("pack_rows", CUDA, torch.float32)[0] == "cuda"
-    fake_gpu.write_text(json.dumps({"orders": "nonsense"}))
-    assert backends.select("pack_rows", CUDA, torch.float32)[0] == "cuda"
+def test_an_unreadable_malformed_or_stale_stored_result_counts_as_none(fake_gpu):
+    sources = choice.kernel_sources()
+    for content in ("{not json", json.dumps({"orders": "nonsense", "sources": sources}),
+                    json.dumps({"orders": {"pack_rows": None}, "sources": sources}),
+                    json.dumps({"orders": {"pack_rows": ["cuda", "bogus"]}, "sources": sources}),
+                    json.dumps({"orders": {"pack_rows": ["cuda"]}}),  # measured on unknown kernel sources
+                    json.dumps({"orders": {"pack_rows": ["cuda"]}, "sources": "0" * 16})):  # on other sources
+        fake_gpu.write_text(content)
+        assert backends.select("pack_rows", CUDA, torch.float32)[0] == "torch", content
+    assert "measured other kernel sources" in backends.backend_choices(CUDA)["pack_rows"][1]
 
 
 def test_choices_on_cpu_say_why():

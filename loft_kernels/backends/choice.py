@@ -1,22 +1,22 @@
 """The automatic backend choice on CUDA devices: only what the GPU check measured.
 
 A kernel path that has never run on a GPU class is never its default. Without
-a stored GPU check result for the device class, every op runs on the `cuda`
-backend: the convolutions through the cuDNN-based path (the arithmetic is
-ATen's/cuDNN's; the backend only gathers and scatters the weight slice) and
-the other ops through the CUDA kernels, whose arithmetic is shared with, and
-tested through, the CPU build. The Triton kernels (tested only in Triton's
-CPU interpreter until a GPU check passes them) are never the default then.
+a stored GPU check result for the device class, every op runs on the `torch`
+backend (plain PyTorch: ATen's and cuDNN's kernels, which PyTorch tests on
+GPUs); the package's own CUDA and Triton kernels (compiled and run in CI only
+on the CPU side, the Triton ones in its interpreter) are not used.
 
 With a stored result (`gpu-check-<device class>/summary.json`, written by
 `bash bench/gpu_check.sh` into bench/results/, or under the directory in
 LOFT_KERNELS_GPU_RESULTS), each op takes its backends in the measured order:
-fastest first, among those that matched the float64 reference in every dtype.
-`torch` closes every order: it is the reference itself.
+fastest first, among those that matched the float64 reference in every dtype,
+`torch` included; `torch` closes every order. A result measured on other
+kernel sources than the installed ones (`kernel_sources()`) counts as none.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -28,7 +28,8 @@ from . import table
 
 RESULTS_ENV = "LOFT_KERNELS_GPU_RESULTS"
 _REPO_RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
-UNMEASURED_ORDER = ("cuda", "torch")
+UNMEASURED_ORDER = ("torch",)
+_BACKENDS = ("cuda", "triton", "torch")
 
 
 def device_class(name: str) -> str:
@@ -55,12 +56,34 @@ def result_path(cls: str) -> Path:
 
 
 def _load(path: Path) -> dict | None:
+    """The stored result if it is well formed: orders maps op names to lists of backend names."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     orders = data.get("orders") if isinstance(data, dict) else None
-    return data if isinstance(orders, dict) else None
+    if not isinstance(orders, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) and all(b in _BACKENDS for b in v) for k, v in orders.items()):
+        return None
+    return data
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_sources() -> str:
+    """A hash of the package's GPU kernel sources (CUDA, host side, headers, Triton): a GPU check result
+    describes the kernels it measured, and no others."""
+    from .. import _ext
+    h = hashlib.sha256()
+    roots = [(Path(__file__).resolve().parent, ["cuda.py", "triton/*.py"])]
+    if _ext.source_root() is not None:
+        roots.append((_ext.source_root(), ["cuda/*", "host/*", "include/**/*.h"]))
+    for root, patterns in roots:
+        for pattern in patterns:
+            for path in sorted(root.glob(pattern)):
+                if path.is_file():
+                    h.update(str(path.relative_to(root)).encode())
+                    h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 _cache: dict[Path, tuple[float, dict | None]] = {}
@@ -88,8 +111,13 @@ def order_for(public: str, cls: str) -> tuple[tuple[str, ...], str]:
     """(backends to try in order, why) for a public op on a device class."""
     stored = stored_result(cls)
     if stored is None:
-        return UNMEASURED_ORDER, (f"no GPU check result for {cls} ({result_path(cls)}): the cuda backend "
-                                  f"(cuDNN-based convolutions, CUDA kernels), never an unmeasured Triton kernel")
+        return UNMEASURED_ORDER, (f"no GPU check result for {cls} ({result_path(cls)}): the plain-PyTorch "
+                                  f"reference, never a kernel that has not run on this GPU class "
+                                  f"(bash bench/gpu_check.sh measures them)")
+    if stored.get("sources") != kernel_sources():
+        return UNMEASURED_ORDER, (f"the GPU check result for {cls} measured other kernel sources than the "
+                                  f"installed ones: the plain-PyTorch reference until bash bench/gpu_check.sh "
+                                  f"measures these")
     measured = [b for b in stored["orders"].get(public, []) if b in ("cuda", "triton", "torch")]
     if not measured:
         return ("torch",), f"the GPU check of {cls} found no correct kernel backend for {public}: the reference"
