@@ -11,6 +11,7 @@ batch. The GPU check (loft_kernels.benchmarks.gpu_check) runs the same checks.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
@@ -139,10 +140,25 @@ def _inputs(make, seed, dtype, device):
     return fn, [t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for t in inputs]
 
 
+@contextlib.contextmanager
+def full_float32():
+    """TF32 off for the block: on an Ampere or newer GPU a float32 convolution or matmul otherwise rounds its
+    inputs to 10 mantissa bits (errors of ~3e-4), which no float32 tolerance should have to absorb."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled,
+                                        benchmark=torch.backends.cudnn.benchmark,
+                                        deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
 def accuracy(name: str, backend: str, device: torch.device, dtype=torch.float32, seed: int = 0) -> float:
-    """Error of `backend` in `dtype` against the float64 reference on the same rounded inputs."""
+    """Error of `backend` in `dtype` against the float64 reference on the same rounded inputs (TF32 off)."""
     fn, inputs = _inputs(CHECKS[name], seed, dtype, device)
-    with use_backend(backend):
+    with use_backend(backend), full_float32():
         got = fn(*inputs)
     with use_backend("torch"):
         want = fn(*[t.double() for t in inputs])

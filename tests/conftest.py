@@ -4,6 +4,7 @@ Triton kernels run on CPU tensors only in the numpy interpreter, so the
 interpreter is switched on for the whole session when no GPU is present
 (before anything asks the backend registry whether triton is usable).
 Measured execution choices go to a temporary directory, never the user's cache.
+On a GPU, TF32 is switched off for the session.
 """
 import atexit
 import functools
@@ -15,6 +16,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:  # float32 means float32 in the comparisons with float64 references (TF32 rounds inputs to 10 bits)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 os.environ["LOFT_KERNELS_CACHE_DIR"] = tempfile.mkdtemp(prefix="loft_kernels_test_cache_")
 atexit.register(functools.partial(shutil.rmtree, os.environ["LOFT_KERNELS_CACHE_DIR"], ignore_errors=True))
 

@@ -174,3 +174,34 @@ def test_the_microbenchmarks_run():
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and " failed" not in r.stdout
+
+
+def test_gpu_check_keeps_what_it_measured_and_the_last_choice_when_it_measures_nothing(monkeypatch, tmp_path):
+    """The GPU check's bookkeeping, with the GPU faked: the summary is rewritten after every part, a backend whose
+    timing failed is no choice, the reference is ordered by its own time, `chosen` comes from this run, a run
+    that skips the ops keeps the previous choice, and an unknown --skip part is refused."""
+    from loft_kernels.benchmarks import gpu_check
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU 9000")
+    seen = []
+
+    def fake_ops(folder, deadline):
+        seen.append(json.loads((folder / "summary.json").read_text())["parts"])  # written after the build
+        return {"filter_norms": {"cuda": {"error": {"fp32": 0.0}, "correct": True, "ms": 2.0, "torch_ms": 1.0},
+                                 "triton": {"error": {"fp32": 0.0}, "correct": False, "failed": "RuntimeError"},
+                                 "torch": {"error": {"fp32": 0.0}, "correct": True}}}
+    monkeypatch.setattr(gpu_check, "_ops_in_subprocesses", fake_ops)
+    monkeypatch.setattr(gpu_check, "training_smoke", lambda device, deadline: {"dense": {"steps": 0}})
+    out = tmp_path / "check"
+    assert gpu_check.main(["--out", str(out), "--skip", "build,pytest,bench"]) == 0
+    first = json.loads((out / "summary.json").read_text())
+    assert seen and seen[0]["build"] == "skipped (--skip)"
+    assert first["orders"] == {"filter_norms": ["torch", "cuda"]}  # the reference was faster: first
+    assert first["chosen"] == {"filter_norms": "torch"} and first["sources"]
+    assert gpu_check.main(["--out", str(out), "--skip", "build,ops,pytest,bench,training"]) == 0
+    second = json.loads((out / "summary.json").read_text())
+    assert second["orders"] == first["orders"] and second["orders_from"] == first["date"]
+    with pytest.raises(SystemExit) as e:
+        gpu_check.main(["--out", str(out), "--skip", "opz"])
+    assert e.value.code == 2

@@ -6,7 +6,9 @@ on a machine with a CUDA GPU, its preinstalled torch and no network:
    otherwise the `cuda` backend is reported unavailable and the rest runs);
 2. every public op x GPU backend (cuda, triton, torch) in fp32/fp16/bf16
    against the float64 reference on the same inputs (the self-check's inputs
-   and tolerances), and the fp32 time of each, interleaved with the reference;
+   and tolerances, TF32 off), and the fp32 time of each, interleaved with the
+   reference; one process per backend, so that a CUDA fault costs that
+   backend's rows only;
 3. the GPU tests of the suite (pytest, backends cuda and triton);
 4. `loft bench --device cuda --quick` on every case;
 5. a training smoke run of PreActResNet-18 on random data with autocast:
@@ -15,11 +17,14 @@ on a machine with a CUDA GPU, its preinstalled torch and no network:
    loft_kernels.backends.choice reads from then on).
 Results: bench/results/gpu-check-<device class>/ (or --out). Each part has a
 time budget so the whole run stays under 8 minutes; a part that runs out of
-time or fails is recorded as such and the others still run. Without a GPU it
-prints one line and exits 0.
+time or fails is recorded as such and the others still run; summary.json is
+rewritten after every part. A run that measures no op (ops skipped or failed)
+keeps the previous run's choice in the folder. Without a GPU it prints one
+line and exits 0.
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -49,19 +54,26 @@ def _run(cmd: list[str], timeout: float, log: Path) -> dict:
                               env={**os.environ, "PYTHONPATH": str(REPO)})
         rc, out = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as exc:
-        rc, out = "timeout", f"{(exc.stdout or b'')!s}\n{(exc.stderr or b'')!s}\nTIMEOUT after {timeout:.0f} s"
+        rc, out = "timeout", f"{_text(exc.stdout)}\n{_text(exc.stderr)}\nTIMEOUT after {timeout:.0f} s"
     atomic_write_text(out, log)
     return {"cmd": " ".join(cmd), "rc": rc, "seconds": round(time.perf_counter() - start, 1), "log": log.name}
 
 
-def check_ops(device: torch.device, deadline: float, repeats: int = 10) -> dict:
+def _text(output) -> str:
+    """A subprocess's captured output as text (a timeout hands it over as bytes)."""
+    if isinstance(output, bytes):
+        return output.decode(errors="replace")
+    return output or ""
+
+
+def check_ops(device: torch.device, deadline: float, repeats: int = 10, backends=GPU_BACKENDS) -> dict:
     """{op: {backend: {"error": {dtype: e}, "correct": bool, "ms": fp32 time, "torch_ms": ...}}}."""
     from .. import selfcheck
     from ..backends import table, unavailable_reason
     out = {}
     for public in table.public_ops():
         out[public] = {}
-        for backend in GPU_BACKENDS:
+        for backend in backends:
             row = out[public][backend] = {"error": {}, "correct": False}
             reason = unavailable_reason(backend)
             if reason is not None:
@@ -72,20 +84,26 @@ def check_ops(device: torch.device, deadline: float, repeats: int = 10) -> dict:
                     if time.perf_counter() > deadline:
                         raise TimeoutError("the ops part ran out of its time budget")
                     row["error"][key] = selfcheck.accuracy(public, backend, device, dtype)
-                row["correct"] = all(row["error"][k] <= selfcheck.TOLERANCE[d] for k, d in DTYPES.items())
+                correct = all(row["error"][k] <= selfcheck.TOLERANCE[d] for k, d in DTYPES.items())
                 if backend != "torch" and time.perf_counter() < deadline:
                     row.update(selfcheck.speed(public, backend, device, repeats))
+                row["correct"] = correct  # only once its timing ran too: a backend that fails there is no choice
             except Exception as exc:  # a failing backend is a finding, not the end of the check
                 row["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
     return out
 
 
 def orders(ops: dict) -> dict:
-    """Per op, the correct backends fastest first (the reference last: it is the yardstick, never timed)."""
+    """Per op, the correct backends fastest first, the reference by its own time (measured interleaved with each
+    kernel backend; the median of those), or last where it was not timed."""
     result = {}
     for public, rows in ops.items():
         timed = [(r.get("ms", float("inf")), b) for b, r in rows.items() if b != "torch" and r["correct"]]
-        result[public] = [b for _, b in sorted(timed)] + (["torch"] if rows["torch"]["correct"] else [])
+        reference = rows.get("torch", {})
+        if reference.get("correct"):
+            times = [r["torch_ms"] for b, r in rows.items() if b != "torch" and "torch_ms" in r]
+            timed.append((statistics.median(times) if times else float("inf"), "~torch"))  # ties: torch last
+        result[public] = [b.lstrip("~") for _, b in sorted(timed)]
     return result
 
 
@@ -122,6 +140,7 @@ def training_smoke(device: torch.device, deadline: float, steps: int = 200) -> d
 
             def step():
                 return sim.step([batch() for _ in range(4)], F.cross_entropy)
+        torch.cuda.empty_cache()  # the previous mode's model and optimizer are gone: peak memory is this mode's
         torch.cuda.reset_peak_memory_stats(device)
         times, losses = [], []
         for i in range(steps):
@@ -133,11 +152,15 @@ def training_smoke(device: torch.device, deadline: float, steps: int = 200) -> d
                 losses.append(step()[0])
             torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
-        out[mode] = {"steps": len(times), "autocast": str(dtype),
-                     "median_step_ms": 1e3 * statistics.median(times[5:] or times),
-                     "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20,
-                     "first_loss": losses[0], "last_loss": losses[-1],
-                     "finite": all(v == v and abs(v) != float("inf") for v in losses)}
+        if not times:
+            out[mode] = {"steps": 0, "note": "no step within the part's time budget"}
+        else:
+            out[mode] = {"steps": len(times), "autocast": str(dtype),
+                         "median_step_ms": 1e3 * statistics.median(times[5:] or times),
+                         "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20,
+                         "first_loss": losses[0], "last_loss": losses[-1],
+                         "finite": all(v == v and abs(v) != float("inf") for v in losses)}
+        model = step = opt = sim = None  # noqa: F841 (dropped: the next mode's peak memory is its own)
     return out
 
 
@@ -158,27 +181,72 @@ def _markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ops_in_subprocesses(folder: Path, deadline: float) -> dict:
+    """check_ops, one process per backend: a CUDA fault (an illegal address poisons its process's context) costs
+    that backend's rows only, not the reference's or the other parts'."""
+    out: dict = {}
+    share = max(1.0, deadline - time.perf_counter()) / len(GPU_BACKENDS)
+    for backend in GPU_BACKENDS:
+        result = folder / f"ops-{backend}.json"
+        run = _run([sys.executable, "-m", "loft_kernels.benchmarks.gpu_check", "--ops-backend", backend,
+                    "--out", str(folder), "--budget", f"{share:.0f}"], share + 10, folder / f"ops-{backend}.txt")
+        try:
+            rows = json.loads(result.read_text())
+        except (OSError, ValueError):
+            rows = {}
+        for public in rows or {}:
+            out.setdefault(public, {})[backend] = rows[public][backend]
+        if not rows:  # the process died or ran out of time: every op failed on this backend
+            from ..backends import table
+            for public in table.public_ops():
+                out.setdefault(public, {})[backend] = {"error": {}, "correct": False,
+                                                       "failed": f"its process ended with {run['rc']} "
+                                                                 f"(ops-{backend}.txt)"}
+    return out
+
+
+def _previous(folder: Path) -> dict:
+    try:
+        data = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m loft_kernels.benchmarks.gpu_check", description=__doc__.split("\n")[0])
     p.add_argument("--out", help="results folder (default: bench/results/gpu-check-<device class>)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: " + ",".join(BUDGET_S))
+    p.add_argument("--ops-backend", choices=GPU_BACKENDS, help=argparse.SUPPRESS)  # one backend's ops part
+    p.add_argument("--budget", type=float, default=BUDGET_S["ops"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if skip - set(BUDGET_S):
+        p.error(f"--skip: unknown part(s) {sorted(skip - set(BUDGET_S))}; the parts are {','.join(BUDGET_S)}")
     if not torch.cuda.is_available():
         print(f"gpu_check: no CUDA GPU here (torch {torch.__version__}, CUDA {torch.version.cuda}); nothing to check")
         return 0
-    from ..backends import backend_choices, choice
+    from ..backends import choice
     start, device = time.perf_counter(), torch.device("cuda", torch.cuda.current_device())
     name = torch.cuda.get_device_name(device)
     folder = Path(args.out) if args.out else choice.result_folder(choice.device_class(name))
     folder.mkdir(parents=True, exist_ok=True)
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.ops_backend:
+        rows = check_ops(device, start + args.budget, backends=(args.ops_backend,))
+        atomic_write_text(json.dumps(rows, indent=2) + "\n", folder / f"ops-{args.ops_backend}.json")
+        return 0
+    previous = _previous(folder)
     summary = {"device": name, "device_class": choice.device_class(name), "torch": torch.__version__,
                "cuda": torch.version.cuda, "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               "parts": {}}
+               "sources": choice.kernel_sources(), "parts": {}}
+
+    def save() -> None:  # after every part: a run cut short keeps what it measured
+        atomic_write_text(json.dumps(summary, indent=2) + "\n", folder / "summary.json")
 
     def part(key, fn):
         if key in skip:
             summary["parts"][key] = "skipped (--skip)"
+            save()
             return None
         t0 = time.perf_counter()
         print(f"gpu_check: {key} ...", flush=True)
@@ -190,15 +258,25 @@ def main(argv: list[str] | None = None) -> int:
             summary["parts"][key] = f"failed: {type(exc).__name__}: {exc}"
             atomic_write_text(traceback.format_exc(), folder / f"{key}-error.txt")
             return None
+        finally:
+            save()
 
     py = sys.executable
     summary["build"] = part("build", lambda d: _run([py, "-m", "loft_kernels._ext"], BUDGET_S["build"],
                                                      folder / "build.txt"))
-    if not summary["build"] or summary["build"]["rc"] != 0:
+    if "build" not in skip and (not summary["build"] or summary["build"]["rc"] != 0):
         from .. import _ext  # no second, in-process attempt at a build that failed or ran out of time
         os.environ[_ext.ENV_DISABLE] = "1"
-    summary["ops"] = part("ops", lambda d: check_ops(device, d)) or {}
-    summary["orders"] = orders(summary["ops"]) if summary["ops"] else {}
+    summary["ops"] = part("ops", lambda d: _ops_in_subprocesses(folder, d)) or {}
+    if summary["ops"]:
+        summary["orders"] = orders(summary["ops"])
+    elif previous.get("orders") is not None:  # nothing measured now: the last measured choice stands
+        for key in ("ops", "orders", "sources"):
+            summary[key] = previous.get(key)
+        summary["orders_from"] = previous.get("orders_from") or previous.get("date")
+    else:
+        summary["orders"] = {}
+    save()
     summary["pytest"] = part("pytest", lambda d: _run(
         [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/", "-k", "cuda or triton or gpu"],
         BUDGET_S["pytest"], folder / "pytest.txt"))
@@ -206,11 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         [py, "-m", "loft_kernels.benchmarks", "--device", "cuda", "--quick", "--no-store", "--json",
          str(folder / "bench.json")], BUDGET_S["bench"], folder / "bench.txt"))
     summary["training"] = part("training", lambda d: training_smoke(device, d))
-    atomic_write_text(json.dumps(summary, indent=2) + "\n", folder / "summary.json")
-    chosen = backend_choices(device)  # reads the summary just written
-    summary["chosen"] = {k: {"backend": b, "why": w} for k, (b, w) in chosen.items()}
+    # What the automatic choice takes from this summary (where it is read from, or from --out if moved there).
+    summary["chosen"] = {k: (v[0] if v else "torch") for k, v in summary["orders"].items()}
     summary["wall_s"] = round(time.perf_counter() - start, 1)
-    atomic_write_text(json.dumps(summary, indent=2) + "\n", folder / "summary.json")
+    save()
     atomic_write_text(_markdown(summary), folder / "summary.md")
     print(_markdown(summary))
     print(f"gpu_check: wrote {folder} in {summary['wall_s']} s")
