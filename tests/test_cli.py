@@ -576,6 +576,16 @@ def test_a_diverging_pretraining_is_one_line(capsys, tmp_path):
     assert "snapshot 1: the weights of group" in err and "the training diverged" in err
 
 
+def test_a_diverging_fine_tuning_is_one_line(capsys, tmp_path, pretrained):
+    """A NaN fine-tuning loss was reported as a ticket at chance accuracy, exit 0, with a bare NaN in its JSON."""
+    assert cli(capsys, "prune", "--checkpoint", pretrained, "--ratio", "0.5", "--speed-repeats", "0",
+               "--out", tmp_path / "p", "--quiet")[0] == 0
+    rc, _, err = cli(capsys, "finetune", "--ticket", tmp_path / "p", "--dataset", "synthetic", "--epochs", "1",
+                     "--lr", "1e12", "--batch-size", "32", "--out", tmp_path / "f", "--quiet")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "fine-tuning epoch 1: the training loss is nan" in err and not (tmp_path / "f" / "summary.json").exists()
+
+
 def test_missing_optional_dependency_names_the_extra(capsys, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)

@@ -147,7 +147,7 @@ def test_emergence_savings_count_sample_steps():
     assert save == {"epochs_saved": 3, "train_seconds_saved": 6.0, "comm_bytes_saved": 30,
                     "ticket_acc_change": pytest.approx(-0.4), "sample_steps_saved": 3000, "sample_steps_total": 8000}
     line = report.format_savings(d)[0]
-    assert "saves 3.0 epochs, 3k sample-steps (38 % of the pretraining)" in line
+    assert "saves 3.0 epochs, 3,000 sample-steps (38 % of the pretraining)" in line
 
 
 def test_global_batch_split_and_fine_tuning_weight_decay(tmp_path):
@@ -205,3 +205,39 @@ def test_loft_budget_updates_excludes_a_global_batch_split(capsys, tmp_path):
                "--out", str(tmp_path / "job")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "--loft-budget updates with --batch-split global" in err
+
+
+def _hand_report(methods, controls=("random-filters",), seeds=(0, 1)):
+    def seed(v):
+        return {"no_prune": 90.0, "ticket": {"0.5": v, "0.9": v - 5}, "comm_bytes": 0,
+                "emerged_epoch": {"footrule": 1, "mask": None}}
+    results = {m: {s: seed(85.0 + i + s) for s in seeds} for i, m in enumerate(methods)}
+    ctl = {c: {s: {"ticket": {"0.5": 80.0, "0.9": 70.0 + s}} for s in seeds} for c in controls}
+    return report.build_report("digits", list(seeds), results, ctl)
+
+
+def test_a_job_without_other_methods_or_without_dense_says_what_it_cannot_compare(tmp_path):
+    """Only dense: no method was compared with it (all([]) used to say every method matched). Without dense:
+    no verdict, said in words, and the random-filter control is described as drawn from the method that ran."""
+    alone = _hand_report(["dense"])
+    assert alone["discrimination"]["methods_match_reference"] is None
+    report.write_report(tmp_path / "alone", alone)
+    text = (tmp_path / "alone" / "report.md").read_text()
+    assert "no other method ran to compare with dense" in text and "every method's ticket is within" not in text
+    assert "from the dense-pretrained weights" in text and "initial-weights (" not in text  # the one control run
+    loft = _hand_report(["loft-2"], controls=("initial-weights", "random-filters"))
+    assert loft["discrimination"] is None
+    report.write_report(tmp_path / "loft", loft)
+    text = (tmp_path / "loft" / "report.md").read_text()
+    assert "no verdict: the job did not pretrain dense" in text
+    assert "from the loft-2-pretrained weights" in text and "dense-pretrained" not in text
+
+
+def test_listed_draw_points_are_labelled_in_dense_epochs():
+    """Under --loft-budget updates LoFT-2 draws at its epochs 2 and 4 for --draw-at 1,2: the columns must be dense
+    epochs 1 and 2, beside dense's own (they were labelled 'epoch 2' and 'epoch 4')."""
+    from loft_kernels.cli.run_summary import draw_points
+    loft2 = {"drawn_at": {"0": 90.0, "2": 91.0, "4": 92.0}, "epoch_scale": 2}
+    dense = {"drawn_at": {"0": 90.0, "1": 93.0, "2": 94.0}}
+    assert draw_points(loft2, auto=False) == {"epoch 0": 0, "epoch 1": 2, "epoch 2": 4}
+    assert list(draw_points(dense, auto=False)) == list(draw_points(loft2, auto=False))

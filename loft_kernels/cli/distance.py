@@ -16,7 +16,7 @@ from .. import engine, report
 from ..io import CheckpointError, atomic_write_text
 from ..tickets import FilterTracker
 from . import _common as U
-from .pretrain import add_emergence_args, emergence_options
+from .pretrain import add_emergence_args, emerged_words, emergence_options
 
 HELP = "filter-ranking distances (footrule, Early-Bird mask) of a pretraining run, and emergence epochs"
 
@@ -89,5 +89,5 @@ def run(args) -> int:
     if not args.quiet:
         for r in rows:
             print(f"epoch {r['epoch']:>3}: F to reference {r['footrule_to_reference']:8.3f}")
-        print(f"ticket emerged: footrule at epoch {found['footrule']}, mask at epoch {found['mask']}")
+        print(f"ticket emerged: {emerged_words(found)}")
     return 0

@@ -56,6 +56,11 @@ def add_loft_args(p: argparse.ArgumentParser) -> None:
     add_emergence_args(g)
 
 
+def emerged_words(found: dict) -> str:
+    """"footrule at epoch 4, mask: not fired" for {"footrule": 4, "mask": None}."""
+    return ", ".join(f"{c} at epoch {e}" if e is not None else f"{c}: not fired" for c, e in found.items())
+
+
 def add_emergence_args(g) -> None:
     """The emergence criteria's settings (`g`: a parser or an argument group)."""
     g.add_argument("--mask-ratio", type=U.finite_float, default=0.5,
@@ -211,8 +216,7 @@ def _print_summary(s: dict, *, quiet: bool) -> None:
         return
     print(f"pretrained {s['method']} for {s['epochs_run']} epochs in {s['seconds']:.1f}s: "
           f"test acc {s['final']['test_acc']:.2f}%")
-    print(f"ticket emerged: footrule at epoch {s['emerged_epoch']['footrule']}, "
-          f"mask at epoch {s['emerged_epoch']['mask']}")
+    print(f"ticket emerged: {emerged_words(s['emerged_epoch'])}")
     if s["stop_at_emergence"]:
         print(f"stopped at emergence ({s['stop_at_emergence']}): saved {s['epochs_saved']} epochs, "
               f"~{s['seconds_saved']:.1f}s")

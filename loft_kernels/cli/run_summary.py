@@ -30,10 +30,12 @@ def _mean(xs):
 
 
 def draw_points(r: dict, auto: bool) -> dict:
-    """label -> epoch of one seed's drawn tickets: initial/footrule/mask/end (auto) or 'epoch e'."""
+    """label -> epoch of one seed's drawn tickets: initial/footrule/mask/end (auto) or 'epoch d', d counted in
+    dense epochs as --draw-at counts them (LoFT-S under --loft-budget updates draws at its epoch S * d)."""
     epochs = sorted(int(e) for e in r["drawn_at"])
     if not auto:
-        return {f"epoch {e}": e for e in epochs}
+        scale = r.get("epoch_scale", 1)
+        return {f"epoch {e / scale:g}": e for e in epochs}
     end = len(r["loss_curve"])
     return {"initial weights": 0, "footrule emergence": r["emerged_epoch"]["footrule"],
             "mask emergence": r["emerged_epoch"]["mask"], "end of pretraining": end}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -10,6 +11,7 @@ from torch import nn
 
 from ..data import Dataset
 from ..io import atomic_write_text
+from ..tickets.tracker import TrainingDiverged
 from .checkpoints import RunCheckpoints, write_metrics
 from .config import TrainConfig
 from .loop import fit
@@ -43,6 +45,9 @@ def finetune_run(out, *, model: nn.Module, spec: dict, groups, kept: dict, ratio
     def on_epoch(epoch: int, hist: list) -> bool:
         done["history"] = hist
         write_metrics(out, hist)
+        if not math.isfinite(hist[-1]["train_loss"]):  # before a checkpoint a resume would start from
+            raise TrainingDiverged(f"fine-tuning epoch {epoch}: the training loss is {hist[-1]['train_loss']} "
+                                   f"(the training diverged; a lower learning rate may help)")
         ckpts.save(epoch=epoch, batch=0, partial=None, extra={"history": hist})
         if log is not None:
             log(f"fine-tune epoch {epoch}/{cfg.epochs}: loss {hist[-1]['train_loss']:.4f}  "

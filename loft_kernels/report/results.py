@@ -177,7 +177,9 @@ def discrimination(report: Mapping, settings: Mapping | None = None) -> dict | N
                         "controls": beat, "methods": match}
     return {"settings": cfg, "ratios": top, "per_ratio": per_ratio,
             "pretraining_matters": all(c["beaten"] for r in per_ratio.values() for c in r["controls"].values()),
-            "methods_match_reference": all(m["within"] for r in per_ratio.values() for m in r["methods"].values())}
+            # None when the job ran no method besides the reference: nothing was compared
+            "methods_match_reference": all(m["within"] for r in per_ratio.values() for m in r["methods"].values())
+            if len(report["methods"]) > 1 else None}
 
 
 def _check_controls(report: Mapping) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..io import atomic_write_text
-from .results import CRITERIA, spread, ticket_stats, validate_report
+from .results import CRITERIA, DISCRIMINATION, spread, ticket_stats, validate_report
 
 
 def _fmt_bytes(n) -> str:
@@ -94,8 +94,10 @@ def format_discrimination(d: Mapping | None) -> list[str]:
     lines.append(f"- verdict at {', '.join(f'{float(k) * 100:g} %' for k in d['ratios'])}: pretraining "
                  + ("matters (the pretrained ticket beats every control)" if d["pretraining_matters"] else
                     "is not shown to matter (some control is not beaten)")
-                 + "; " + ("every method's ticket is within " if d["methods_match_reference"] else
-                           "not every method's ticket is within ") + f"{cfg['within']:g} point of {cfg['reference']}'s")
+                 + "; " + (f"no other method ran to compare with {cfg['reference']}"
+                           if d["methods_match_reference"] is None else
+                           ("every method's ticket is within " if d["methods_match_reference"] else
+                            "not every method's ticket is within ") + f"{cfg['within']:g} point of {cfg['reference']}'s"))
     return lines
 
 
@@ -155,9 +157,12 @@ def format_savings(draws: Mapping) -> list[str]:
                 lines.append(f"- {name}, {crit} criterion: did not fire for any seed")
                 continue
             mean = {k: sum(v[k] for v in got) / len(got) for k in got[0] if k != "ticket_acc_change"}
-            steps = (f", {mean['sample_steps_saved'] / 1e3:.0f}k sample-steps "
-                     f"({100 * mean['sample_steps_saved'] / mean['sample_steps_total']:.0f} % of the pretraining)"
-                     if "sample_steps_saved" in mean else "")
+            steps = ""
+            if "sample_steps_saved" in mean:
+                saved = mean["sample_steps_saved"]
+                count = f"{saved / 1e3:.0f}k" if saved >= 1e4 else f"{saved:,.0f}"  # 512 is not "1k"
+                steps = (f", {count} sample-steps ({100 * saved / mean['sample_steps_total']:.0f} % of the "
+                         f"pretraining)")
             lines.append(f"- {name}, {crit} criterion (fired for {len(got)} of {len(per_seed)} seeds): stopping "
                          f"there saves {mean['epochs_saved']:.1f} epochs{steps}, {mean['train_seconds_saved']:.1f} s "
                          f"of training and {_fmt_bytes(mean['comm_bytes_saved'])} of communication per run; the "
@@ -174,7 +179,8 @@ def _per_seed_table(report: Mapping) -> str:
         for seed, r in m["per_seed"].items():
             recal = r.get("no_prune_bn_recalibrated")
             row = [name, seed, f"{r['no_prune']:.2f}", "n/a" if recal is None else f"{recal:.2f}"] \
-                + [f"{r['ticket'][k]:.2f}" for k in ratios] + [str(r["emerged_epoch"][c]) for c in CRITERIA]
+                + [f"{r['ticket'][k]:.2f}" for k in ratios] \
+                + ["not fired" if r["emerged_epoch"][c] is None else str(r["emerged_epoch"][c]) for c in CRITERIA]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -188,12 +194,19 @@ def write_report(out: str | Path, report: Mapping, details: Mapping | None = Non
                          details.get("ddp_bytes"))
     md = [f"# LoFT tickets on {report['dataset']} (seeds {report['seeds']})", ""]
     if "controls" in report:
+        source = "dense" if "dense" in report["methods"] else next(iter(report["methods"]))
+        described = {"initial-weights": "initial-weights (top L2-norm filters of the initial weights, with those "
+                                        "weights)",
+                     "random-filters": f"random-filters (the same number of filters per group kept at random from "
+                                       f"the {source}-pretrained weights)"}
+        kinds = " and ".join(described.get(name, name) for name in report["controls"])
         md += ["## Tickets against the pruning ratio", "",
                "Fine-tuned test accuracy (%) of the ticket of each pretraining method (top L2-norm filters of the "
-               "pretrained weights) and of the controls, fine-tuned exactly like the tickets: initial-weights (top "
-               "L2-norm filters of the initial weights, with those weights) and random-filters (the same number of "
-               "filters per group kept at random from the dense-pretrained weights). Mean ± sample standard "
-               "deviation over the seeds.", "", format_ratio_table(report)]
+               f"pretrained weights) and of the controls, fine-tuned exactly like the tickets: {kinds}. Mean ± "
+               "sample standard deviation over the seeds.", "", format_ratio_table(report)]
+        if report["discrimination"] is None:
+            md += [f"- no verdict: the job did not pretrain {DISCRIMINATION['reference']}, the method the "
+                   f"controls and the other methods are compared with"]
         md += format_discrimination(report["discrimination"]) + ["", "## The paper's table", ""]
     md += ["Accuracies are test accuracy in percent, means over seeds. no-prune: the pretrained full model as "
           "trained; BN re-estimated: the same weights with BatchNorm running statistics re-measured on the "
