@@ -149,6 +149,21 @@ def test_stop_at_emergence_saves_epochs(capsys, tmp_path):
     assert "saved 2 epochs" in out
 
 
+def test_distance_judges_on_the_runs_own_epoch_grid(capsys, tmp_path, pretrained):
+    """A loft run unit of LoFT-S under --loft-budget updates is judged every S-th epoch; `loft distance` reads
+    that grid from the run's summary (it judged every epoch and reported another emergence epoch)."""
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["emergence"]["every"] = 2
+    (run / "summary.json").write_text(json.dumps(summary))
+    loose = ["--footrule-threshold", "1000", "--footrule-window", "1"]  # fires at the first judged distance
+    for every, epoch in ((None, 2), (1, 1)):
+        extra = [] if every is None else ["--every", every]
+        rc, out, _ = cli(capsys, "distance", "--run", run, *loose, *extra, "--out", tmp_path / f"d{every}")
+        assert rc == 0 and f"footrule at epoch {epoch}" in out, out
+
+
 def _footrule(a, b):
     """Plain LoFT footrule between two score vectors (rank 1 = highest score, ties to the lower index)."""
     n = len(a)

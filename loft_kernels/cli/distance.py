@@ -27,7 +27,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="a `loft pretrain` output directory (with tracker.pt, model.pt)")
     p.add_argument("--reference", default="final",
                    help="snapshot the footrule distance is measured to: final (default) or an epoch number")
-    add_emergence_args(p.add_argument_group("emergence criteria"))
+    g = p.add_argument_group("emergence criteria")
+    add_emergence_args(g)
+    g.add_argument("--every", type=int, default=None, metavar="N",
+                   help="judge only the snapshots of every N-th epoch (default: as the run was judged, which is "
+                        "every S-th epoch for LoFT-S under loft run --loft-budget updates, else 1)")
     U.add_common(p)
     return p
 
@@ -53,6 +57,15 @@ def distance_rows(tracker: FilterTracker, reference, mask_ratio: float) -> list[
     return rows
 
 
+def _judged_every(run_dir: Path) -> int:
+    """The epoch grid the run's own criteria used (its summary's emergence settings), else every epoch."""
+    try:
+        every = json.loads((run_dir / "summary.json").read_text())["emergence"].get("every", 1)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 1
+    return every if isinstance(every, int) and every >= 1 else 1
+
+
 def run(args) -> int:
     opts = emergence_options(args)
     run_dir = Path(args.run)
@@ -73,6 +86,7 @@ def run(args) -> int:
         if reference not in tracker.tags:
             raise U.CLIError(f"--reference: epoch {reference} was not snapshotted; epochs are {tracker.tags}")
     rows = distance_rows(tracker, reference, opts["mask_ratio"])
+    opts["every"] = U.check_positive(args.every, "--every") if args.every is not None else _judged_every(run_dir)
     found = engine.emergence_epochs(tracker, opts)
     out = U.prepare_out(out_text, resumable=False)
     U.write_config(out, {"command": "distance", "run": str(run_dir), "reference": reference, "emergence": opts,
