@@ -239,3 +239,19 @@ def test_the_custom_ops_check_the_bias_and_take_any_valid_index_layout():
     compiled = torch.compile(lambda x, w, r, c: lk.partial_conv2d(x, w, None, padding=1, out_index=r, in_index=c),
                              backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x, w, rows, cols), expected)
+
+
+def test_direct_op_calls_get_the_public_functions_checks():
+    """The CUDA bindings lack some of the CPU build's checks; the ops check in Python what the kernels assume, on
+    every device (here seen through a direct call on CPU tensors)."""
+    t = torch.zeros(4, 3)
+    with pytest.raises(TypeError, match="tensors\\[0\\] has dtype torch.float32 but flat has torch.float64"):
+        ops.unpack_rows(torch.zeros(3, dtype=torch.float64), [t], [torch.tensor([1])], [0])
+    with pytest.raises(ValueError, match="flat must be 1-D with 3 elements"):
+        ops.unpack_rows(torch.zeros(5), [t], [torch.tensor([1])], [0])
+    with pytest.raises(ValueError, match="a\\[0\\] and b\\[0\\] must have the same shape"):
+        ops.filter_stats([torch.zeros(4, 3)], [torch.zeros(4, 2)])
+    with pytest.raises(ValueError, match="same number of snapshots"):
+        ops.footrule_matrix([torch.rand(3, 5), torch.rand(2, 5)])
+    with pytest.raises(ValueError, match="keep must hold one count in 0..n"):
+        ops.mask_distance_matrix([torch.rand(3, 5)], [9])

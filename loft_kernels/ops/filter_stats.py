@@ -14,6 +14,7 @@ from ..backends import dispatch
 
 @torch.library.custom_op("loft_kernels::filter_norms", mutates_args=())
 def _filter_norms_op(tensors: list[Tensor]) -> list[Tensor]:
+    tensors = _uniform_list(tensors, "tensors")  # again: a direct torch.ops call skips the public function
     return dispatch("filter_norms", tensors[0], tensors)
 
 
@@ -24,6 +25,7 @@ def _(tensors):
 
 @torch.library.custom_op("loft_kernels::filter_stats", mutates_args=())
 def _filter_stats_op(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
+    a, b = _pairs(a, b)  # again: a direct torch.ops call skips the public function
     return dispatch("filter_stats", a[0], a, b)
 
 
@@ -47,8 +49,7 @@ def filter_norms(tensors: list[Tensor]) -> list[Tensor]:
     return _filter_norms_op(_uniform_list(tensors, "tensors"))
 
 
-def filter_stats(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
-    """Per tensor pair an [n, 4] float32 of ||a_j||^2, ||b_j||^2, <a_j, b_j>, ||a_j - b_j||^2."""
+def _pairs(a, b):
     a, b = _uniform_list(a, "a"), _uniform_list(b, "b")
     if len(a) != len(b):
         raise ValueError(f"a and b must have the same length, got {len(a)} and {len(b)}")
@@ -56,4 +57,9 @@ def filter_stats(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
     for i, (ta, tb) in enumerate(zip(a, b)):
         if ta.shape != tb.shape:
             raise ValueError(f"a[{i}] and b[{i}] must have the same shape, got {tuple(ta.shape)} and {tuple(tb.shape)}")
-    return _filter_stats_op(a, b)
+    return a, b
+
+
+def filter_stats(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
+    """Per tensor pair an [n, 4] float32 of ||a_j||^2, ||b_j||^2, <a_j, b_j>, ||a_j - b_j||^2."""
+    return _filter_stats_op(*_pairs(a, b))

@@ -24,6 +24,8 @@ def _packed_numel(tensors, indices, dims) -> int:
 @torch.library.custom_op("loft_kernels::pack_rows", mutates_args=())
 def _pack_op(tensors: list[Tensor], indices: list[Tensor], dims: list[int]) -> Tensor:
     indices = _check_values(tensors, indices, dims)
+    for i, t in enumerate(tensors[1:], 1):  # again: a direct torch.ops call skips the public function
+        C.same_device_dtype(tensors[0], "tensors[0]", t, f"tensors[{i}]")
     return dispatch("pack_rows", tensors[0], tensors, indices, dims)
 
 
@@ -39,6 +41,11 @@ def _(tensors, indices, dims):
 @torch.library.custom_op("loft_kernels::unpack_rows", mutates_args=("tensors",))
 def _unpack_op(flat: Tensor, tensors: list[Tensor], indices: list[Tensor], dims: list[int]) -> None:
     indices = _check_values(tensors, indices, dims)
+    for i, t in enumerate(tensors):  # again: a direct torch.ops call skips the public function
+        C.same_device_dtype(flat, "flat", t, f"tensors[{i}]")
+    if flat.dim() != 1 or flat.numel() != _packed_numel(tensors, indices, dims):
+        raise ValueError(f"flat must be 1-D with {_packed_numel(tensors, indices, dims)} elements (the packed size "
+                         f"of the selected rows), got shape {tuple(flat.shape)}")
     dispatch("unpack_rows", tensors[0], flat, tensors, indices, dims)
 
 
