@@ -48,6 +48,7 @@ class ExtensionUnavailable(RuntimeError):
 _lock = threading.Lock()
 _module = None
 _failure: str | None = None
+_cuda_failure: str | None = None  # the CUDA part failed to build and the extension was built without it
 
 
 def source_root() -> Path | None:
@@ -142,13 +143,12 @@ def builder_lock(build_dir: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _build(verbose: bool):
+def _build(verbose: bool, with_cuda: bool):
     root = source_root()
     if root is None:
         raise ExtensionUnavailable("the C++ sources were not found (looked for "
                                    + " and ".join(str(r / _MARKER) for r in _SOURCE_ROOTS) + ")")
     from torch.utils.cpp_extension import load as cpp_load
-    with_cuda = cuda_skip_reason() is None
     cflags = list(_CFLAGS) + (["-DLK_WITH_CUDA"] if with_cuda else [])
     name = build_name(root, with_cuda)
     directory = build_directory(name)
@@ -166,20 +166,36 @@ def load(verbose: bool = False):
         raise ExtensionUnavailable(f"the C++ extension is disabled by the environment variable {ENV_DISABLE}")
     if _module is not None:
         return _module
+    global _cuda_failure
     with _lock:
         if _module is None and _failure is None:
+            with_cuda = cuda_skip_reason() is None
             try:
-                _module = _build(verbose)
+                _module = _build(verbose, with_cuda)
             except ExtensionUnavailable as exc:
                 _failure = str(exc)
             except Exception as exc:  # compiler missing, compile error, ...: report, never crash the import
-                text = f"{type(exc).__name__}: {exc}".strip()
-                if len(text) > _REASON_CHARS:
-                    text = "... " + text[-_REASON_CHARS:]
-                _failure = f"building the C++ extension failed ({text})"
+                if with_cuda:  # the CUDA part (an nvcc the torch build refuses, ...) must not cost the CPU kernels
+                    _cuda_failure = _short(exc)
+                    try:
+                        _module = _build(verbose, False)
+                    except Exception as cpu_exc:
+                        _failure = f"building the C++ extension failed ({_short(cpu_exc)})"
+                else:
+                    _failure = f"building the C++ extension failed ({_short(exc)})"
         if _module is None:
             raise ExtensionUnavailable(_failure)
     return _module
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return "... " + text[-_REASON_CHARS:] if len(text) > _REASON_CHARS else text
+
+
+def cuda_build_failure() -> str | None:
+    """Why the CUDA kernels failed to build, when the extension was then built without them (else None)."""
+    return _cuda_failure
 
 
 def unavailable_reason() -> str | None:
@@ -202,7 +218,7 @@ def _main() -> int:
     except ExtensionUnavailable as exc:
         print(f"loft_kernels extension unavailable: {exc}", file=sys.stderr)
         return 1
-    cuda = cuda_skip_reason()
+    cuda = cuda_skip_reason() or (f"their build failed: {_cuda_failure}" if _cuda_failure else None)
     print(f"loft_kernels extension ready: {module.__file__}")
     print("CUDA kernels: " + ("built in" if cuda is None else f"not built ({cuda})"))
     return 0

@@ -73,6 +73,7 @@ def fresh_ext(monkeypatch):
     """_ext with its load state cleared (restored afterwards by monkeypatch)."""
     monkeypatch.setattr(_ext, "_module", None)
     monkeypatch.setattr(_ext, "_failure", None)
+    monkeypatch.setattr(_ext, "_cuda_failure", None)
     monkeypatch.delenv(_ext.ENV_DISABLE, raising=False)
     return _ext
 
@@ -93,6 +94,26 @@ def test_build_failure_becomes_a_reason_not_an_exception(fresh_ext, monkeypatch)
     with pytest.raises(_ext.ExtensionUnavailable, match="building the C\\+\\+ extension failed"):
         fresh_ext.load()
     assert len(calls) == 1  # the failure is remembered, not retried on every call
+
+
+def test_a_failing_cuda_build_still_builds_the_cpu_kernels(fresh_ext, monkeypatch):
+    """The CPU and CUDA code build together; when the CUDA part fails (an nvcc the torch build refuses), the CPU
+    kernels are built alone and the cuda backend says why it is missing."""
+    import torch.utils.cpp_extension as cpp
+
+    from loft_kernels.backends import cuda
+    calls = []
+
+    def load(**kwargs):
+        calls.append(kwargs["with_cuda"])
+        if kwargs["with_cuda"]:
+            raise RuntimeError("nvcc fatal: Unsupported gpu architecture 'compute_100'")
+        return type("Module", (), {"with_cuda": False, "__file__": "cpu-only.so"})()
+    monkeypatch.setattr(cpp, "load", load)
+    monkeypatch.setattr(fresh_ext, "cuda_skip_reason", lambda: None)  # as on a machine with CUDA
+    assert fresh_ext.unavailable_reason() is None and calls == [True, False]
+    assert "Unsupported gpu architecture" in cuda.unavailable_reason()
+    assert "CPU kernels alone" in cuda.unavailable_reason()
 
 
 def test_missing_sources_are_reported(fresh_ext, monkeypatch, tmp_path):

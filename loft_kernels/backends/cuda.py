@@ -22,7 +22,9 @@ def unavailable_reason() -> str | None:
     if reason is not None:
         return reason
     if not _ext.load().with_cuda:
-        return "the extension was built without its CUDA kernels"
+        failed = _ext.cuda_build_failure()
+        return (f"the CUDA kernels failed to build ({failed}); the extension was built with its CPU kernels alone"
+                if failed else "the extension was built without its CUDA kernels")
     return None
 
 
