@@ -195,6 +195,10 @@ def test_gpu_check_keeps_what_it_measured_and_the_last_choice_when_it_measures_n
     monkeypatch.setattr(gpu_check, "training_smoke", lambda device, deadline: {"dense": {"steps": 0}})
     out = tmp_path / "check"
     assert gpu_check.main(["--out", str(out), "--skip", "build,pytest,bench"]) == 0
+    untested = json.loads((out / "summary.json").read_text())
+    assert untested["orders"] == {"filter_norms": ["torch"]} and "GPU tests did not pass" in untested["orders_note"]
+    monkeypatch.setattr(gpu_check, "_run", lambda cmd, timeout, log: {"rc": 0, "cmd": " ".join(cmd)})
+    assert gpu_check.main(["--out", str(out), "--skip", "build,bench"]) == 0
     first = json.loads((out / "summary.json").read_text())
     assert seen and seen[0]["build"] == "skipped (--skip)"
     assert first["orders"] == {"filter_norms": ["torch", "cuda"]}  # the reference was faster: first
