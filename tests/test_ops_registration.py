@@ -176,6 +176,7 @@ def test_jit_trace_records_the_convolution_it_runs():
     torch.testing.assert_close(traced(x), _sliced(x, layer.weight, layer.bias, torch.tensor([0, 2, 5])))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func's own use
 def test_functorch_transforms_differentiate_the_op():
     """jvp, grad and vmap see plain PyTorch ops (the custom op has no forward-mode or higher-order rule)."""
     torch.manual_seed(0)
