@@ -6,6 +6,8 @@ learn which of their inputs is wrong and what was expected.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import numbers
 from typing import Sequence
 
@@ -95,6 +97,28 @@ def index(value, name: str, size: int, device: torch.device, *, ndim: int = 1, d
     return value.contiguous()
 
 
+_CHECKED = contextvars.ContextVar("loft_kernels_arguments_checked", default=False)
+
+
+@contextlib.contextmanager
+def checked_arguments():
+    """Around a public function's call of its custom op, after it checked the arguments: the op need not check
+    them again. Not while compiling (the public checks skip the values then, so the op must check them)."""
+    if torch.compiler.is_compiling():
+        yield
+        return
+    token = _CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
+
+
+def arguments_checked() -> bool:
+    """Inside a custom op: whether the public function that called it has checked its arguments."""
+    return _CHECKED.get()
+
+
 def index_in_op(value, name: str, size: int, *, ndim: int = 1):
     """An index as a custom op's kernel receives it, where the public function's checks may not have run (in a
     compiled graph, which cannot read values while tracing, and for a direct `torch.ops.loft_kernels` call):
@@ -104,7 +128,7 @@ def index_in_op(value, name: str, size: int, *, ndim: int = 1):
         return None
     if value.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
-    if value.device.type == "cpu":
+    if value.device.type == "cpu" and not arguments_checked():
         return index(value, name, size, value.device, ndim=ndim)
     return value.long().contiguous()
 

@@ -107,6 +107,9 @@ CASES = {
         lambda: Activation(lambda y: y + torch.linspace(0, 1, 6, dtype=y.dtype).view(1, 6, 1, 1), True), IMG, "a",
         "add of a constant"),
     "sub_scalar_autograd": (lambda: Activation(lambda y: 2.0 - y, True), IMG, "a", "sub of a constant"),
+    "hardtanh_above_zero": (lambda: Activation(lambda y: F.hardtanh(y, 0.1, 1.0)), IMG, "a",
+                            "hardtanh does not map 0 to 0"),
+    "scalar_over_x": (lambda: Activation(lambda y: 2.0 / y), IMG, "a", "a -> "),  # fx: div; autograd: reciprocal
     "reshaped_gate": (ReshapedGate, torch.randn(2, 3, 2, 2, dtype=torch.float64), "a", "used by 2 ops"),
     "pooled_linear_gate": (PooledLinearGate, IMG, None, None),
     "zero_preserving": (lambda: Activation(lambda y: torch.tanh(F.silu(y) * 2.0) / 3.0), IMG, None, None),

@@ -145,3 +145,11 @@ def test_unpack_rows_into_overlapping_tensors_of_different_storages_writes_as_a_
     expected[0] = flat[:12].view(3, 4)
     expected[1, :, 1:3] = flat[12:].view(3, 2)
     assert torch.equal(a, expected)
+
+
+def test_unpack_rows_runs_on_fake_tensors():
+    """Fake tensors have no memory to compare (they report a null data pointer)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        t = torch.zeros(4, 3)
+        lk.unpack_rows(torch.zeros(3), [t], [torch.tensor([1])])

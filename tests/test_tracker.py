@@ -207,6 +207,7 @@ def test_a_diverged_snapshot_is_refused_by_name():
 
 
 @pytest.mark.parametrize("n, ratio, pruned", [(100, 0.29, 29), (10, 0.3, 3), (1, 0.999, 0), (1, 1 - 1e-9, 0),
-                                              (7, 1 - 1e-10, 6), (10, 0.29999999995, 2), (96, 0.93, 89)])
-def test_pruned_count_is_the_floor_of_the_decimal_ratio(n, ratio, pruned):
+                                              (7, 1 - 1e-10, 6), (10, 0.29999999995, 2), (96, 0.93, 89),
+                                              (3, 1 / 3, 1), (3, 2 / 3, 2), (7, 3 / 7, 3), (6, 1 / 6, 1)])
+def test_pruned_count_is_the_floor_of_ratio_times_n(n, ratio, pruned):
     assert lk.pruned_count(n, ratio) == pruned

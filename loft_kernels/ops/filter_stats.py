@@ -14,7 +14,8 @@ from ..backends import dispatch
 
 @torch.library.custom_op("loft_kernels::filter_norms", mutates_args=())
 def _filter_norms_op(tensors: list[Tensor]) -> list[Tensor]:
-    tensors = _uniform_list(tensors, "tensors")  # again: a direct torch.ops call skips the public function
+    if not C.arguments_checked():  # a direct torch.ops call skips the public function's checks
+        tensors = _uniform_list(tensors, "tensors")
     return dispatch("filter_norms", tensors[0], tensors)
 
 
@@ -25,7 +26,8 @@ def _(tensors):
 
 @torch.library.custom_op("loft_kernels::filter_stats", mutates_args=())
 def _filter_stats_op(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
-    a, b = _pairs(a, b)  # again: a direct torch.ops call skips the public function
+    if not C.arguments_checked():  # a direct torch.ops call skips the public function's checks
+        a, b = _pairs(a, b)
     return dispatch("filter_stats", a[0], a, b)
 
 
@@ -46,7 +48,9 @@ def filter_norms(tensors: list[Tensor]) -> list[Tensor]:
 
     All tensors must share one device and dtype (one launch on kernel backends).
     """
-    return _filter_norms_op(_uniform_list(tensors, "tensors"))
+    tensors = _uniform_list(tensors, "tensors")
+    with C.checked_arguments():
+        return _filter_norms_op(tensors)
 
 
 def _pairs(a, b):
@@ -62,4 +66,6 @@ def _pairs(a, b):
 
 def filter_stats(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
     """Per tensor pair an [n, 4] float32 of ||a_j||^2, ||b_j||^2, <a_j, b_j>, ||a_j - b_j||^2."""
-    return _filter_stats_op(*_pairs(a, b))
+    a, b = _pairs(a, b)
+    with C.checked_arguments():
+        return _filter_stats_op(a, b)

@@ -5,6 +5,7 @@ collective, instead of one collective per tensor.
 """
 from __future__ import annotations
 
+import bisect
 from typing import Optional
 
 import torch
@@ -24,8 +25,9 @@ def _packed_numel(tensors, indices, dims) -> int:
 @torch.library.custom_op("loft_kernels::pack_rows", mutates_args=())
 def _pack_op(tensors: list[Tensor], indices: list[Tensor], dims: list[int]) -> Tensor:
     indices = _check_values(tensors, indices, dims)
-    for i, t in enumerate(tensors[1:], 1):  # again: a direct torch.ops call skips the public function
-        C.same_device_dtype(tensors[0], "tensors[0]", t, f"tensors[{i}]")
+    if not C.arguments_checked():  # a direct torch.ops call, or a compiled graph
+        for i, t in enumerate(tensors[1:], 1):
+            C.same_device_dtype(tensors[0], "tensors[0]", t, f"tensors[{i}]")
     return dispatch("pack_rows", tensors[0], tensors, indices, dims)
 
 
@@ -41,8 +43,9 @@ def _(tensors, indices, dims):
 @torch.library.custom_op("loft_kernels::unpack_rows", mutates_args=("tensors",))
 def _unpack_op(flat: Tensor, tensors: list[Tensor], indices: list[Tensor], dims: list[int]) -> None:
     indices = _check_values(tensors, indices, dims)
-    for i, t in enumerate(tensors):  # again: a direct torch.ops call skips the public function
-        C.same_device_dtype(flat, "flat", t, f"tensors[{i}]")
+    if not C.arguments_checked():  # a direct torch.ops call, or a compiled graph
+        for i, t in enumerate(tensors):
+            C.same_device_dtype(flat, "flat", t, f"tensors[{i}]")
     if flat.dim() != 1 or flat.numel() != _packed_numel(tensors, indices, dims):
         raise ValueError(f"flat must be 1-D with {_packed_numel(tensors, indices, dims)} elements (the packed size "
                          f"of the selected rows), got shape {tuple(flat.shape)}")
@@ -84,7 +87,8 @@ def _check(tensors, indices, dims):
 def pack_rows(tensors: list[Tensor], indices: list[Tensor], dims: Optional[list[int]] = None) -> Tensor:
     """Concatenate `t_i.index_select(d_i, r_i).flatten()` over all i into one contiguous buffer."""
     tensors, indices, dims = _check(tensors, indices, dims)
-    return _pack_op([t.detach() for t in tensors], indices, dims)
+    with C.checked_arguments():
+        return _pack_op([t.detach() for t in tensors], indices, dims)
 
 
 def unpack_rows(flat: Tensor, tensors: list[Tensor], indices: list[Tensor], dims: Optional[list[int]] = None) -> None:
@@ -107,7 +111,8 @@ def unpack_rows(flat: Tensor, tensors: list[Tensor], indices: list[Tensor], dims
     # refuses) would leave grad mode off.
     flat = flat.detach().contiguous()
     if not _share_memory(tensors):
-        _unpack_op(flat, [t.detach() for t in tensors], indices, dims)
+        with C.checked_arguments():
+            _unpack_op(flat, [t.detach() for t in tensors], indices, dims)
         return
     # Tensors listed twice (or views of one another): one entry after another, so each write lands as in
     # a loop over the entries; one pass may write a layout it cannot stride through via a copy, whose
@@ -115,20 +120,37 @@ def unpack_rows(flat: Tensor, tensors: list[Tensor], indices: list[Tensor], dims
     start = 0
     for t, i, d in zip(tensors, indices, dims):
         n = t.numel() // t.shape[d] * i.shape[0]
-        _unpack_op(flat[start:start + n], [t.detach()], [i], [d])
+        with C.checked_arguments():
+            _unpack_op(flat[start:start + n], [t.detach()], [i], [d])
         start += n
 
 
 def _extent(t: Tensor) -> Optional[tuple[int, int]]:
-    """The [start, end) byte range a tensor's elements lie in (None if it has none)."""
-    if not isinstance(t, Tensor) or t.numel() == 0 or t.device.type == "meta":
+    """The [start, end) byte range a tensor's elements lie in (None if it has none, or no memory: fake, meta)."""
+    if not isinstance(t, Tensor) or t.numel() == 0 or t.device.type == "meta" or \
+            (type(t) not in (Tensor, torch.nn.Parameter) and C._is_fake(t)):
         return None
     span = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
     return t.data_ptr(), t.data_ptr() + (span + 1) * t.element_size()
 
 
-def _overlap(a, b) -> bool:
-    return a is not None and b is not None and a[0] < b[1] and b[0] < a[1]
+def _first_overlap(sources: list, written: list) -> Optional[tuple]:
+    """(source label, written label) of a source range that meets a written one, else None; O((n + m) log m).
+
+    Ranges are compared, not elements: views that interleave without sharing an element count as overlapping."""
+    written = sorted((e[0], e[1], k) for k, e in written if e is not None)
+    starts = [w[0] for w in written]
+    reach, furthest = [], None  # reach[i]: the written range reaching furthest among the first i + 1
+    for w in written:
+        furthest = w if furthest is None or w[1] > furthest[1] else furthest
+        reach.append(furthest)
+    for label, e in sources:
+        if e is None:
+            continue
+        i = bisect.bisect_left(starts, e[1]) - 1  # the written ranges that start before this one ends
+        if i >= 0 and reach[i][1] > e[0]:
+            return label, reach[i][2]
+    return None
 
 
 def _refuse_reads_of_written_memory(flat, tensors, indices) -> None:
@@ -136,16 +158,20 @@ def _refuse_reads_of_written_memory(flat, tensors, indices) -> None:
             not isinstance(indices, (list, tuple)):  # no memory to compare while tracing; bad lists: _check says
         return
     written = [(k, _extent(t)) for k, t in enumerate(tensors)]
-    for what, source in [("flat", _extent(flat))] + [(f"indices[{k}]", _extent(i)) for k, i in enumerate(indices)]:
-        hit = next((k for k, e in written if _overlap(source, e)), None)
-        if hit is not None:
-            raise ValueError(f"{what} shares memory with tensors[{hit}], which unpack_rows writes: pass a copy "
-                             f"({what}.clone())")
+    sources = [("flat", _extent(flat))] + [(f"indices[{k}]", _extent(i)) for k, i in enumerate(indices)]
+    hit = _first_overlap(sources, written)
+    if hit is not None:
+        raise ValueError(f"{hit[0]} shares memory with tensors[{hit[1]}], which unpack_rows writes: pass a copy "
+                         f"({hit[0]}.clone())")
 
 
 def _share_memory(tensors) -> bool:
     """Whether any two tensors' memory ranges overlap (views of one storage, or of one numpy array)."""
     if torch.compiler.is_compiling():  # no memory to compare while tracing
         return False
-    extents = [e for e in map(_extent, tensors) if e is not None]
-    return any(_overlap(a, b) for k, a in enumerate(extents) for b in extents[k + 1:])
+    furthest = None  # the end of the ranges seen so far, in order of their starts
+    for start, end in sorted(e for e in map(_extent, tensors) if e is not None):
+        if furthest is not None and start < furthest:
+            return True
+        furthest = end if furthest is None else max(furthest, end)
+    return False

@@ -232,7 +232,8 @@ def _run(op: str, custom, x, weight, bias, out_index, in_index, *conf) -> Tensor
             return node(x, weight, bias, out_index, in_index, *conf)
         conf = tuple(tuple(c) if isinstance(c, list) else c for c in conf)
         return _EagerPartialConv.apply(op, x, weight, bias, out_index, in_index, *conf)
-    return custom(x, weight, bias, out_index, in_index, *conf)
+    with C.checked_arguments():  # the public function checked the indices (or set_active did)
+        return custom(x, weight, bias, out_index, in_index, *conf)
 
 
 # ------------------------------------------------------- public functions ----

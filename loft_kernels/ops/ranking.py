@@ -7,7 +7,6 @@ score; ties go to the lower filter index.
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -17,19 +16,22 @@ from ..backends import dispatch
 
 
 def pruned_count(n: int, ratio: float) -> int:
-    """How many of n filters a pruning ratio removes: floor(ratio * n), with the ratio read as the decimal it
-    prints as (0.29 * 100 is 28.999... in binary floating point and must prune 29; 1 - 1e-10 of 7 is 6).
+    """How many of n filters a pruning ratio removes: floor(ratio * n).
 
-    Every part of the library that turns a ratio into a count calls this.
+    A relative tolerance of 1e-12 absorbs the rounding of the float product
+    (0.29 * 100 is 28.999... in binary and must prune 29; 1/3 of 3 prunes 1),
+    and no more (1 - 1e-10 of 7 prunes 6, not all 7). Every part of the library
+    that turns a ratio into a count calls this.
     """
     n = C.non_negative_int(n, "n")
     ratio = C.ratio(ratio)
-    return math.floor(Fraction(repr(float(ratio))) * n)  # repr: the shortest decimal that reads back as ratio
+    return math.floor(ratio * n * (1 + 1e-12))
 
 
 @torch.library.custom_op("loft_kernels::footrule_matrix", mutates_args=())
 def _footrule_op(scores: list[Tensor]) -> Tensor:
-    scores = _check_scores(scores, values=_on_cpu(scores))  # again: a direct torch.ops call skips the public one
+    if not C.arguments_checked():  # a direct torch.ops call skips the public function's checks
+        scores = _check_scores(scores, values=_on_cpu(scores))
     return dispatch("footrule_matrix", scores[0], scores)
 
 
@@ -41,7 +43,8 @@ def _(scores):
 
 @torch.library.custom_op("loft_kernels::mask_distance_matrix", mutates_args=())
 def _mask_distance_op(scores: list[Tensor], keep: list[int]) -> Tensor:
-    scores = _check_scores(scores, values=_on_cpu(scores))
+    if not C.arguments_checked():
+        scores = _check_scores(scores, values=_on_cpu(scores))
     if len(keep) != len(scores) or any(not 0 <= k <= s.shape[1] for k, s in zip(keep, scores)):
         raise ValueError(f"keep must hold one count in 0..n per scores tensor, got {list(keep)}")
     return dispatch("mask_distance_matrix", scores[0], scores, keep)
@@ -84,7 +87,9 @@ def footrule_matrix(scores: list[Tensor]) -> Tensor:
     i runs over the ranks at snapshot a, sigma(i) is the rank at snapshot b of
     the filter ranked i at a. M[l, a, a] = 0; M is not symmetric.
     """
-    return _footrule_op(_check_scores(scores))
+    scores = _check_scores(scores)
+    with C.checked_arguments():
+        return _footrule_op(scores)
 
 
 def mask_distance_matrix(scores: list[Tensor], ratio: float) -> Tensor:
@@ -94,4 +99,6 @@ def mask_distance_matrix(scores: list[Tensor], ratio: float) -> Tensor:
     """
     ratio = C.ratio(ratio)
     scores = _check_scores(scores)
-    return _mask_distance_op(scores, [s.shape[1] - pruned_count(s.shape[1], ratio) for s in scores])
+    keep = [s.shape[1] - pruned_count(s.shape[1], ratio) for s in scores]
+    with C.checked_arguments():
+        return _mask_distance_op(scores, keep)

@@ -285,6 +285,9 @@ class _Walk:
         if op in _NOT_ZERO_PRESERVING:
             return f"{op} maps 0 to {_NOT_ZERO_PRESERVING[op]}: a removed filter's zero output would still " \
                 "reach the consumer, so the smaller network would compute something else"
+        if user.info.get("keeps_zero") is False:  # hardtanh with a range without 0, a scalar divided by x
+            return f"{op} does not map 0 to 0 here: a removed filter's zero output would reach the consumer as " \
+                "something else"
         if op in _SHIFTS:  # no other tensor operand: a scalar (or, seen by autograd, a tensor without grad)
             return f"{op} of a constant: a removed filter's zero output would become that constant in the consumer"
         if op in _ELEMENTWISE or op in _ARITHMETIC:  # mul/div by a scalar keep zero

@@ -138,7 +138,16 @@ def _arg(node: fx.Node, index: int, key: str, default=None):
     return node.args[index] if len(node.args) > index else node.kwargs.get(key, default)
 
 
-def _fx_info(node: fx.Node, op: str) -> dict:
+def _fx_info(node: fx.Node, op: str, modules: dict) -> dict:
+    if op == "div" and node.args and not isinstance(node.args[0], fx.Node):
+        return {"keeps_zero": False}  # c / x: the tensor is the divisor
+    if op == "hardtanh":
+        if node.op == "call_module":
+            m = modules[node.target]
+            low, high = m.min_val, m.max_val
+        else:
+            low, high = _arg(node, 1, "min_val", -1.0), _arg(node, 2, "max_val", 1.0)
+        return {"keeps_zero": isinstance(low, (int, float)) and isinstance(high, (int, float)) and low <= 0 <= high}
     if op == "permute":
         dims = node.args[1:] if node.op == "call_method" else (_arg(node, 1, "dims"),)
         dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
@@ -179,13 +188,13 @@ def fx_graph(model: nn.Module, args: tuple, run) -> FlowGraph:
                 calls[n.target] = calls.get(n.target, 0) + 1
                 node = FlowNode("module", n.target)
             else:
-                node = FlowNode("op", op)
+                node = FlowNode("op", op, info=_fx_info(n, op, modules))
         else:
             if n.op == "call_function":
                 op = _FUNCTION_OPS.get(n.target, getattr(n.target, "__name__", str(n.target)))
             else:
                 op = _METHOD_OPS.get(n.target, n.target)
-            node = FlowNode("op", op, info=_fx_info(n, op))
+            node = FlowNode("op", op, info=_fx_info(n, op, modules))
         node.shape = recorder.shapes.get(n)
         node.ndim = None if node.shape is None else len(node.shape)
         node.inputs = [mapped[a] for a in _flat_inputs(n) if a in mapped]
@@ -234,6 +243,9 @@ def _signed(d: int) -> int:
 
 
 def _autograd_info(fn, op: str) -> dict:
+    if op == "hardtanh":
+        low, high = getattr(fn, "_saved_min_val", None), getattr(fn, "_saved_max_val", None)
+        return {"keeps_zero": low is not None and high is not None and float(low) <= 0 <= float(high)}
     if op == "permute":
         return {"dims": tuple(_signed(d) for d in fn._saved_dims)}
     if op == "transpose":
