@@ -161,12 +161,11 @@ def _build(verbose: bool, with_cuda: bool):
 
 def load(verbose: bool = False):
     """The compiled extension module, built on first call; raises ExtensionUnavailable."""
-    global _module, _failure
+    global _module, _failure, _cuda_failure
     if os.environ.get(ENV_DISABLE, "").strip() not in ("", "0"):
         raise ExtensionUnavailable(f"the C++ extension is disabled by the environment variable {ENV_DISABLE}")
     if _module is not None:
         return _module
-    global _cuda_failure
     with _lock:
         if _module is None and _failure is None:
             with_cuda = cuda_skip_reason() is None

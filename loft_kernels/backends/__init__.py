@@ -202,10 +202,9 @@ def autograd_node(op: str, device: torch.device, dtype: torch.dtype) -> Callable
 
 
 def dispatch(op: str, ref: torch.Tensor, *args):
-    """Run `op` on the backend chosen for the device and dtype of `ref` (on `ref`'s GPU as the current device:
-    Triton launches on the current device, whatever device the tensors are on)."""
-    _, fn = select(op, ref.device, ref.dtype)
-    if ref.device.type == "cuda":
+    """Run `op` on the backend chosen for the device and dtype of `ref`."""
+    name, fn = select(op, ref.device, ref.dtype)
+    if name == "triton" and ref.device.type == "cuda":  # Triton launches on the current device, not the tensors'
         with torch.cuda.device(ref.device):
             return fn(*args)
     return fn(*args)

@@ -102,12 +102,11 @@ def orders(ops: dict) -> dict:
     result = {}
     for public, rows in ops.items():
         # a kernel backend counts only where it was timed too (a part that ran out of time is no measurement)
-        timed = [(r["ms"], b) for b, r in rows.items() if b != "torch" and r["correct"] and "ms" in r]
-        reference = rows.get("torch", {})
-        if reference.get("correct"):
+        timed = [(r["ms"], 0, b) for b, r in rows.items() if b != "torch" and r["correct"] and "ms" in r]
+        if rows.get("torch", {}).get("correct"):
             times = [r["torch_ms"] for b, r in rows.items() if b != "torch" and "torch_ms" in r]
-            timed.append((statistics.median(times) if times else float("inf"), "~torch"))  # ties: torch last
-        result[public] = [b.lstrip("~") for _, b in sorted(timed)]
+            timed.append((statistics.median(times) if times else float("inf"), 1, "torch"))  # ties: torch last
+        result[public] = [b for _, _, b in sorted(timed)]
     return result
 
 
@@ -273,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         from .. import _ext  # no second, in-process attempt at a build that failed or ran out of time
         os.environ[_ext.ENV_DISABLE] = "1"
     summary["ops"] = part("ops", lambda d: _ops_in_subprocesses(folder, d)) or {}
-    measured = bool(summary["ops"])
-    if measured:
+    if summary["ops"]:
         candidate = orders(summary["ops"])
     elif previous.get("orders") is not None:  # nothing measured now: the last measured choice stands
         for key in ("ops", "sources"):

@@ -162,6 +162,16 @@ def check_same_config(out: str, config: dict, keys) -> None:
                        f"resume with the original arguments")
 
 
+def check_resumed_seeds(out: str, seeds: list) -> bool:
+    """--resume may add seeds to a run (its finished units are reused), not drop any; True if it adds some."""
+    old = read_json(Path(out) / "config.json", "--resume").get("seeds")
+    if not isinstance(old, list) or old != seeds[:len(old)]:
+        raise CLIError(f"--resume: the run in {out!r} has seeds {old}, this command's are {seeds}; resume with the "
+                       f"same --seed and at least {len(old) if isinstance(old, list) else 'as many'} --seeds "
+                       f"(more seeds extend the run)")
+    return len(seeds) > len(old)
+
+
 def environment() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "argv": sys.argv}

@@ -332,16 +332,6 @@ def _dataset(args):
     return dataset
 
 
-def _check_resumed_seeds(out: str, seeds: list) -> bool:
-    """--resume may add seeds to a run (its finished units are reused), not drop any; True if it adds some."""
-    old = U.read_json(Path(out) / "config.json", "--resume").get("seeds")
-    if not isinstance(old, list) or old != seeds[:len(old)]:
-        raise U.CLIError(f"--resume: the run in {out!r} has seeds {old}, this command's are {seeds}; resume with the "
-                         f"same --seed and at least {len(old) if isinstance(old, list) else 'as many'} --seeds "
-                         f"(more seeds extend the run)")
-    return len(seeds) > len(old)
-
-
 def run(args) -> int:
     t_job, load_at_start = time.perf_counter(), os.getloadavg()
     st = _settings(args)
@@ -360,7 +350,7 @@ def run(args) -> int:
               "ratios": st["ratios"], "batch_split": args.batch_split, "loft_budget": args.loft_budget, "controls": st["controls"], "draw_at": st["draw_at"], "draw_ratio": st["draw_ratio"],
               "pretrain": base_cfg.to_dict(), "finetune": ft_cfg.to_dict(), "emergence": emergence,
               "length": st["length"], "device": str(device)}
-    more_seeds = args.resume and _check_resumed_seeds(out_text, st["seeds"])
+    more_seeds = args.resume and U.check_resumed_seeds(out_text, st["seeds"])
     if args.resume:
         U.check_same_config(out_text, config, [k for k in config if k not in ("device", "length", "seeds")])
     out = U.prepare_out(out_text, resume=args.resume)

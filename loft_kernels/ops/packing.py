@@ -46,9 +46,10 @@ def _unpack_op(flat: Tensor, tensors: list[Tensor], indices: list[Tensor], dims:
     if not C.arguments_checked():  # a direct torch.ops call, or a compiled graph
         for i, t in enumerate(tensors):
             C.same_device_dtype(flat, "flat", t, f"tensors[{i}]")
-    if flat.dim() != 1 or flat.numel() != _packed_numel(tensors, indices, dims):
-        raise ValueError(f"flat must be 1-D with {_packed_numel(tensors, indices, dims)} elements (the packed size "
-                         f"of the selected rows), got shape {tuple(flat.shape)}")
+        want = _packed_numel(tensors, indices, dims)
+        if flat.dim() != 1 or flat.numel() != want:
+            raise ValueError(f"flat must be 1-D with {want} elements (the packed size of the selected rows), got "
+                             f"shape {tuple(flat.shape)}")
     dispatch("unpack_rows", tensors[0], flat, tensors, indices, dims)
 
 

@@ -106,6 +106,20 @@ def _trace(model: nn.Module, args: tuple, tracer: str) -> trace.FlowGraph:
                          f"so did the autograd graph of one forward ({e})") from e
 
 
+def _breaks_zero(node: trace.FlowNode) -> Optional[str]:
+    """Why a one-input op turns a removed (zero) channel into something else, or None if it keeps it zero."""
+    op = node.target
+    if op in _NOT_ZERO_PRESERVING:
+        return f"{op} maps 0 to {_NOT_ZERO_PRESERVING[op]}: a removed filter's zero output would still reach the " \
+            "consumer, so the smaller network would compute something else"
+    if node.info.get("keeps_zero") is False:  # hardtanh with a range without 0, a scalar divided by x
+        return f"{op} does not map 0 to 0 here: a removed filter's zero output would reach the consumer as " \
+            "something else"
+    if op in _SHIFTS:  # no other tensor operand: a scalar (or, seen by autograd, a tensor without grad)
+        return f"{op} of a constant: a removed filter's zero output would become that constant in the consumer"
+    return None
+
+
 def _one_pixel(shape) -> bool:
     """Whether a known [N, C, ...] shape has a single spatial position (a pooled map), so that a reshape
     between it and [N, C] keeps channel j as feature j."""
@@ -200,7 +214,7 @@ class _Walk:
             elif cur.target == "reshape" and len(layers) == 2 and c == 1 and nd == 2 and cur.ndim == 4 and \
                     _one_pixel(cur.shape):
                 nd = 4  # [N, C] -> [N, C, 1, 1] to scale the feature map (a Linear gate)
-            elif not layers and (cur.target in _NOT_ZERO_PRESERVING or cur.target in _SHIFTS):
+            elif not layers and _breaks_zero(cur) is not None:
                 return ""  # before the reduce layer a removed channel must still be zero
             elif cur.target in _ELEMENTWISE or (cur.target in _ARITHMETIC and len(cur.inputs) == 1):
                 pass
@@ -282,14 +296,9 @@ class _Walk:
     def _op(user: trace.FlowNode, cdim: int, ndim: int):
         """The new (channel dim, rank) after a per-channel op, or a reason string."""
         op = user.target
-        if op in _NOT_ZERO_PRESERVING:
-            return f"{op} maps 0 to {_NOT_ZERO_PRESERVING[op]}: a removed filter's zero output would still " \
-                "reach the consumer, so the smaller network would compute something else"
-        if user.info.get("keeps_zero") is False:  # hardtanh with a range without 0, a scalar divided by x
-            return f"{op} does not map 0 to 0 here: a removed filter's zero output would reach the consumer as " \
-                "something else"
-        if op in _SHIFTS:  # no other tensor operand: a scalar (or, seen by autograd, a tensor without grad)
-            return f"{op} of a constant: a removed filter's zero output would become that constant in the consumer"
+        broken = _breaks_zero(user)
+        if broken is not None:
+            return broken
         if op in _ELEMENTWISE or op in _ARITHMETIC:  # mul/div by a scalar keep zero
             return cdim, ndim
         if op in _SPATIAL:

@@ -83,8 +83,11 @@ class FlowNode:
     inputs: list = field(default_factory=list)  # FlowNode (a node may appear once per tensor argument)
     users: list = field(default_factory=list)
     info: dict = field(default_factory=dict)
-    ndim: Optional[int] = None      # rank of the output, where known
     shape: Optional[tuple] = None   # the output's shape, where known
+
+    @property
+    def ndim(self) -> Optional[int]:
+        return None if self.shape is None else len(self.shape)
 
 
 @dataclass
@@ -196,7 +199,6 @@ def fx_graph(model: nn.Module, args: tuple, run) -> FlowGraph:
                 op = _METHOD_OPS.get(n.target, n.target)
             node = FlowNode("op", op, info=_fx_info(n, op, modules))
         node.shape = recorder.shapes.get(n)
-        node.ndim = None if node.shape is None else len(node.shape)
         node.inputs = [mapped[a] for a in _flat_inputs(n) if a in mapped]
         mapped[n] = node
         nodes.append(node)
@@ -315,7 +317,7 @@ def autograd_graph(model: nn.Module, args: tuple, run) -> FlowGraph:
         calls[name] = calls.get(name, 0) + 1
         if fn_out is None:
             continue
-        module_of_output[fn_out] = FlowNode("module", name, ndim=len(shape), shape=shape)
+        module_of_output[fn_out] = FlowNode("module", name, shape=shape)
         stack = [fn_out]
         while stack:  # the layer's own autograd nodes: from its output back to its input
             fn = stack.pop()
@@ -343,7 +345,6 @@ def autograd_graph(model: nn.Module, args: tuple, run) -> FlowGraph:
             op_name = _AUTOGRAD_OPS.get(_NODE_NAME.sub("", type(fn).__name__), type(fn).__name__)
             node = FlowNode("op", op_name, info=_autograd_info(fn, op_name))
             node.shape = _output_shape(fn)
-            node.ndim = None if node.shape is None else len(node.shape)
             if op_name in ("add", "sub", "mul", "div") and any(f is None for f, _ in fn.next_functions) and \
                     (op_name in ("add", "sub") or not _constant_operand(fn)):
                 node.info["scalar_operand"] = True
